@@ -1,0 +1,97 @@
+"""Batch containers: sparse rows that cross worker processes, densified on the target device."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+
+class SparseBatch(NamedTuple):
+    """Rows of a sparse matrix as plain CSR tensors.
+
+    Plain tensors pickle across DataLoader worker processes (sparse torch tensors do not), pin,
+    and move to a device with Lightning's batch transfer. Call :meth:`to_dense` (or
+    :func:`densify` on a whole batch) after the transfer, e.g. in
+    ``LightningModule.on_after_batch_transfer``, so only the non-zeros travel to the GPU.
+
+    Attributes
+    ----------
+    indptr
+        int64, shape ``(batch + 1,)``: row ``i`` owns ``values[indptr[i]:indptr[i + 1]]``.
+    indices
+        int64, column of each stored value.
+    values
+        The stored values (the field's dtype).
+    n_cols
+        Number of columns of the dense form.
+    """
+
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    n_cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.indptr.shape[0] - 1, self.n_cols)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseBatch:
+        """A copy on ``device``."""
+        return SparseBatch(
+            *(
+                t.to(device, non_blocking=non_blocking)
+                for t in (self.indptr, self.indices, self.values)
+            ),
+            self.n_cols,
+        )
+
+    def to_dense(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The dense ``(batch, n_cols)`` tensor, built on ``device`` (default: where it is)."""
+        batch = self if device is None else self.to(device)
+        n_rows = batch.indptr.shape[0] - 1
+        out = torch.zeros((n_rows, batch.n_cols), dtype=batch.values.dtype, device=batch.device)
+        if batch.values.numel():
+            counts = batch.indptr[1:] - batch.indptr[:-1]
+            rows = torch.repeat_interleave(
+                torch.arange(n_rows, device=batch.device), counts, output_size=batch.values.numel()
+            )
+            out[rows, batch.indices] = batch.values
+        return out
+
+    def to_sparse_csr(self) -> torch.Tensor:
+        """A ``torch.sparse_csr_tensor`` view of the rows (for sparse matmul in the model)."""
+        return torch.sparse_csr_tensor(self.indptr, self.indices, self.values, self.shape)
+
+
+def densify(batch: Any, device: torch.device | str | None = None) -> Any:
+    """Replace every :class:`SparseBatch` inside ``batch`` (tensor, dict, list) by a dense tensor.
+
+    Meant for ``LightningModule.on_after_batch_transfer``::
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            return torch_adata.densify(batch)
+    """
+    if isinstance(batch, SparseBatch):
+        return batch.to_dense(device)
+    if isinstance(batch, dict):
+        return {k: densify(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(densify(v, device) for v in batch)
+    if isinstance(batch, torch.Tensor) and device is not None:
+        return batch.to(device)
+    return batch
+
+
+def collate(batch: Any) -> Any:
+    """Collate function for a dataset that already returns whole batches: returns it unchanged.
+
+    Use it with ``DataLoader(dataset, batch_size=B, shuffle=True, collate_fn=collate)``: the
+    loader then calls ``dataset.__getitems__(indices)`` once per batch and passes the result
+    through, instead of splitting and re-stacking rows.
+    """
+    return batch

@@ -1,0 +1,470 @@
+"""Gather rows of a matrix into a batch: the only module that touches X, layers and obsm.
+
+A *reader* wraps one 2-D matrix (dense ndarray, CSR, CSC, or a dense/CSR array inside an
+``.h5ad`` file) and answers two questions for an array of row positions:
+
+- :meth:`RowReader.dense`: the rows as a dense ``(len(rows), n_cols)`` numpy array, and
+- :meth:`RowReader.csr`: the rows as CSR pieces ``(indptr, indices, values)``,
+
+in the requested order, duplicates included. Sparse rows are never densified beyond the batch.
+
+Backed files are opened lazily, read-only, once per process (so readers pickle and work in
+DataLoader workers under fork and spawn). Where the file stores ``data``/``indices``
+uncompressed (contiguous, or chunked as anndata writes them), they are read through a memory
+map of the file, checked against h5py when opened; otherwise sorted row runs are read with
+few h5py calls.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._kernels import Kernels, get_kernels
+
+# Row runs closer than this many stored elements are read as one h5py call (reading the gap).
+_RUN_GAP = 4096
+
+
+@dataclass
+class CSRPieces:
+    """A batch of sparse rows: ``values[indptr[i]:indptr[i+1]]`` sit at columns ``indices[...]``."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    n_cols: int
+
+
+class RowReader:
+    """Base class: reads rows of one matrix. Subclasses implement the storage-specific part."""
+
+    shape: tuple[int, int]
+    engine: str = "auto"
+
+    @property
+    def kernels(self) -> Kernels:
+        return get_kernels(self.engine)
+
+    def dense(self, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        raise NotImplementedError
+
+    def csr(self, rows: np.ndarray, dtype: np.dtype) -> CSRPieces:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line that says what this reader reads and how (shown in ``repr(dataset)``)."""
+        return type(self).__name__
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+class DenseReader(RowReader):
+    """Rows of an in-memory dense array (``np.take``; columns selected after the take)."""
+
+    def __init__(self, array: np.ndarray, cols: np.ndarray | None = None):
+        self.array = array
+        self.cols = cols
+        n_cols = array.shape[1] if cols is None else len(cols)
+        self.shape = (array.shape[0], n_cols)
+
+    def dense(self, rows, dtype):
+        block = np.take(self.array, rows, axis=0)
+        if self.cols is not None:
+            block = block[:, self.cols]
+        return np.ascontiguousarray(block, dtype=dtype)
+
+    def csr(self, rows, dtype):
+        m = sp.csr_matrix(self.dense(rows, dtype))
+        return CSRPieces(m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data, m.shape[1])
+
+    def describe(self):
+        return f"dense {self.array.dtype} array in memory"
+
+
+class CSRReader(RowReader):
+    """Rows of an in-memory CSR matrix, gathered straight from ``indptr/indices/data``."""
+
+    def __init__(
+        self,
+        matrix: sp.spmatrix | sp.sparray,
+        col_map: np.ndarray | None = None,
+        n_cols: int | None = None,
+        engine: str = "auto",
+    ):
+        self.indptr = matrix.indptr
+        self.indices = matrix.indices
+        self.data = matrix.data
+        self.col_map = col_map
+        self.engine = engine
+        self.shape = (matrix.shape[0], matrix.shape[1] if n_cols is None else n_cols)
+
+    def dense(self, rows, dtype):
+        out = np.zeros((len(rows), self.shape[1]), dtype=dtype)
+        return self.kernels.csr_to_dense(
+            self.indptr, self.indices, self.data, rows, self.col_map, out
+        )
+
+    def csr(self, rows, dtype):
+        indptr, indices, values = self.kernels.csr_to_csr(
+            self.indptr, self.indices, self.data, rows, self.col_map, np.dtype(dtype)
+        )
+        return CSRPieces(indptr, indices, values, self.shape[1])
+
+    def describe(self):
+        return f"CSR {self.data.dtype} in memory ({self.kernels.name} kernel)"
+
+
+class ScipyReader(RowReader):
+    """Rows of any other in-memory sparse matrix (CSC, COO...) through scipy's own indexing.
+
+    Slower than CSR: row access to a column-compressed matrix has to visit every column.
+    """
+
+    def __init__(self, matrix, cols: np.ndarray | None = None):
+        self.matrix = matrix.tocsc() if matrix.format not in ("csc", "csr") else matrix
+        self.cols = cols
+        n_cols = matrix.shape[1] if cols is None else len(cols)
+        self.shape = (matrix.shape[0], n_cols)
+
+    def _rows(self, rows):
+        block = self.matrix[rows]
+        if self.cols is not None:
+            block = block[:, self.cols]
+        return sp.csr_matrix(block)
+
+    def dense(self, rows, dtype):
+        return self._rows(rows).toarray().astype(dtype, copy=False)
+
+    def csr(self, rows, dtype):
+        m = self._rows(rows)
+        m.sort_indices()
+        return CSRPieces(
+            m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data.astype(dtype), m.shape[1]
+        )
+
+    def describe(self):
+        return f"{self.matrix.format.upper()} {self.matrix.dtype} in memory (scipy indexing)"
+
+
+# --------------------------------------------------------------------------- backed files
+
+
+class _LazyFile:
+    """An h5py file opened read-only on first use in each process, never pickled."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._pid: int | None = None
+        self._file = None
+
+    def get(self):
+        import h5py
+
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self):
+        return {"path": self.path, "_pid": None, "_file": None}
+
+
+def _memory_map(dataset, path: str):
+    """Map an uncompressed h5py dataset's storage, or return ``None`` where that is not possible.
+
+    Returns ``(array, chunk_base, chunk_len)``: element ``e`` of the dataset is
+    ``array[chunk_base[e // chunk_len] + e % chunk_len]``. A contiguous dataset is one chunk.
+    """
+    if dataset.size == 0 or dataset.compression is not None or dataset.dtype.kind not in "iuf":
+        return None
+    dcpl = dataset.id.get_create_plist()
+    if dcpl.get_nfilters() > 0:
+        return None
+    itemsize = dataset.dtype.itemsize
+    file_items = os.path.getsize(path) // itemsize
+    mm = np.memmap(path, dtype=dataset.dtype, mode="r", shape=(file_items,))
+    if dataset.chunks is None:
+        offset = dataset.id.get_offset()
+        if offset is None or offset % itemsize:
+            return None
+        return mm, np.array([offset // itemsize], dtype=np.int64), int(dataset.size)
+    chunk_len = int(dataset.chunks[0])
+    n_chunks = -(-dataset.size // chunk_len)
+    base = np.full(n_chunks, -1, dtype=np.int64)
+
+    def visit(info):
+        if info.byte_offset is None or info.byte_offset % itemsize or info.filter_mask:
+            return
+        base[info.chunk_offset[0] // chunk_len] = info.byte_offset // itemsize
+
+    try:
+        dataset.id.chunk_iter(visit)
+    except AttributeError:  # older HDF5: one call per chunk
+        for c in range(n_chunks):
+            visit(dataset.id.get_chunk_info_by_coord((c * chunk_len,)))
+    if (base < 0).any():
+        return None
+    return mm, base, chunk_len
+
+
+def _verify_map(dataset, mapped, n_checks: int = 64) -> bool:
+    """Compare elements read through the memory map with h5py's reads of the same elements."""
+    mm, base, chunk_len = mapped
+    n = dataset.size
+    rng = np.random.default_rng(0)
+    probe = np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, n_checks)]))
+    probe = probe[(probe >= 0) & (probe < n)]
+    via_map = mm[base[probe // chunk_len] + probe % chunk_len]
+    via_h5 = np.array([dataset[int(e)] for e in probe], dtype=dataset.dtype)
+    return bool(np.array_equal(via_map, via_h5))
+
+
+def _row_runs(sorted_rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, gap: int):
+    """Merge sorted row ranges ``[starts, ends)`` into read runs; return run bounds in elements."""
+    if len(sorted_rows) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    breaks = np.flatnonzero(starts[1:] - ends[:-1] > gap) + 1
+    run_first = np.concatenate([[0], breaks])
+    run_last = np.concatenate([breaks - 1, [len(sorted_rows) - 1]])
+    return starts[run_first], ends[run_last]
+
+
+class BackedCSRReader(RowReader):
+    """Rows of a CSR matrix stored in an ``.h5ad`` file (``X``, a layer, or an obsm entry).
+
+    ``indptr`` is read into memory once per process. Requested rows are de-duplicated and
+    sorted; their stored elements are read through a verified memory map where the file allows
+    it, else as merged contiguous runs with one h5py read per run; the caller's order
+    (duplicates included) is restored by the gather kernel.
+    """
+
+    def __init__(
+        self,
+        path,
+        key: str,
+        shape: tuple[int, int],
+        col_map: np.ndarray | None = None,
+        n_cols: int | None = None,
+        engine: str = "auto",
+        use_mmap: bool = True,
+    ):
+        self.file = _LazyFile(path)
+        self.key = key
+        self.col_map = col_map
+        self.engine = engine
+        self.use_mmap = use_mmap
+        self.shape = (shape[0], shape[1] if n_cols is None else n_cols)
+        self._state = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_state"] = None
+        return state
+
+    def _open(self):
+        if self._state is not None and self._state["pid"] == os.getpid():
+            return self._state
+        group = self.file.get()[self.key]
+        data, indices = group["data"], group["indices"]
+        maps = None
+        if self.use_mmap:
+            dmap, imap = _memory_map(data, self.file.path), _memory_map(indices, self.file.path)
+            if dmap is not None and imap is not None:
+                if _verify_map(data, dmap) and _verify_map(indices, imap):
+                    maps = (dmap, imap)
+                else:  # pragma: no cover - would mean an HDF5 layout we do not understand
+                    warnings.warn(
+                        f"{self.file.path}:{self.key}: the memory map disagreed with h5py; "
+                        "reading through h5py instead.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        self._state = {
+            "pid": os.getpid(),
+            "indptr": group["indptr"][:].astype(np.int64),
+            "data": data,
+            "indices": indices,
+            "maps": maps,
+        }
+        return self._state
+
+    @property
+    def mode(self) -> str:
+        """``"mmap"`` or ``"h5py"``: how stored elements are read in this process."""
+        return "mmap" if self._open()["maps"] is not None else "h5py"
+
+    def _read_rows(self, rows: np.ndarray):
+        """Read the stored rows ``rows`` (file positions); return compact CSR pieces and order."""
+        st = self._open()
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        starts = st["indptr"][uniq]
+        lengths = st["indptr"][uniq + 1] - starts
+        local_indptr = np.zeros(len(uniq) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=local_indptr[1:])
+        nnz = int(local_indptr[-1])
+        data = np.empty(nnz, dtype=st["data"].dtype)
+        indices = np.empty(nnz, dtype=st["indices"].dtype)
+        k = self.kernels
+        if st["maps"] is not None:
+            for (mm, base, chunk_len), out in zip(st["maps"], (data, indices), strict=True):
+                if len(base) == 1:
+                    k.copy_ranges(mm, starts + base[0], lengths, out)
+                else:
+                    k.copy_ranges_chunked(mm, base, chunk_len, starts, lengths, out)
+        else:
+            run_starts, run_ends = _row_runs(uniq, starts, starts + lengths, _RUN_GAP)
+            buf_len = run_ends - run_starts
+            buf_data = np.empty(int(buf_len.sum()), dtype=data.dtype)
+            buf_indices = np.empty(int(buf_len.sum()), dtype=indices.dtype)
+            o = 0
+            for s, e in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
+                st["data"].read_direct(buf_data, np.s_[s:e], np.s_[o : o + e - s])
+                st["indices"].read_direct(buf_indices, np.s_[s:e], np.s_[o : o + e - s])
+                o += e - s
+            # positions of each wanted row inside the concatenated run buffer
+            run_of_row = np.searchsorted(run_starts, starts, side="right") - 1
+            buf_offsets = np.cumsum(buf_len) - buf_len
+            src = starts - run_starts[run_of_row] + buf_offsets[run_of_row]
+            k.copy_ranges(buf_data, src, lengths, data)
+            k.copy_ranges(buf_indices, src, lengths, indices)
+        return local_indptr, indices, data, inverse.astype(np.int64).reshape(-1)
+
+    def dense(self, rows, dtype):
+        indptr, indices, data, order = self._read_rows(rows)
+        out = np.zeros((len(rows), self.shape[1]), dtype=dtype)
+        return self.kernels.csr_to_dense(indptr, indices, data, order, self.col_map, out)
+
+    def csr(self, rows, dtype):
+        indptr, indices, data, order = self._read_rows(rows)
+        p, i, v = self.kernels.csr_to_csr(
+            indptr, indices, data, order, self.col_map, np.dtype(dtype)
+        )
+        return CSRPieces(p, i, v, self.shape[1])
+
+    def describe(self):
+        return f"CSR in {Path(self.file.path).name}:{self.key} (backed, {self.mode})"
+
+
+class BackedDenseReader(RowReader):
+    """Rows of a dense array stored in an ``.h5ad`` file, read as sorted runs, reordered after."""
+
+    def __init__(self, path, key: str, shape: tuple[int, int], cols: np.ndarray | None = None):
+        self.file = _LazyFile(path)
+        self.key = key
+        self.cols = cols
+        self.shape = (shape[0], shape[1] if cols is None else len(cols))
+
+    def dense(self, rows, dtype):
+        ds = self.file.get()[self.key]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        block = np.empty((len(uniq), ds.shape[1]), dtype=ds.dtype)
+        ones = np.ones(len(uniq), dtype=np.int64)
+        run_starts, run_ends = _row_runs(uniq, uniq, uniq + ones, 0)
+        o = 0
+        for s, e in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
+            ds.read_direct(block, np.s_[s:e], np.s_[o : o + e - s])
+            o += e - s
+        block = block[inverse.reshape(-1)]
+        if self.cols is not None:
+            block = block[:, self.cols]
+        return np.ascontiguousarray(block, dtype=dtype)
+
+    def csr(self, rows, dtype):
+        m = sp.csr_matrix(self.dense(rows, dtype))
+        return CSRPieces(m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data, m.shape[1])
+
+    def describe(self):
+        return f"dense array in {Path(self.file.path).name}:{self.key} (backed)"
+
+
+class MappedReader(RowReader):
+    """Rows of an AnnData view: position ``i`` of the view is row ``row_map[i]`` of its parent."""
+
+    def __init__(self, base: RowReader, row_map: np.ndarray):
+        self.base = base
+        self.row_map = row_map
+        self.shape = (len(row_map), base.shape[1])
+
+    def dense(self, rows, dtype):
+        return self.base.dense(self.row_map[rows], dtype)
+
+    def csr(self, rows, dtype):
+        return self.base.csr(self.row_map[rows], dtype)
+
+    def describe(self):
+        return f"{self.base.describe()}, through a view of {len(self.row_map)} rows"
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def _col_map(cols: np.ndarray | None, n_cols_in: int) -> np.ndarray | None:
+    """Turn a column selection into a map input column -> output column (-1: dropped)."""
+    if cols is None:
+        return None
+    col_map = np.full(n_cols_in, -1, dtype=np.int64)
+    col_map[cols] = np.arange(len(cols), dtype=np.int64)
+    return col_map
+
+
+def memory_reader(matrix, cols: np.ndarray | None = None, engine: str = "auto") -> RowReader:
+    """A reader over an in-memory matrix: numpy array, scipy sparse matrix/array.
+
+    ``cols`` selects (and orders) output columns, for AnnData views that subset variables.
+    CSR with a column selection that repeats a column falls back to scipy indexing.
+    """
+    if sp.issparse(matrix):
+        if matrix.format == "csr" and (cols is None or len(np.unique(cols)) == len(cols)):
+            n_cols = None if cols is None else len(cols)
+            return CSRReader(matrix, _col_map(cols, matrix.shape[1]), n_cols, engine)
+        return ScipyReader(matrix, cols)
+    array = np.asarray(matrix)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got an array of shape {array.shape}.")
+    return DenseReader(array, cols)
+
+
+def backed_reader(
+    path,
+    key: str,
+    encoding: str,
+    shape: tuple[int, int],
+    cols: np.ndarray | None = None,
+    engine: str = "auto",
+    use_mmap: bool = True,
+) -> RowReader:
+    """A reader over the matrix stored at ``key`` of an ``.h5ad`` file.
+
+    ``encoding`` is the element's ``encoding-type`` attribute: ``"csr_matrix"`` or ``"array"``.
+    Backed CSC is refused: every row read would touch the whole matrix.
+    """
+    if encoding == "csr_matrix":
+        if cols is not None and len(np.unique(cols)) != len(cols):
+            raise ValueError(
+                f"{key}: a view that repeats variables is not supported in backed mode."
+            )
+        n_cols = None if cols is None else len(cols)
+        return BackedCSRReader(path, key, shape, _col_map(cols, shape[1]), n_cols, engine, use_mmap)
+    if encoding == "csc_matrix":
+        raise ValueError(
+            f"{path}:{key} is stored as CSC (column-compressed). Reading rows of a backed CSC "
+            "matrix loads the whole matrix, so it is refused. Fix: rewrite the file as CSR, e.g. "
+            "`adata = anndata.read_h5ad(path); adata.X = adata.X.tocsr(); "
+            "adata.write_h5ad(new_path)` (for a layer: `adata.layers[key] = ....tocsr()`), "
+            "or open it in memory with backed=False."
+        )
+    if encoding in ("array", ""):
+        return BackedDenseReader(path, key, shape, cols)
+    raise ValueError(
+        f"{path}:{key} has encoding {encoding!r}; only dense arrays and CSR matrices can be "
+        "batched from a backed file."
+    )

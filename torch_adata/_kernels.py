@@ -1,0 +1,241 @@
+"""Row-gather kernels: CSR rows to a dense block, CSR rows to CSR pieces, byte ranges to a buffer.
+
+Two implementations with one signature each: a compiled one (numba, parallel over rows) and a
+vectorised numpy fallback. :func:`get_kernels` picks one. Nothing here knows about AnnData; the
+readers in :mod:`torch_adata._gather` call these functions.
+
+Conventions
+-----------
+``rows`` are positions into ``indptr`` (int64, any order, duplicates allowed); output row ``i``
+is input row ``rows[i]``. ``col_map`` is either ``None`` (keep every column) or an int64 array of
+length ``n_cols_in`` giving each input column's output column, ``-1`` to drop it (used for
+AnnData views that subset genes).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+try:  # numba is optional: ``pip install torch-adata[fast]``
+    import numba
+
+    HAVE_NUMBA = os.environ.get("TORCH_ADATA_DISABLE_NUMBA", "0") in ("", "0")
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+    HAVE_NUMBA = False
+
+
+# --------------------------------------------------------------------------- numpy fallback
+
+
+def _flat_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenate ``arange(s, s + n)`` for every (s, n) without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    offsets = np.cumsum(lengths) - lengths  # where each range starts in the flat output
+    # position = start of its range + (flat index - offset of its range)
+    return np.repeat(starts - offsets, lengths) + np.arange(total, dtype=np.int64)
+
+
+def _np_csr_to_dense(indptr, indices, data, rows, col_map, out):
+    starts = indptr[rows].astype(np.int64)
+    lengths = indptr[rows + 1].astype(np.int64) - starts
+    pos = _flat_positions(starts, lengths)
+    out_rows = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    cols = indices[pos]
+    vals = data[pos]
+    if col_map is not None:
+        cols = col_map[cols]
+        keep = cols >= 0
+        out_rows, cols, vals = out_rows[keep], cols[keep], vals[keep]
+    out[out_rows, cols] = vals
+    return out
+
+
+def _np_csr_to_csr(indptr, indices, data, rows, col_map, out_dtype):
+    starts = indptr[rows].astype(np.int64)
+    lengths = indptr[rows + 1].astype(np.int64) - starts
+    pos = _flat_positions(starts, lengths)
+    cols = indices[pos].astype(np.int64)
+    vals = data[pos].astype(out_dtype, copy=False)
+    if col_map is not None:
+        cols = col_map[cols]
+        keep = cols >= 0
+        out_rows = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+        cols, vals = cols[keep], vals[keep]
+        lengths = np.bincount(out_rows[keep], minlength=len(rows)).astype(np.int64)
+    out_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out_indptr[1:])
+    return out_indptr, cols, vals
+
+
+def _np_copy_ranges(src, starts, lengths, out):
+    out[:] = src[_flat_positions(starts, lengths)]
+    return out
+
+
+def _np_copy_ranges_chunked(src, chunk_base, chunk_len, starts, lengths, out):
+    pos = _flat_positions(starts, lengths)
+    out[:] = src[chunk_base[pos // chunk_len] + pos % chunk_len]
+    return out
+
+
+# --------------------------------------------------------------------------- numba kernels
+
+if numba is not None:
+    _jit = numba.njit(parallel=True, nogil=True, cache=True)
+
+    @_jit
+    def _nb_csr_to_dense(indptr, indices, data, rows, col_map, out):  # pragma: no cover
+        for i in numba.prange(rows.shape[0]):
+            r = rows[i]
+            for p in range(indptr[r], indptr[r + 1]):
+                out[i, indices[p]] = data[p]
+        return out
+
+    @_jit
+    def _nb_csr_to_dense_mapped(indptr, indices, data, rows, col_map, out):  # pragma: no cover
+        for i in numba.prange(rows.shape[0]):
+            r = rows[i]
+            for p in range(indptr[r], indptr[r + 1]):
+                c = col_map[indices[p]]
+                if c >= 0:
+                    out[i, c] = data[p]
+        return out
+
+    @_jit
+    def _nb_csr_fill(
+        indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals
+    ):  # pragma: no cover
+        for i in numba.prange(rows.shape[0]):
+            r = rows[i]
+            q = out_indptr[i]
+            for p in range(indptr[r], indptr[r + 1]):
+                c = np.int64(indices[p]) if col_map.shape[0] == 0 else col_map[indices[p]]
+                if c >= 0:
+                    out_cols[q] = c
+                    out_vals[q] = data[p]
+                    q += 1
+
+    @numba.njit(nogil=True, cache=True)
+    def _nb_row_lengths(indptr, indices, rows, col_map):  # pragma: no cover
+        lengths = np.empty(rows.shape[0], dtype=np.int64)
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if col_map.shape[0] == 0:
+                lengths[i] = indptr[r + 1] - indptr[r]
+            else:
+                n = 0
+                for p in range(indptr[r], indptr[r + 1]):
+                    if col_map[indices[p]] >= 0:
+                        n += 1
+                lengths[i] = n
+        return lengths
+
+    @_jit
+    def _nb_copy_ranges(src, starts, offsets, lengths, out):  # pragma: no cover
+        for k in numba.prange(starts.shape[0]):
+            s = starts[k]
+            o = offsets[k]
+            for j in range(lengths[k]):
+                out[o + j] = src[s + j]
+        return out
+
+    @_jit
+    def _nb_copy_ranges_chunked(
+        src, chunk_base, chunk_len, starts, offsets, lengths, out
+    ):  # pragma: no cover
+        for k in numba.prange(starts.shape[0]):
+            o = offsets[k]
+            for j in range(lengths[k]):
+                e = starts[k] + j
+                out[o + j] = src[chunk_base[e // chunk_len] + e % chunk_len]
+        return out
+
+
+_EMPTY_MAP = np.empty(0, dtype=np.int64)
+
+
+def _nb_csr_to_dense_entry(indptr, indices, data, rows, col_map, out):
+    if col_map is None:
+        return _nb_csr_to_dense(indptr, indices, data, rows, _EMPTY_MAP, out)
+    return _nb_csr_to_dense_mapped(indptr, indices, data, rows, col_map, out)
+
+
+def _nb_csr_to_csr_entry(indptr, indices, data, rows, col_map, out_dtype):
+    cmap = _EMPTY_MAP if col_map is None else col_map
+    lengths = _nb_row_lengths(indptr, indices, rows, cmap)
+    out_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out_indptr[1:])
+    nnz = int(out_indptr[-1])
+    out_cols = np.empty(nnz, dtype=np.int64)
+    out_vals = np.empty(nnz, dtype=out_dtype)
+    _nb_csr_fill(indptr, indices, data, rows, cmap, out_indptr, out_cols, out_vals)
+    return out_indptr, out_cols, out_vals
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    return np.cumsum(lengths) - lengths
+
+
+def _nb_copy_ranges_entry(src, starts, lengths, out):
+    return _nb_copy_ranges(src, starts, _offsets(lengths), lengths, out)
+
+
+def _nb_copy_ranges_chunked_entry(src, chunk_base, chunk_len, starts, lengths, out):
+    return _nb_copy_ranges_chunked(
+        src, chunk_base, chunk_len, starts, _offsets(lengths), lengths, out
+    )
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One implementation of every gather kernel."""
+
+    name: str
+    csr_to_dense: Callable
+    csr_to_csr: Callable
+    copy_ranges: Callable
+    copy_ranges_chunked: Callable
+
+
+NUMPY = Kernels("numpy", _np_csr_to_dense, _np_csr_to_csr, _np_copy_ranges, _np_copy_ranges_chunked)
+NUMBA = (
+    Kernels(
+        "numba",
+        _nb_csr_to_dense_entry,
+        _nb_csr_to_csr_entry,
+        _nb_copy_ranges_entry,
+        _nb_copy_ranges_chunked_entry,
+    )
+    if numba is not None
+    else None
+)
+
+
+def get_kernels(engine: str = "auto") -> Kernels:
+    """Return the kernel set for ``engine``: ``"auto"``, ``"numba"`` or ``"numpy"``.
+
+    ``"auto"`` uses numba when it is installed (and ``TORCH_ADATA_DISABLE_NUMBA`` is unset),
+    numpy otherwise.
+    """
+    if engine == "auto":
+        return NUMBA if HAVE_NUMBA else NUMPY
+    if engine == "numpy":
+        return NUMPY
+    if engine == "numba":
+        if NUMBA is None:
+            raise ImportError(
+                "engine='numba' needs numba: install it with `pip install torch-adata[fast]`, "
+                "or use engine='numpy'."
+            )
+        return NUMBA
+    raise ValueError(f"engine must be 'auto', 'numba' or 'numpy', got {engine!r}.")

@@ -1,0 +1,214 @@
+"""Where a dataset's rows live: an in-memory AnnData, a backed AnnData, a view, or a path.
+
+:class:`AnnDataSource` gives every dataset the same small surface (number of cells, ``obs``,
+variable names, and a :class:`~torch_adata._gather.RowReader` for X, a layer or an obsm entry)
+whatever the storage. It never modifies the user's AnnData and never copies a matrix: views
+are read through their parent with a row map.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from ._gather import MappedReader, RowReader, backed_reader, memory_reader
+
+Source = ad.AnnData | str | os.PathLike
+
+
+def _positions(index, n: int) -> np.ndarray | None:
+    """A view's row or column index (slice, mask or positions) as int64 positions; None if all."""
+    if isinstance(index, slice):
+        if index == slice(None):
+            return None
+        return np.arange(n, dtype=np.int64)[index]
+    index = np.asarray(index)
+    if index.dtype == bool:
+        return np.flatnonzero(index).astype(np.int64)
+    return index.astype(np.int64)
+
+
+def _check_h5ad(path: Path) -> None:
+    import h5py
+
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No such file: '{path}'. Pass the path to an existing .h5ad file "
+            "(written by anndata's `adata.write_h5ad`) or an AnnData object."
+        )
+    if path.is_dir():
+        raise ValueError(f"'{path}' is a folder; pass the path to an .h5ad file.")
+    if not h5py.is_hdf5(path):
+        raise ValueError(
+            f"'{path}' is not an .h5ad file (not HDF5). torch_adata reads .h5ad files written by "
+            "anndata; convert other formats with anndata/scanpy first, e.g. "
+            "`sc.read_10x_h5(...).write_h5ad(path)`."
+        )
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("obs", "var") if k not in f]
+        if missing:
+            raise ValueError(
+                f"'{path}' is an HDF5 file but not an .h5ad file: it has no {missing} group. "
+                "Write it with `adata.write_h5ad(path)`."
+            )
+
+
+class AnnDataSource:
+    """The rows of an AnnData, however stored.
+
+    Parameters
+    ----------
+    data
+        An AnnData (in memory or opened with ``backed="r"``; views allowed) or a path to an
+        ``.h5ad`` file.
+    backed
+        For a path only: read matrices from the file on demand (``True``, default) or load the
+        whole file into memory (``False``).
+    engine
+        Gather kernels: ``"auto"``, ``"numba"`` or ``"numpy"``.
+    """
+
+    def __init__(self, data: Source, *, backed: bool = True, engine: str = "auto"):
+        self.engine = engine
+        self.path: str | None = None
+        self.adata: ad.AnnData | None = None
+        if isinstance(data, (str, os.PathLike)):
+            path = Path(data)
+            _check_h5ad(path)
+            if backed:
+                self._init_from_file(path)
+                return
+            data = ad.read_h5ad(path)
+        if not isinstance(data, ad.AnnData):
+            raise TypeError(
+                f"Expected an AnnData or a path to an .h5ad file, got {type(data).__name__}."
+            )
+        self._init_from_anndata(data)
+
+    # -- construction ---------------------------------------------------------------------
+
+    def _init_from_anndata(self, adata: ad.AnnData) -> None:
+        self.adata = adata
+        self.obs = adata.obs
+        self.obs_names = adata.obs_names
+        self.var_names = adata.var_names
+        self.n_obs = adata.n_obs
+        if adata.is_view:
+            root = adata._adata_ref
+            self._root = root
+            self._row_map = _positions(adata._oidx, root.n_obs)
+            self._cols = _positions(adata._vidx, root.n_vars)
+        else:
+            self._root, self._row_map, self._cols = adata, None, None
+        self._backed_path = str(self._root.filename) if self._root.isbacked else None
+        self.layer_keys = list(self._root.layers.keys())
+        self.obsm_keys = list(self._root.obsm.keys())
+
+    def _init_from_file(self, path: Path) -> None:
+        import h5py
+        from anndata.io import read_elem
+
+        self.path = str(path)
+        with h5py.File(path, "r") as f:
+            self.obs = read_elem(f["obs"])
+            var = read_elem(f["var"])
+            self._encodings = {}
+            for group in ("X", "layers", "obsm"):
+                if group not in f:
+                    continue
+                items = [("X", f["X"])] if group == "X" else list(f[group].items())
+                for name, elem in items:
+                    key = "X" if group == "X" else f"{group}/{name}"
+                    enc = elem.attrs.get("encoding-type", "array")
+                    shape = tuple(
+                        int(s)
+                        for s in (elem.attrs["shape"] if "shape" in elem.attrs else elem.shape)
+                    )
+                    self._encodings[key] = (str(enc), shape)
+            self.layer_keys = list(f["layers"].keys()) if "layers" in f else []
+            self.obsm_keys = list(f["obsm"].keys()) if "obsm" in f else []
+        self.obs_names = self.obs.index
+        self.var_names = var.index
+        self.n_obs = len(self.obs)
+        self._root, self._row_map, self._cols, self._backed_path = None, None, None, self.path
+
+    # -- readers ----------------------------------------------------------------------------
+
+    def matrix_reader(self, kind: str, key: str | None = None) -> RowReader:
+        """A reader for ``X`` (kind ``"X"``), a layer (``"layer"``) or an obsm entry (``"obsm"``).
+
+        Raises a ``KeyError`` that lists the existing keys when ``key`` is unknown.
+        """
+        if kind == "layer" and key not in self.layer_keys:
+            raise _missing("layer", key, self.layer_keys, "adata.layers")
+        if kind == "obsm" and key not in self.obsm_keys:
+            raise _missing("obsm key", key, self.obsm_keys, "adata.obsm")
+        cols = self._cols if kind in ("X", "layer") else None
+        h5_key = {"X": "X", "layer": f"layers/{key}", "obsm": f"obsm/{key}"}[kind]
+        if self.path is not None:  # opened from a path, backed
+            if h5_key not in self._encodings:
+                raise ValueError(f"'{self.path}' has no matrix X; nothing to batch.")
+            encoding, shape = self._encodings[h5_key]
+            if encoding == "dataframe":
+                raise _non_numeric_obsm(key, "a DataFrame")
+            return backed_reader(self.path, h5_key, encoding, shape, cols, self.engine)
+        root = self._root
+        if kind == "X" and root.isbacked:
+            import h5py
+
+            with h5py.File(self._backed_path, "r") as f:
+                elem = f["X"]
+                encoding = str(elem.attrs.get("encoding-type", "array"))
+            reader = backed_reader(self._backed_path, "X", encoding, root.shape, cols, self.engine)
+        else:
+            matrix = {
+                "X": lambda: root.X,
+                "layer": lambda: root.layers[key],
+                "obsm": lambda: root.obsm[key],
+            }[kind]()
+            if matrix is None:
+                raise ValueError(
+                    "adata.X is None. Pass layer='<name>' to batch a layer instead "
+                    f"(layers: {self.layer_keys or 'none'})."
+                )
+            if isinstance(matrix, pd.DataFrame):
+                if not all(pd.api.types.is_numeric_dtype(t) for t in matrix.dtypes):
+                    raise _non_numeric_obsm(key, "a DataFrame with non-numeric columns")
+                matrix = matrix.to_numpy()
+            if hasattr(matrix, "dtype") and not (
+                np.issubdtype(matrix.dtype, np.number) or matrix.dtype == bool
+            ):
+                where = "obsm" if kind == "obsm" else kind
+                raise TypeError(
+                    f"{where} {key or 'X'!r} has dtype {matrix.dtype}, which is not numeric. "
+                    "Only numeric matrices can be batched as tensors; encode it numerically first."
+                )
+            reader = memory_reader(matrix, cols, self.engine)
+        if self._row_map is not None:
+            reader = MappedReader(reader, self._row_map)
+        return reader
+
+
+def _missing(what: str, key, existing: list[str], where: str) -> KeyError:
+    return FieldKeyError(
+        f"Unknown {what} {key!r}. {where} has: {sorted(existing) or 'nothing'}. "
+        "Check the spelling, or add it to the AnnData first."
+    )
+
+
+def _non_numeric_obsm(key, what: str) -> TypeError:
+    return TypeError(
+        f"obsm {key!r} is {what}; only numeric obsm arrays (dense or sparse) can be batched. "
+        "Convert it, e.g. adata.obsm[key] = adata.obsm[key].to_numpy(dtype='float32')."
+    )
+
+
+class FieldKeyError(KeyError):
+    """A ``KeyError`` whose message reads as a sentence (``KeyError`` quotes its argument)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

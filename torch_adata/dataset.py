@@ -1,0 +1,257 @@
+"""``AnnDataset``: a map-style torch ``Dataset`` over the cells of an AnnData."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ._fields import CategoryEncoder, MatrixField, ObsField
+from ._source import AnnDataSource, FieldKeyError, Source
+
+Batch = torch.Tensor | dict[str, Any]
+
+
+class AnnDataset(Dataset):
+    """Cells of an AnnData as batches of tensors, gathered one batch per call.
+
+    Parameters
+    ----------
+    adata
+        An AnnData (in memory, or opened with ``backed="r"``; views like ``adata[mask]`` are
+        read through their parent, without copying the matrix) or a path to an ``.h5ad`` file.
+    layer
+        Batch ``adata.layers[layer]`` instead of ``adata.X`` (the batch key stays ``"X"``).
+    obs_keys
+        ``obs`` columns to add to each batch.
+    obsm_keys
+        ``obsm`` entries (dense or sparse, numeric) to add to each batch.
+    X
+        Whether the batch carries the expression matrix. ``False`` batches only obs/obsm fields.
+    dtype
+        dtype of the expression field (default float32).
+    obsm_dtype
+        dtype of obsm fields (default float32).
+    obs_dtypes
+        Per-column dtype overrides for numeric/bool obs columns, e.g. ``{"size": torch.float64}``.
+    encoders
+        Category encoders to reuse (for example ``other_dataset.encoders``), keyed by obs column;
+        columns without one get an encoder fitted on the whole column.
+    na
+        What a missing value in a categorical column does: ``"raise"`` (default) or ``"code"``
+        (encoded as -1).
+    sparse
+        Return the expression field as a :class:`~torch_adata.SparseBatch` (CSR tensors that
+        cross worker processes) to densify on the target device with
+        :func:`~torch_adata.densify`.
+    return_index
+        Add an ``"index"`` field: the int64 position of each cell in ``adata``.
+    backed
+        For a path: read on demand from the file (default) or load it into memory.
+    engine
+        Gather kernels: ``"auto"`` (numba if installed), ``"numba"`` or ``"numpy"``.
+
+    Batches
+    -------
+    With the expression field alone (the default), ``dataset[idx]`` is one tensor of shape
+    ``(len(idx), n_vars)``. With more fields it is a ``dict``:
+
+    ``"X"``
+        ``(batch, n_vars)`` float32 (or a :class:`~torch_adata.SparseBatch`).
+    ``<obs column>``
+        ``(batch,)``: float32 for floats, int64 for integers, bool for booleans, int64 codes for
+        categorical and string columns (decode with :meth:`decode`).
+    ``<obsm key>``
+        ``(batch, k)`` float32.
+    ``"index"``
+        ``(batch,)`` int64 positions, with ``return_index=True``.
+
+    ``dataset[i]`` for an int ``i`` gives one cell (shapes without the batch dimension).
+    Use :func:`~torch_adata.collate` as the DataLoader's ``collate_fn`` so each batch is
+    fetched with one ``__getitems__`` call and not re-stacked.
+    """
+
+    def __init__(
+        self,
+        adata: Source,
+        *,
+        layer: str | None = None,
+        obs_keys: Sequence[str] | str = (),
+        obsm_keys: Sequence[str] | str = (),
+        X: bool = True,
+        dtype: torch.dtype = torch.float32,
+        obsm_dtype: torch.dtype = torch.float32,
+        obs_dtypes: Mapping[str, torch.dtype] | None = None,
+        encoders: Mapping[str, CategoryEncoder] | None = None,
+        na: Literal["raise", "code"] = "raise",
+        sparse: bool = False,
+        return_index: bool = False,
+        backed: bool = True,
+        engine: Literal["auto", "numba", "numpy"] = "auto",
+    ):
+        self.source = AnnDataSource(adata, backed=backed, engine=engine)
+        if self.source.n_obs == 0:
+            raise ValueError(
+                "The AnnData has no cells (n_obs == 0): check the selection that produced it."
+            )
+        obs_keys = [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
+        obsm_keys = [obsm_keys] if isinstance(obsm_keys, str) else list(obsm_keys)
+        self.fields: dict[str, MatrixField | ObsField] = {}
+        if X:
+            reader = self.source.matrix_reader("layer" if layer else "X", layer)
+            self._add("X", MatrixField("X", reader, dtype, sparse))
+        elif layer is not None or sparse:
+            raise ValueError("layer= and sparse= apply to the expression field; they need X=True.")
+        encoders = dict(encoders or {})
+        obs_dtypes = dict(obs_dtypes or {})
+        for key in obs_keys:
+            if key not in self.source.obs.columns:
+                raise FieldKeyError(
+                    f"Unknown obs column {key!r}. adata.obs has: {list(self.source.obs.columns)}."
+                )
+            self._add(
+                key,
+                ObsField.from_column(
+                    key,
+                    self.source.obs[key],
+                    dtype=obs_dtypes.pop(key, None),
+                    encoder=encoders.pop(key, None),
+                    na=na,
+                ),
+            )
+        for key in obsm_keys:
+            self._add(key, MatrixField(key, self.source.matrix_reader("obsm", key), obsm_dtype))
+        if return_index:
+            self._add("index", ObsField("index", np.arange(self.source.n_obs, dtype=np.int64)))
+        for leftover, what in ((obs_dtypes, "obs_dtypes"), (encoders, "encoders")):
+            if leftover:
+                raise ValueError(
+                    f"{what} names columns that are not in obs_keys: {sorted(leftover)}. "
+                    "Add them to obs_keys or remove them."
+                )
+        if not self.fields:
+            raise ValueError("Nothing to batch: X=False and no obs_keys or obsm_keys were given.")
+
+    def _add(self, name: str, field) -> None:
+        if name in self.fields:
+            raise ValueError(
+                f"Two fields are named {name!r} (an obs column and an obsm key, or 'X'/'index'). "
+                "Rename one of them in the AnnData."
+            )
+        self.fields[name] = field
+
+    # -- the Dataset protocol ---------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.source.n_obs
+
+    def __getitem__(self, index) -> Batch:
+        if isinstance(index, (int, np.integer)) or (
+            isinstance(index, torch.Tensor) and index.ndim == 0
+        ):
+            rows = self._rows([int(index)])
+            batch = self.gather(rows)
+            return _first_row(batch)
+        return self.gather(self._rows(index))
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        """Fetch a whole batch in one vectorised call (used by ``DataLoader``)."""
+        return self.gather(self._rows(indices))
+
+    def gather(self, rows: np.ndarray) -> Batch:
+        """The batch for validated int64 row positions (in order, duplicates allowed)."""
+        batch = {name: field.take(rows) for name, field in self.fields.items()}
+        if len(batch) == 1:
+            return next(iter(batch.values()))
+        return batch
+
+    def _rows(self, index) -> np.ndarray:
+        n = len(self)
+        if isinstance(index, slice):
+            return np.arange(n, dtype=np.int64)[index]
+        if isinstance(index, torch.Tensor):
+            index = index.detach().cpu().numpy()
+        rows = np.asarray(index)
+        if rows.ndim == 0:
+            rows = rows.reshape(1)
+        if rows.ndim != 1:
+            raise IndexError(f"Index must be 1-D, got shape {rows.shape}.")
+        if rows.dtype == bool:
+            if len(rows) != n:
+                raise IndexError(f"Boolean mask has length {len(rows)}; the dataset has {n} cells.")
+            return np.flatnonzero(rows).astype(np.int64)
+        if rows.size == 0:
+            return np.empty(0, dtype=np.int64)
+        if not np.issubdtype(rows.dtype, np.integer):
+            raise TypeError(
+                f"Indices must be integers (int, slice, list/array/tensor of ints or a boolean "
+                f"mask), got dtype {rows.dtype}. Cast with `.astype(int)` / `.long()`."
+            )
+        rows = rows.astype(np.int64, copy=False)
+        lo, hi = rows.min(), rows.max()
+        if lo < -n or hi >= n:
+            bad = hi if hi >= n else lo
+            raise IndexError(f"Index {bad} is out of range for a dataset of {n} cells.")
+        if lo < 0:
+            rows = np.where(rows < 0, rows + n, rows)
+        return rows
+
+    # -- labels and introspection -----------------------------------------------------------
+
+    @property
+    def encoders(self) -> dict[str, CategoryEncoder]:
+        """The category encoder of each categorical obs field."""
+        return {
+            name: f.encoder
+            for name, f in self.fields.items()
+            if isinstance(f, ObsField) and f.encoder is not None
+        }
+
+    def decode(self, key: str, codes) -> np.ndarray:
+        """Turn int codes of the categorical obs field ``key`` back into labels."""
+        if key not in self.encoders:
+            raise FieldKeyError(
+                f"{key!r} is not a categorical obs field; encoded fields: {list(self.encoders)}."
+            )
+        return self.encoders[key].decode(codes)
+
+    @property
+    def obs_names(self):
+        return self.source.obs_names
+
+    @property
+    def var_names(self):
+        return self.source.var_names
+
+    @property
+    def obs(self):
+        """The cells' ``obs`` table (read-only: never modify it through the dataset)."""
+        return self.source.obs
+
+    @property
+    def adata(self) -> ad.AnnData | None:
+        """The AnnData given (``None`` when the dataset was opened from a path, backed)."""
+        return self.source.adata
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.source.var_names)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} of {len(self)} cells"]
+        lines += [f"    {name!r}: {f.describe()}" for name, f in self.fields.items()]
+        return "\n".join(lines)
+
+
+def _first_row(batch: Batch) -> Batch:
+    from ._batch import SparseBatch
+
+    if isinstance(batch, dict):
+        return {k: _first_row(v) for k, v in batch.items()}
+    if isinstance(batch, SparseBatch):
+        return batch
+    return batch[0]

@@ -170,35 +170,7 @@ class AnnDataset(Dataset):
         return batch
 
     def _rows(self, index) -> np.ndarray:
-        n = len(self)
-        if isinstance(index, slice):
-            return np.arange(n, dtype=np.int64)[index]
-        if isinstance(index, torch.Tensor):
-            index = index.detach().cpu().numpy()
-        rows = np.asarray(index)
-        if rows.ndim == 0:
-            rows = rows.reshape(1)
-        if rows.ndim != 1:
-            raise IndexError(f"Index must be 1-D, got shape {rows.shape}.")
-        if rows.dtype == bool:
-            if len(rows) != n:
-                raise IndexError(f"Boolean mask has length {len(rows)}; the dataset has {n} cells.")
-            return np.flatnonzero(rows).astype(np.int64)
-        if rows.size == 0:
-            return np.empty(0, dtype=np.int64)
-        if not np.issubdtype(rows.dtype, np.integer):
-            raise TypeError(
-                f"Indices must be integers (int, slice, list/array/tensor of ints or a boolean "
-                f"mask), got dtype {rows.dtype}. Cast with `.astype(int)` / `.long()`."
-            )
-        rows = rows.astype(np.int64, copy=False)
-        lo, hi = rows.min(), rows.max()
-        if lo < -n or hi >= n:
-            bad = hi if hi >= n else lo
-            raise IndexError(f"Index {bad} is out of range for a dataset of {n} cells.")
-        if lo < 0:
-            rows = np.where(rows < 0, rows + n, rows)
-        return rows
+        return positions(index, len(self))
 
     # -- labels and introspection -----------------------------------------------------------
 
@@ -245,6 +217,38 @@ class AnnDataset(Dataset):
         lines = [f"{type(self).__name__} of {len(self)} cells"]
         lines += [f"    {name!r}: {f.describe()}" for name, f in self.fields.items()]
         return "\n".join(lines)
+
+
+def positions(index, n: int) -> np.ndarray:
+    """Validate an index (int, slice, ints, bool mask, tensor) into int64 positions in [0, n)."""
+    if isinstance(index, slice):
+        return np.arange(n, dtype=np.int64)[index]
+    if isinstance(index, torch.Tensor):
+        index = index.detach().cpu().numpy()
+    rows = np.asarray(index)
+    if rows.ndim == 0:
+        rows = rows.reshape(1)
+    if rows.ndim != 1:
+        raise IndexError(f"Index must be 1-D, got shape {rows.shape}.")
+    if rows.dtype == bool:
+        if len(rows) != n:
+            raise IndexError(f"Boolean mask has length {len(rows)}; the dataset has {n} cells.")
+        return np.flatnonzero(rows).astype(np.int64)
+    if rows.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if not np.issubdtype(rows.dtype, np.integer):
+        raise TypeError(
+            f"Indices must be integers (int, slice, list/array/tensor of ints or a boolean "
+            f"mask), got dtype {rows.dtype}. Cast with `.astype(int)` / `.long()`."
+        )
+    rows = rows.astype(np.int64, copy=False)
+    lo, hi = rows.min(), rows.max()
+    if lo < -n or hi >= n:
+        bad = hi if hi >= n else lo
+        raise IndexError(f"Index {bad} is out of range for a dataset of {n} cells.")
+    if lo < 0:
+        rows = np.where(rows < 0, rows + n, rows)
+    return rows
 
 
 def _first_row(batch: Batch) -> Batch:

@@ -1,0 +1,176 @@
+"""Train/val/test splits of an AnnData's cells: random, stratified, held out by obs values, explicit.
+
+:func:`make_splits` is a pure function of its arguments (the seed included), so every rank of a
+distributed run computes the same split, and a split saved with a checkpoint can be compared
+with the one a resumed run would draw. Splits are sorted int64 arrays of AnnData row positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _count(size: float | int, n: int, name: str) -> int:
+    """A split size given as a fraction (float in [0, 1)) or a count (int) -> a count."""
+    if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"{name} must be a fraction (float) or a number of cells (int), got {size!r}."
+        )
+    if isinstance(size, (float, np.floating)):
+        if not 0.0 <= size < 1.0:
+            raise ValueError(f"{name}={size} must be a fraction in [0, 1) or a number of cells.")
+        return round(size * n)
+    if size < 0:
+        raise ValueError(f"{name}={size} must not be negative.")
+    return int(size)
+
+
+def _random_split(rows: np.ndarray, n_val: int, n_test: int, rng: np.random.Generator):
+    perm = rng.permutation(rows)
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+def _stratified_split(rows, labels, val_size, test_size, rng):
+    """Split each class separately with the same fractions (largest-remainder rounding)."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in SPLIT_NAMES}
+    codes, uniques = pd.factorize(labels, use_na_sentinel=False)
+    for c in range(len(uniques)):
+        members = rows[codes == c]
+        m = len(members)
+        n_val = _count(val_size, m, "val_size") if isinstance(val_size, float) else None
+        n_test = _count(test_size, m, "test_size") if isinstance(test_size, float) else None
+        if n_val is None or n_test is None:
+            raise TypeError("stratified splits take val_size and test_size as fractions.")
+        train, val, test = _random_split(members, n_val, n_test, rng)
+        for name, part in zip(SPLIT_NAMES, (train, val, test), strict=True):
+            parts[name].append(part)
+    return tuple(
+        np.concatenate(parts[k]) if parts[k] else np.empty(0, np.int64) for k in SPLIT_NAMES
+    )
+
+
+def _holdout_mask(obs: pd.DataFrame, holdout: Mapping[str, Sequence]) -> np.ndarray:
+    mask = np.zeros(len(obs), dtype=bool)
+    for key, values in holdout.items():
+        if key not in obs.columns:
+            raise KeyError(f"holdout column {key!r} is not in obs; obs has: {list(obs.columns)}.")
+        values = [values] if isinstance(values, (str, int, float)) else list(values)
+        column = obs[key]
+        hit = column.isin(values).to_numpy()
+        present = set(pd.unique(column.dropna()))
+        absent = [v for v in values if v not in present]
+        if absent:
+            raise ValueError(
+                f"holdout values {absent} of obs column {key!r} match no cell; the column has "
+                f"{sorted(present, key=str)[:20]}."
+            )
+        mask |= hit
+    return mask
+
+
+def make_splits(
+    obs: pd.DataFrame,
+    *,
+    val_size: float | int = 0.1,
+    test_size: float | int = 0.1,
+    stratify_key: str | None = None,
+    holdout: Mapping[str, Sequence] | None = None,
+    holdout_split: str = "test",
+    indices: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Split the cells of ``obs`` into train/val/test (and predict = every cell).
+
+    Parameters
+    ----------
+    obs
+        The AnnData's ``obs`` (only its length and the named columns are read).
+    val_size, test_size
+        Fractions of the cells that are not held out (float in [0, 1)) or numbers of cells.
+    stratify_key
+        obs column whose class proportions every split keeps (fractions only).
+    holdout
+        ``{obs column: values}``: cells with any of these values go to ``holdout_split``
+        entirely (a time point, a well, a donor), before the random split of the rest.
+    holdout_split
+        Where held-out cells go: ``"test"`` (default) or ``"val"``.
+    indices
+        Explicit row positions per split, e.g. ``{"train": [...], "val": [...]}``; overrides
+        everything else. Splits must be disjoint.
+    seed
+        Seed of the random split.
+
+    Returns
+    -------
+    ``{"train", "val", "test", "predict"}`` -> sorted int64 row positions.
+    """
+    n = len(obs)
+    if n == 0:
+        raise ValueError("Cannot split an AnnData with no cells.")
+    if indices is not None:
+        splits = _explicit(indices, n)
+    else:
+        if holdout_split not in ("test", "val"):
+            raise ValueError(f"holdout_split must be 'test' or 'val', got {holdout_split!r}.")
+        held = _holdout_mask(obs, holdout) if holdout else np.zeros(n, dtype=bool)
+        rows = np.flatnonzero(~held).astype(np.int64)
+        rng = np.random.default_rng(seed)
+        if stratify_key is not None:
+            if stratify_key not in obs.columns:
+                raise KeyError(
+                    f"stratify_key {stratify_key!r} is not in obs; obs has: {list(obs.columns)}."
+                )
+            labels = obs[stratify_key].to_numpy()[rows]
+            train, val, test = _stratified_split(rows, labels, val_size, test_size, rng)
+        else:
+            n_val = _count(val_size, len(rows), "val_size")
+            n_test = _count(test_size, len(rows), "test_size")
+            if n_val + n_test > len(rows):
+                raise ValueError(
+                    f"val ({n_val}) + test ({n_test}) cells exceed the {len(rows)} cells available."
+                )
+            train, val, test = _random_split(rows, n_val, n_test, rng)
+        extra = np.flatnonzero(held).astype(np.int64)
+        if holdout_split == "test":
+            test = np.concatenate([test, extra])
+        else:
+            val = np.concatenate([val, extra])
+        splits = {"train": train, "val": val, "test": test}
+    splits = {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in splits.items()}
+    if len(splits["train"]) == 0:
+        raise ValueError(
+            "The train split is empty: lower val_size/test_size or hold out fewer cells."
+        )
+    splits["predict"] = np.arange(n, dtype=np.int64)
+    return splits
+
+
+def _explicit(indices: Mapping[str, Sequence[int]], n: int) -> dict[str, np.ndarray]:
+    unknown = set(indices) - set(SPLIT_NAMES)
+    if unknown:
+        raise ValueError(f"indices has unknown splits {sorted(unknown)}; use {SPLIT_NAMES}.")
+    out = {}
+    for name in SPLIT_NAMES:
+        rows = np.asarray(indices.get(name, []))
+        if rows.size and not np.issubdtype(rows.dtype, np.integer):
+            raise TypeError(f"indices[{name!r}] must hold integer row positions, got {rows.dtype}.")
+        rows = rows.astype(np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"indices[{name!r}] has positions outside [0, {n}).")
+        if len(np.unique(rows)) != len(rows):
+            raise ValueError(f"indices[{name!r}] repeats row positions.")
+        out[name] = rows
+    for i, a in enumerate(SPLIT_NAMES):
+        for b in SPLIT_NAMES[i + 1 :]:
+            common = np.intersect1d(out[a], out[b])
+            if common.size:
+                raise ValueError(
+                    f"indices[{a!r}] and indices[{b!r}] share {common.size} cells "
+                    f"(e.g. {common[:5].tolist()}); splits must be disjoint."
+                )
+    return out

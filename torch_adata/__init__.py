@@ -17,18 +17,30 @@ from .dataset import AnnDataset
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "AnnDataModule",
     "AnnDataset",
     "CategoryEncoder",
     "SparseBatch",
+    "TimeResolvedAnnDataset",
     "collate",
     "datasets",
     "densify",
+    "samplers",
 ]
 
-_LAZY = {"datasets": "torch_adata.datasets"}
+# Imported on first use: the data module pulls in Lightning, which DataLoader worker processes
+# (they unpickle datasets, not data modules) should not pay for.
+_LAZY = {
+    "datasets": "torch_adata.datasets",
+    "samplers": "torch_adata.samplers",
+    "AnnDataModule": "torch_adata.datamodule",
+    "TimeResolvedAnnDataset": "torch_adata.time_resolved",
+}
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("AnnDataModule", "TimeResolvedAnnDataset"):
+        return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _LAZY:
         return importlib.import_module(_LAZY[name])
     raise AttributeError(f"module 'torch_adata' has no attribute {name!r}")

@@ -124,10 +124,13 @@ class AnnDataSource:
                 for name, elem in items:
                     key = "X" if group == "X" else f"{group}/{name}"
                     enc = elem.attrs.get("encoding-type", "array")
-                    shape = tuple(
-                        int(s)
-                        for s in (elem.attrs["shape"] if "shape" in elem.attrs else elem.shape)
+                    # groups without a shape attribute (an obsm DataFrame) have no .shape
+                    shape = (
+                        elem.attrs["shape"]
+                        if "shape" in elem.attrs
+                        else getattr(elem, "shape", None)
                     )
+                    shape = tuple(int(s) for s in shape) if shape is not None else None
                     self._encodings[key] = (str(enc), shape)
             self.layer_keys = list(f["layers"].keys()) if "layers" in f else []
             self.obsm_keys = list(f["obsm"].keys()) if "obsm" in f else []
@@ -135,6 +138,15 @@ class AnnDataSource:
         self.var_names = var.index
         self.n_obs = len(self.obs)
         self._root, self._row_map, self._cols, self._backed_path = None, None, None, self.path
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if self.path is None and self._backed_path is not None:
+            # A backed AnnData (and a view's obs, which refers to it) holds h5py handles, which
+            # do not pickle. The readers reopen the file by path; only obs is needed from it.
+            state["adata"] = state["_root"] = None
+            state["obs"] = pd.DataFrame(self.obs, copy=True)
+        return state
 
     # -- readers ----------------------------------------------------------------------------
 
@@ -153,8 +165,13 @@ class AnnDataSource:
             if h5_key not in self._encodings:
                 raise ValueError(f"'{self.path}' has no matrix X; nothing to batch.")
             encoding, shape = self._encodings[h5_key]
-            if encoding == "dataframe":
-                raise _non_numeric_obsm(key, "a DataFrame")
+            if encoding == "dataframe":  # small: read it and check its columns as in memory
+                import h5py
+                from anndata.io import read_elem
+
+                with h5py.File(self.path, "r") as f:
+                    frame = read_elem(f[h5_key])
+                return _memory_matrix_reader(frame, kind, key, None, self.engine)
             return backed_reader(self.path, h5_key, encoding, shape, cols, self.engine)
         root = self._root
         if kind == "X" and root.isbacked:
@@ -175,22 +192,27 @@ class AnnDataSource:
                     "adata.X is None. Pass layer='<name>' to batch a layer instead "
                     f"(layers: {self.layer_keys or 'none'})."
                 )
-            if isinstance(matrix, pd.DataFrame):
-                if not all(pd.api.types.is_numeric_dtype(t) for t in matrix.dtypes):
-                    raise _non_numeric_obsm(key, "a DataFrame with non-numeric columns")
-                matrix = matrix.to_numpy()
-            if hasattr(matrix, "dtype") and not (
-                np.issubdtype(matrix.dtype, np.number) or matrix.dtype == bool
-            ):
-                where = "obsm" if kind == "obsm" else kind
-                raise TypeError(
-                    f"{where} {key or 'X'!r} has dtype {matrix.dtype}, which is not numeric. "
-                    "Only numeric matrices can be batched as tensors; encode it numerically first."
-                )
-            reader = memory_reader(matrix, cols, self.engine)
+            reader = _memory_matrix_reader(matrix, kind, key, cols, self.engine)
         if self._row_map is not None:
             reader = MappedReader(reader, self._row_map)
         return reader
+
+
+def _memory_matrix_reader(matrix, kind: str, key, cols, engine: str) -> RowReader:
+    """A reader over an in-memory matrix, after checking that it can become a tensor."""
+    if isinstance(matrix, pd.DataFrame):
+        if not all(pd.api.types.is_numeric_dtype(t) for t in matrix.dtypes):
+            raise _non_numeric_obsm(key, "a DataFrame with non-numeric columns")
+        matrix = matrix.to_numpy()
+    if hasattr(matrix, "dtype") and not (
+        np.issubdtype(matrix.dtype, np.number) or matrix.dtype == bool
+    ):
+        where = "obsm" if kind == "obsm" else kind
+        raise TypeError(
+            f"{where} {key or 'X'!r} has dtype {matrix.dtype}, which is not numeric. "
+            "Only numeric matrices can be batched as tensors; encode it numerically first."
+        )
+    return memory_reader(matrix, cols, engine)
 
 
 def _missing(what: str, key, existing: list[str], where: str) -> KeyError:

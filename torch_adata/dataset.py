@@ -151,7 +151,9 @@ class AnnDataset(Dataset):
 
     def __getitem__(self, index) -> Batch:
         if isinstance(index, (int, np.integer)) or (
-            isinstance(index, torch.Tensor) and index.ndim == 0
+            isinstance(index, torch.Tensor)
+            and index.ndim == 0
+            and not (index.is_floating_point() or index.is_complex())
         ):
             rows = self._rows([int(index)])
             batch = self.gather(rows)
@@ -206,7 +208,11 @@ class AnnDataset(Dataset):
 
     @property
     def adata(self) -> ad.AnnData | None:
-        """The AnnData given (``None`` when the dataset was opened from a path, backed)."""
+        """The AnnData given.
+
+        ``None`` when the dataset was opened from a path (backed), and in a copy of a dataset
+        over a backed AnnData unpickled in another process (a DataLoader worker under spawn).
+        """
         return self.source.adata
 
     @property

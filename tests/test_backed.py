@@ -1,0 +1,214 @@
+"""Backed reads: a path, ``read_h5ad(backed="r")`` and views of it, through the memory map and
+through h5py runs, compressed and chunked files, dense X; values against anndata's slicing."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    N_OBS,
+    N_VARS,
+    assert_unchanged,
+    backed_csr_readers,
+    expected_matrix,
+    force_h5py,
+    make_adata,
+    snapshot,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_dataset import check_batch
+
+import torch_adata as ta
+from torch_adata import AnnDataset, SparseBatch
+from torch_adata._gather import BackedCSRReader, BackedDenseReader
+
+MASK = np.arange(N_OBS) % 3 != 1
+GENES = [7, 2, 9, 0, 4]
+SOURCES = ["path", "backed", "backed_view", "backed_view_genes"]
+
+
+def open_source(kind: str, path):
+    """(what to give AnnDataset, the in-memory AnnData that anndata's slicing is checked on,
+    the backed AnnData to close or None)."""
+    memory = ad.read_h5ad(path)
+    if kind == "path":
+        return str(path), memory, None
+    backed = ad.read_h5ad(path, backed="r")
+    if kind == "backed":
+        return backed, memory, backed
+    if kind == "backed_view":
+        return backed[MASK], memory[MASK], backed
+    return backed[MASK, GENES], memory[MASK, GENES], backed
+
+
+@pytest.fixture
+def source(request, h5ad_files):
+    kind, file = request.param
+    given_, ref, backed = open_source(kind, h5ad_files[file])
+    yield given_, ref
+    if backed is not None:
+        backed.file.close()
+
+
+def rows_for(n: int):
+    return st.lists(st.integers(0, n - 1), max_size=25)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense_out", "sparse_out"])
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+@pytest.mark.parametrize("read", ["mmap", "h5py"])
+@pytest.mark.parametrize("source", [(k, "csr") for k in SOURCES], ids=SOURCES, indirect=True)
+def test_backed_csr_equals_anndata_slicing(source, read, engine, sparse):
+    given_, ref = source
+    dataset = AnnDataset(given_, obs_keys=["cell_type", "n_genes"], engine=engine, sparse=sparse)
+    if read == "h5py":
+        force_h5py(dataset)
+    (reader,) = backed_csr_readers(dataset)
+    assert reader.mode == read
+    dense_twin = AnnDataset(given_, engine=engine)
+
+    @settings(max_examples=12, deadline=None)
+    @given(rows=rows_for(ref.n_obs))
+    def check(rows):
+        batch = dataset[rows]
+        check_batch(dataset, ref, rows, batch)
+        if sparse:
+            np.testing.assert_array_equal(batch["X"].to_dense().numpy(), dense_twin[rows].numpy())
+
+    check()
+
+
+@pytest.mark.parametrize("read", ["mmap", "h5py"])
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+def test_runs_far_apart_and_all_rows(h5ad_dir, read, engine):
+    """Enough stored values that requested rows fall into several h5py runs (gaps > 4096)."""
+    path = h5ad_dir / "wide.h5ad"
+    if not path.exists():
+        make_adata("csr", n_obs=60, n_vars=900, seed=3).write_h5ad(path)
+    memory = ad.read_h5ad(path)
+    dataset = AnnDataset(path, engine=engine, sparse=True)
+    if read == "h5py":
+        force_h5py(dataset)
+    for rows in ([59, 0, 30, 0, 58], list(range(60))[::-1], [0, 5, 10], [1, 2, 3, 40, 41]):
+        got = dataset[rows]
+        assert isinstance(got, SparseBatch)
+        np.testing.assert_array_equal(got.to_dense().numpy(), expected_matrix(memory, rows))
+
+
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+@pytest.mark.parametrize("kind", ["path", "backed_view_genes"])
+def test_gzip_file_falls_back_to_h5py(h5ad_files, in_memory, kind, engine):
+    given_, ref, backed = open_source(kind, h5ad_files["gzip"])
+    try:
+        dataset = AnnDataset(given_, engine=engine, sparse=True)
+        (reader,) = backed_csr_readers(dataset)
+        assert reader.mode == "h5py"
+        assert "h5py" in repr(dataset)
+        for rows in ([4, ref.n_obs - 1, 4, 0], [], list(range(ref.n_obs))):
+            np.testing.assert_array_equal(
+                dataset[rows].to_dense().numpy(), expected_matrix(ref, rows)
+            )
+    finally:
+        if backed is not None:
+            backed.file.close()
+
+
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+def test_chunked_storage_is_memory_mapped_chunk_by_chunk(h5ad_files, in_memory, engine):
+    dataset = AnnDataset(h5ad_files["chunked"], engine=engine)
+    (reader,) = backed_csr_readers(dataset)
+    assert reader.mode == "mmap"
+    assert len(reader._open()["maps"][0][1]) > 5  # really several chunks
+    for rows in ([36, 1, 1, 20], list(range(N_OBS))):
+        np.testing.assert_array_equal(dataset[rows].numpy(), expected_matrix(in_memory, rows))
+
+
+def test_uncompressed_file_is_memory_mapped(h5ad_files):
+    dataset = AnnDataset(h5ad_files["csr"])
+    (reader,) = backed_csr_readers(dataset)
+    assert reader.mode == "mmap"
+    assert "mmap" in repr(dataset)
+
+
+@pytest.mark.parametrize("source", [(k, "dense") for k in SOURCES], ids=SOURCES, indirect=True)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_backed_dense_x(source, sparse):
+    given_, ref = source
+    dataset = AnnDataset(given_, obs_keys="batch", sparse=sparse)
+    assert isinstance(dataset.fields["X"].reader, BackedDenseReader) or isinstance(
+        dataset.fields["X"].reader.base, BackedDenseReader
+    )
+
+    @settings(max_examples=10, deadline=None)
+    @given(rows=rows_for(ref.n_obs))
+    def check(rows):
+        check_batch(dataset, ref, rows, dataset[rows])
+
+    check()
+
+
+@pytest.mark.parametrize("read", ["mmap", "h5py"])
+def test_path_layers_and_obsm_are_read_from_the_file(h5ad_files, in_memory, read):
+    path = h5ad_files["csr"]
+    rows = [3, 36, 3, 0, 17]
+    counts = AnnDataset(path, layer="counts", obsm_keys=["X_pca", "sp", "frame"])
+    if read == "h5py":
+        force_h5py(counts)
+    assert isinstance(counts.fields["X"].reader, BackedCSRReader)
+    assert isinstance(counts.fields["sp"].reader, BackedCSRReader)
+    assert isinstance(counts.fields["X_pca"].reader, BackedDenseReader)
+    batch = counts[rows]
+    check_batch(counts, in_memory, rows, batch, layer="counts", obsm_keys=["X_pca", "sp", "frame"])
+    scaled = AnnDataset(path, layer="scaled")
+    check_batch(scaled, in_memory, rows, scaled[rows], layer="scaled")
+
+
+def test_backed_anndata_layers_and_obsm(backed, in_memory):
+    view = backed[MASK, GENES]
+    ref = in_memory[MASK, GENES]
+    dataset = AnnDataset(view, layer="counts", obsm_keys=["X_pca", "sp", "frame"])
+    rows = [0, 5, 5, ref.n_obs - 1]
+    keys = ["X_pca", "sp", "frame"]
+    check_batch(dataset, ref, rows, dataset[rows], layer="counts", obsm_keys=keys)
+
+
+def test_path_with_backed_false_loads_into_memory(h5ad_files, in_memory):
+    dataset = AnnDataset(h5ad_files["csc"], backed=False, obs_keys="cell_type")
+    assert dataset.adata is not None and not dataset.adata.isbacked
+    rows = [2, 2, 9]
+    check_batch(dataset, ad.read_h5ad(h5ad_files["csc"]), rows, dataset[rows])
+
+
+def test_path_source_reads_obs_and_names_from_the_file(h5ad_files, in_memory):
+    dataset = AnnDataset(str(h5ad_files["csr"]), obs_keys=["cell_type", "batch"])
+    assert dataset.adata is None
+    assert len(dataset) == N_OBS and dataset.n_vars == N_VARS
+    assert dataset.obs_names.equals(in_memory.obs_names)
+    assert dataset.var_names.equals(in_memory.var_names)
+    assert list(dataset.encoders["cell_type"].categories) == ["T", "B", "NK", "unused"]
+    # anndata stored the string column as a categorical: its category order is kept
+    assert dataset.encoders["batch"].categories.equals(in_memory.obs["batch"].cat.categories)
+
+
+def test_backed_anndata_is_not_modified(h5ad_files):
+    backed = ad.read_h5ad(h5ad_files["csr"], backed="r")
+    try:
+        view = backed[MASK, GENES]
+        before_backed = {"obs": backed.obs.copy(), "obsm": dict(backed.obsm), "n": backed.n_obs}
+        before_view = snapshot(view)
+        for given_ in (backed, view):
+            dataset = AnnDataset(given_, obs_keys=["cell_type"], obsm_keys="X_pca", sparse=True)
+            for batch in torch.utils.data.DataLoader(
+                dataset, batch_size=9, shuffle=True, collate_fn=ta.collate
+            ):
+                ta.densify(batch)
+        assert_unchanged(view, before_view)
+        assert view.is_view and backed.isbacked
+        assert backed.file.is_open
+        assert backed.obs.equals(before_backed["obs"])
+        assert backed.n_obs == before_backed["n"]
+    finally:
+        backed.file.close()

@@ -1,0 +1,430 @@
+"""``AnnDataModule``: a ``LightningDataModule`` over an AnnData, an ``.h5ad`` file or a named dataset."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import anndata as ad
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from . import samplers
+from ._batch import collate
+from .dataset import AnnDataset, positions
+from .splits import make_splits
+from .time_resolved import TimeResolvedAnnDataset
+
+log = logging.getLogger("torch_adata")
+
+SPLITS = ("train", "val", "test", "predict")
+
+
+class SplitDataset(Subset):
+    """The cells of one split: ``.indices`` are their row positions in the AnnData.
+
+    Indexing is vectorised: ``split[positions]`` reads ``dataset[indices[positions]]`` in one call.
+    """
+
+    def __init__(self, dataset: AnnDataset, indices: np.ndarray, name: str):
+        super().__init__(dataset, indices)
+        self.name = name
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self.dataset[int(self.indices[index])]
+        return self.dataset.gather(self.indices[positions(index, len(self.indices))])
+
+    def __getitems__(self, indices: Sequence[int]):
+        return self[np.asarray(indices, dtype=np.int64)]
+
+
+class AnnDataModule(pl.LightningDataModule):
+    """Loaders over an AnnData for ``Trainer.fit/validate/test/predict``.
+
+    Parameters
+    ----------
+    source
+        An AnnData (never modified), a path to an ``.h5ad`` file, or a dataset name from
+        :func:`torch_adata.datasets.available_datasets` (``"simulated"``, ``"larry"``).
+    load_kwargs
+        Keyword arguments of the named dataset's loader (e.g. ``{"n_cells": 4000}``).
+    backed
+        For a path: read rows from the file on demand (``True``) or load it into memory.
+    preprocess
+        Keyword arguments of :func:`torch_adata.datasets.preprocess` to run after loading
+        (e.g. ``{"n_pcs": 50}`` to batch ``obsm["X_pca"]``); ``None`` for none.
+    layer, obs_keys, obsm_keys, X, sparse, return_index, na
+        What each batch carries: see :class:`~torch_adata.AnnDataset`.
+    time_key
+        obs column of time points: batches then come from
+        :class:`~torch_adata.TimeResolvedAnnDataset`, sampled per ``sampling`` in training.
+    sampling
+        With ``time_key``: ``"populations"``, ``"initial"`` or ``"lineage"``.
+    cells_per_time, clone_key, clones_per_batch, cells_per_clone, time_kwargs
+        Options of the time-resolved dataset and its samplers.
+    val_size, test_size, stratify_key, holdout, holdout_split, split_indices
+        The split: see :func:`torch_adata.splits.make_splits`. Predict covers every cell.
+    batch_size, shuffle, drop_last, num_workers, persistent_workers, pin_memory
+        DataLoader options. Shuffle and drop_last apply to training only.
+    sampler
+        Training order of plain datasets: ``"uniform"`` (default) or ``"block"``
+        (:class:`~torch_adata.samplers.BlockShuffleSampler`, faster on disk, less diverse).
+    block_size, pool_batches
+        Options of the block sampler.
+    multiprocessing_context
+        ``"fork"``, ``"spawn"`` or ``None`` (the platform default) for worker processes.
+    seed
+        Seeds the split, every sampler and the worker generators.
+
+    Notes
+    -----
+    Distributed training: every sampler is a ``DistributedSampler`` (Lightning keeps it). Each
+    epoch, every cell of the train split is seen exactly once across ranks, and every rank gets
+    the same number of batches: batches are cut a little smaller rather than padded with repeats
+    (``drop_last=True`` drops the remainder instead, for fixed batch sizes).
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | ad.AnnData = "simulated",
+        *,
+        load_kwargs: dict[str, Any] | None = None,
+        backed: bool = False,
+        preprocess: dict[str, Any] | None = None,
+        layer: str | None = None,
+        obs_keys: Sequence[str] = (),
+        obsm_keys: Sequence[str] = (),
+        X: bool = True,
+        sparse: bool = False,
+        return_index: bool = False,
+        na: Literal["raise", "code"] = "raise",
+        time_key: str | None = None,
+        sampling: Literal["populations", "initial", "lineage"] = "populations",
+        cells_per_time: int = 128,
+        clone_key: str | None = None,
+        clones_per_batch: int = 16,
+        cells_per_clone: int | None = None,
+        time_kwargs: dict[str, Any] | None = None,
+        val_size: float | int = 0.1,
+        test_size: float | int = 0.1,
+        stratify_key: str | None = None,
+        holdout: dict[str, Any] | None = None,
+        holdout_split: Literal["test", "val"] = "test",
+        split_indices: dict[str, Sequence[int]] | None = None,
+        batch_size: int = 256,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        persistent_workers: bool = False,
+        pin_memory: bool = False,
+        sampler: Literal["uniform", "block"] = "uniform",
+        block_size: int = 64,
+        pool_batches: int = 16,
+        multiprocessing_context: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if sampler not in ("uniform", "block"):
+            raise ValueError(f"sampler must be 'uniform' or 'block', got {sampler!r}.")
+        self.source = source
+        self.load_kwargs = dict(load_kwargs or {})
+        self.backed = backed
+        self.preprocess = preprocess
+        self.dataset_kwargs = {
+            "layer": layer,
+            "obs_keys": list(obs_keys),
+            "obsm_keys": list(obsm_keys),
+            "X": X,
+            "sparse": sparse,
+            "return_index": return_index,
+            "na": na,
+        }
+        self.time_key = time_key
+        self.sampling = sampling
+        self.cells_per_time = cells_per_time
+        self.clone_key = clone_key
+        self.clones_per_batch = clones_per_batch
+        self.cells_per_clone = cells_per_clone
+        self.time_kwargs = dict(time_kwargs or {})
+        self.split_kwargs = {
+            "val_size": val_size,
+            "test_size": test_size,
+            "stratify_key": stratify_key,
+            "holdout": holdout,
+            "holdout_split": holdout_split,
+            "indices": split_indices,
+        }
+        self.loader_kwargs = {
+            "num_workers": num_workers,
+            "pin_memory": pin_memory,
+            "persistent_workers": persistent_workers and num_workers > 0,
+            "multiprocessing_context": multiprocessing_context if num_workers > 0 else None,
+        }
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.sampler_kind = sampler
+        self.block_size = block_size
+        self.pool_batches = pool_batches
+        self.seed = seed
+        self._adata: ad.AnnData | None = None
+        self.dataset: AnnDataset | None = None
+        self._splits: dict[str, np.ndarray] | None = None
+        self.save_hyperparameters(
+            ignore=["source"] if isinstance(source, ad.AnnData) else None, logger=False
+        )
+
+    # -- data -------------------------------------------------------------------------------
+
+    def _is_registry_name(self) -> bool:
+        return (
+            isinstance(self.source, str)
+            and not str(self.source).endswith(".h5ad")
+            and not (os.path.exists(self.source))
+        )
+
+    def prepare_data(self) -> None:
+        """Download a named dataset into its cache (Lightning calls this on one process only)."""
+        if self._is_registry_name() and self.source != "simulated":
+            from .datasets import load_dataset
+
+            load_dataset(self.source, **self.load_kwargs)
+
+    def _load(self) -> ad.AnnData | str:
+        if isinstance(self.source, ad.AnnData):
+            adata = self.source
+        elif self._is_registry_name():
+            from .datasets import load_dataset
+
+            adata = load_dataset(self.source, **self.load_kwargs)
+        else:
+            if self.backed and self.preprocess is None:
+                return os.fspath(self.source)
+            adata = ad.read_h5ad(self.source)
+        if self.preprocess is not None:
+            from .datasets import preprocess
+
+            adata = preprocess(adata, **self.preprocess)  # returns a new AnnData
+        return adata
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the dataset and the split once (every rank computes the same split)."""
+        if self.dataset is None:
+            data = self._load()
+            self._adata = data if isinstance(data, ad.AnnData) else None
+            if self.time_key is not None:
+                self.dataset = TimeResolvedAnnDataset(
+                    data,
+                    self.time_key,
+                    mode=self.sampling,
+                    clone_key=self.clone_key,
+                    backed=self.backed,
+                    **self.time_kwargs,
+                    **self.dataset_kwargs,
+                )
+            else:
+                self.dataset = AnnDataset(data, backed=self.backed, **self.dataset_kwargs)
+        if self._splits is None:
+            self._splits = make_splits(self.dataset.obs, seed=self.seed, **self.split_kwargs)
+            sizes = ", ".join(f"{k} {len(v)}" for k, v in self._splits.items())
+            log.info("torch_adata splits (seed %d): %s cells", self.seed, sizes)
+
+    @property
+    def adata(self) -> ad.AnnData | None:
+        """The AnnData the batches come from (``None`` for a backed path before/without load)."""
+        return (
+            self._adata
+            if self._adata is not None
+            else (self.dataset.adata if self.dataset else None)
+        )
+
+    @property
+    def splits(self) -> dict[str, np.ndarray]:
+        """``{"train", "val", "test", "predict"}`` -> sorted AnnData row positions."""
+        if self._splits is None:
+            self.setup()
+        return self._splits
+
+    # -- loaders ----------------------------------------------------------------------------
+
+    def _sampler(self, split: str, rows: np.ndarray, train: bool):
+        n = len(rows)
+        common = {"seed": self.seed}
+        if isinstance(self.dataset, TimeResolvedAnnDataset) and train:
+            positions = np.arange(n, dtype=np.int64)
+            sub = self.dataset
+            # Samplers yield positions within the split; map the dataset's groups onto them.
+            if self.sampling == "populations":
+                groups = [positions[sub.time_index[rows] == k] for k in range(len(sub.time_points))]
+                return samplers.TimePointBatchSampler(
+                    [g for g in groups if len(g)], self.cells_per_time, **common
+                )
+            if self.sampling == "initial":
+                start = int(np.searchsorted(sub.time_points, sub.start_time))
+                return samplers.UniformBatchSampler(
+                    positions[sub.time_index[rows] == start],
+                    self.batch_size,
+                    shuffle=self.shuffle,
+                    drop_last=self.drop_last,
+                    **common,
+                )
+            return samplers.ClonalBatchSampler(
+                sub.clone_ids[rows],
+                sub.time_index[rows],
+                self.clones_per_batch,
+                cells_per_clone=self.cells_per_clone,
+                drop_last=self.drop_last,
+                **common,
+            )
+        if train and self.sampler_kind == "block":
+            return samplers.BlockShuffleSampler(
+                n,
+                self.batch_size,
+                block_size=self.block_size,
+                pool_batches=self.pool_batches,
+                drop_last=self.drop_last,
+                **common,
+            )
+        return samplers.UniformBatchSampler(
+            n,
+            self.batch_size,
+            shuffle=train and self.shuffle,
+            drop_last=train and self.drop_last,
+            **common,
+        )
+
+    def loader(self, split: str) -> DataLoader:
+        """The DataLoader of ``split`` (``"train"``, ``"val"``, ``"test"`` or ``"predict"``)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        rows = self.splits[split]
+        if len(rows) == 0:
+            raise ValueError(
+                f"The {split} split is empty; set its size (val_size/test_size) or holdout."
+            )
+        dataset = SplitDataset(self.dataset, rows, split)
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            sampler=self._sampler(split, rows, split == "train"),
+            batch_size=None,
+            collate_fn=collate,
+            generator=generator,
+            **self.loader_kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("predict")
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The split, seed and label encoders, saved by Lightning in every checkpoint."""
+        state: dict[str, Any] = {"seed": self.seed}
+        if self._splits is not None:
+            state["splits"] = {k: v.tolist() for k, v in self._splits.items()}
+        if self.dataset is not None:
+            state["encoders"] = {k: e.to_dict() for k, e in self.dataset.encoders.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the split of a checkpoint, so a resumed run trains on the same cells."""
+        if "splits" in state_dict:
+            self._splits = {
+                k: np.asarray(v, dtype=np.int64) for k, v in state_dict["splits"].items()
+            }
+            if self.dataset is not None:
+                n = len(self.dataset)
+                if any(len(v) and v.max() >= n for v in self._splits.values()):
+                    raise ValueError(
+                        "The checkpoint's split refers to more cells than this AnnData has: "
+                        "resume with the same data."
+                    )
+        self.seed = state_dict.get("seed", self.seed)
+
+    # -- results back to the AnnData --------------------------------------------------------
+
+    def write_predictions(
+        self,
+        predictions: Sequence[Any],
+        key: str | Mapping[str, str],
+        *,
+        adata: ad.AnnData | None = None,
+        split: str = "predict",
+    ) -> ad.AnnData:
+        """Put ``trainer.predict`` outputs into a copy of the AnnData, in the original cell order.
+
+        Parameters
+        ----------
+        predictions
+            What ``trainer.predict(model, datamodule=dm)`` returned: one tensor (or dict of
+            tensors) per batch, in loader order (single process).
+        key
+            Where to write: for tensor outputs, the obsm key (2-D) or obs column (1-D); for dict
+            outputs, ``{output name: key}``.
+        adata
+            Target AnnData (default: a copy of the module's AnnData). It is modified and returned.
+        split
+            The split that was predicted (default ``"predict"``: every cell).
+
+        Returns
+        -------
+        The AnnData with the predictions; cells outside the split get NaN.
+        """
+        rows = self._loader_rows(split)
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("This module reads a backed file: pass adata= to write into.")
+            adata = self.adata.copy()
+        if len(predictions) == 0:
+            raise ValueError("No predictions to write (trainer.predict returned nothing).")
+        first = predictions[0]
+        if isinstance(first, Mapping):
+            if not isinstance(key, Mapping):
+                key = {name: name for name in first}
+            outputs = {key[name]: torch.cat([p[name] for p in predictions]) for name in key}
+        else:
+            if not isinstance(key, str):
+                raise TypeError("key must be a string when predictions are tensors.")
+            outputs = {key: torch.cat(list(predictions))}
+        for name, values in outputs.items():
+            values = values.detach().cpu().numpy()
+            if len(values) != len(rows):
+                raise ValueError(
+                    f"{len(values)} predictions for {len(rows)} cells of the {split} split: "
+                    "predict with this module's predict loader, in one process."
+                )
+            if values.ndim == 1:
+                column = np.full(adata.n_obs, np.nan, dtype=np.float64)
+                if values.dtype.kind in "iub":
+                    column = pd.array([pd.NA] * adata.n_obs, dtype="Int64")
+                column[rows] = values
+                adata.obs[name] = column
+            else:
+                block = np.full((adata.n_obs, *values.shape[1:]), np.nan, dtype=np.float32)
+                block[rows] = values
+                adata.obsm[name] = block
+        return adata
+
+    def _loader_rows(self, split: str) -> np.ndarray:
+        """AnnData rows in the order the (unshuffled) loader of ``split`` yields them."""
+        loader_sampler = self._sampler(split, self.splits[split], train=False)
+        order = np.concatenate(list(iter(loader_sampler)))
+        return self.splits[split][order]

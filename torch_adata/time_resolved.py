@@ -1,0 +1,327 @@
+"""``TimeResolvedAnnDataset``: cells grouped by time point (and clone) for trajectory models."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from . import samplers
+from ._source import FieldKeyError
+from .dataset import AnnDataset
+
+Mode = Literal["populations", "initial", "lineage"]
+
+
+def _time_values(column: pd.Series, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell float time values and the sorted distinct time points of an obs column."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        parsed = pd.to_numeric(pd.Series(column.cat.categories), errors="coerce")
+        if parsed.isna().any():
+            if not column.cat.ordered:
+                raise TypeError(
+                    f"obs column {key!r} is categorical with non-numeric labels "
+                    f"{list(column.cat.categories[:5])} and no order. Make it numeric "
+                    "(e.g. days) or an ordered categorical (`.cat.as_ordered()`)."
+                )
+            values = column.cat.codes.to_numpy().astype(np.float64)  # order = time
+            values[column.isna().to_numpy()] = np.nan
+        else:
+            values = column.astype(object).map(float).to_numpy(dtype=np.float64)
+    elif pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column):
+        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        parsed = pd.to_numeric(column, errors="coerce")
+        bad = parsed.isna() & column.notna()
+        if bad.any():
+            raise TypeError(
+                f"obs column {key!r} has values that are not times: "
+                f"{list(pd.unique(column[bad].astype(str))[:5])}. Use numbers (e.g. days), "
+                "strings that parse as numbers, or an ordered categorical."
+            )
+        values = parsed.to_numpy(dtype=np.float64)
+    nan = np.isnan(values)
+    if nan.any():
+        raise ValueError(
+            f"obs column {key!r} has {int(nan.sum())} missing (NaN) time values out of "
+            f"{len(values)}. Drop those cells first: `adata = adata[adata.obs[{key!r}].notna()]`."
+        )
+    points = np.unique(values)
+    if len(points) < 2:
+        raise ValueError(
+            f"obs column {key!r} has a single time point ({points.tolist()}); a time-resolved "
+            "dataset needs at least two. Use AnnDataset for a single snapshot."
+        )
+    return values, points
+
+
+def _clone_ids(clones, n_obs: int, policy: str, name: str) -> np.ndarray:
+    """Clone id per cell (-1: none) from obs values or a cells x clones membership matrix."""
+    if isinstance(clones, pd.Series):
+        if isinstance(clones.dtype, pd.CategoricalDtype):
+            ids = clones.cat.codes.to_numpy().astype(np.int64)
+        elif pd.api.types.is_numeric_dtype(clones.dtype):
+            filled = clones.to_numpy(dtype=np.float64, na_value=np.nan)
+            ids = np.where(np.isnan(filled), -1, filled).astype(np.int64)
+        else:
+            codes, _ = pd.factorize(clones)
+            ids = codes.astype(np.int64)
+        return np.where(ids < 0, -1, ids)
+    matrix = sp.csr_matrix(clones) if not sp.issparse(clones) else clones.tocsr()
+    if matrix.shape[0] != n_obs:
+        raise ValueError(
+            f"The clone matrix {name!r} has {matrix.shape[0]} rows but the AnnData has {n_obs} "
+            "cells; it must be cells x clones (transpose it if it is clones x cells)."
+        )
+    matrix = matrix.copy()
+    matrix.eliminate_zeros()
+    per_cell = np.diff(matrix.indptr)
+    ids = np.full(n_obs, -1, dtype=np.int64)
+    one = per_cell >= 1
+    ids[one] = matrix.indices[matrix.indptr[:-1][one]]
+    several = per_cell > 1
+    if several.any():
+        if policy == "raise":
+            raise ValueError(
+                f"{int(several.sum())} cells belong to several clones in {name!r}. Pass "
+                "multi_clone='drop' to treat them as clone-less or multi_clone='first' to keep "
+                "their first clone."
+            )
+        if policy == "drop":
+            ids[several] = -1
+        elif policy != "first":
+            raise ValueError(f"multi_clone must be 'raise', 'drop' or 'first', got {policy!r}.")
+    return ids
+
+
+class TimeResolvedAnnDataset(AnnDataset):
+    """Cells of a time course, sampled per time point or per clone.
+
+    Every batch carries the fields of :class:`~torch_adata.AnnDataset` (always as a dict) plus
+    ``"t"``: (batch,) float32, each cell's time value. Which cells a batch holds is decided by
+    the sampler from :meth:`batch_sampler`, one per ``mode``:
+
+    ``"populations"``
+        ``n = cells_per_time`` cells from every time point: rows ``[k*n:(k+1)*n]`` are time
+        point ``time_points[k]``. Without replacement within an epoch.
+    ``"initial"``
+        ``batch_size`` cells of the start time point, plus ``"t_eval"``: (T,) float32, the start
+        time followed by every later time point: what a drift model integrates over.
+    ``"lineage"``
+        whole clones (or ``cells_per_clone`` sisters per time point), grouped by clone, plus
+        ``"clone"``: (batch,) int64 clone ids.
+
+    ``dataset[idx]`` returns the requested cells with their fields and ``"t"`` (and ``"clone"``
+    when clones are known).
+
+    Parameters
+    ----------
+    adata
+        AnnData (in memory, backed, or a view) or a path to an ``.h5ad`` file.
+    time_key
+        obs column with the time of each cell: numbers, strings that parse as numbers, or an
+        ordered categorical (then the category order is the time, 0, 1, 2...).
+    mode
+        The default sampling mode (see above).
+    clone_key
+        Clone assignment: an obs column (ids or labels; NaN or -1 = no clone) or an obsm
+        cells x clones membership matrix such as LARRY's ``"X_clone"``.
+    clones
+        A cells x clones matrix given directly instead of ``clone_key``.
+    multi_clone
+        Cells in several clones: ``"raise"`` (default), ``"drop"`` (no clone) or ``"first"``.
+    drop_single_time_clones
+        Treat clones seen at only one time point as clone-less (they are always reported).
+    start_time
+        The start time point of ``mode="initial"`` (default: the earliest).
+    **kwargs
+        Fields and options of :class:`~torch_adata.AnnDataset` (``layer``, ``obs_keys``,
+        ``obsm_keys``, ``X``, ``dtype``, ``sparse``, ``backed``, ...).
+    """
+
+    def __init__(
+        self,
+        adata,
+        time_key: str = "Time point",
+        *,
+        mode: Mode = "populations",
+        clone_key: str | None = None,
+        clones: Any = None,
+        multi_clone: Literal["raise", "drop", "first"] = "raise",
+        drop_single_time_clones: bool = False,
+        start_time: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(adata, **kwargs)
+        obs = self.source.obs
+        if time_key not in obs.columns:
+            raise FieldKeyError(
+                f"Unknown time_key {time_key!r}. adata.obs has: {list(obs.columns)}."
+            )
+        if mode not in ("populations", "initial", "lineage"):
+            raise ValueError(f"mode must be 'populations', 'initial' or 'lineage', got {mode!r}.")
+        self.time_key = time_key
+        self.mode = mode
+        values, self.time_points = _time_values(obs[time_key], time_key)
+        self.time_index = np.searchsorted(self.time_points, values).astype(np.int64)
+        self._t = values.astype(np.float32)
+        self.start_time = self.time_points[0] if start_time is None else float(start_time)
+        if self.start_time not in self.time_points:
+            raise ValueError(
+                f"start_time={start_time} is not a time point; time points: "
+                f"{self.time_points.tolist()}."
+            )
+        self.clone_ids = self._read_clones(clone_key, clones, multi_clone, drop_single_time_clones)
+        if mode == "lineage" and self.clone_ids is None:
+            raise ValueError("mode='lineage' needs a clone assignment: pass clone_key= or clones=.")
+
+    def _read_clones(self, clone_key, clones, policy, drop_single):
+        if clone_key is None and clones is None:
+            return None
+        if clone_key is not None and clones is not None:
+            raise ValueError("Pass either clone_key= or clones=, not both.")
+        if clone_key is not None:
+            if clone_key in self.source.obs.columns:
+                clones = self.source.obs[clone_key]
+            elif clone_key in self.source.obsm_keys:
+                reader = self.source.matrix_reader("obsm", clone_key)
+                clones = sp.csr_matrix(self._whole(reader))
+            else:
+                raise FieldKeyError(
+                    f"Unknown clone_key {clone_key!r}: it is neither an obs column "
+                    f"({list(self.source.obs.columns)}) nor an obsm key ({self.source.obsm_keys})."
+                )
+        ids = _clone_ids(clones, len(self), policy, clone_key or "clones")
+        table = self._clone_table(ids)
+        single = table.index[table["n_time_points"] < 2]
+        if len(single):
+            msg = f"{len(single)} of {len(table)} clones are seen at a single time point"
+            if drop_single:
+                ids = np.where(np.isin(ids, single.to_numpy()), -1, ids)
+                table = self._clone_table(ids)
+                msg += "; they are treated as clone-less (drop_single_time_clones=True)."
+            else:
+                msg += "; pass drop_single_time_clones=True to leave them out of lineage batches."
+            warnings.warn(msg, UserWarning, stacklevel=3)
+        self.clone_table = table
+        return ids
+
+    @staticmethod
+    def _whole(reader) -> Any:
+        """All rows of a (small) obsm matrix, as CSR."""
+        pieces = reader.csr(np.arange(reader.shape[0], dtype=np.int64), np.float32)
+        return sp.csr_matrix(
+            (pieces.values, pieces.indices, pieces.indptr), shape=(reader.shape[0], pieces.n_cols)
+        )
+
+    def _clone_table(self, ids: np.ndarray) -> pd.DataFrame:
+        has = ids >= 0
+        df = pd.DataFrame({"clone": ids[has], "t": self.time_index[has]})
+        table = df.groupby("clone").agg(n_cells=("t", "size"), n_time_points=("t", "nunique"))
+        return table
+
+    # -- batches --------------------------------------------------------------------------
+
+    def gather(self, rows: np.ndarray) -> dict[str, Any]:
+        batch = super().gather(rows)
+        if not isinstance(batch, dict):
+            batch = {next(iter(self.fields)): batch}
+        batch["t"] = torch.from_numpy(self._t[rows])
+        if self.clone_ids is not None:
+            batch["clone"] = torch.from_numpy(self.clone_ids[rows])
+        if self.mode == "initial":
+            later = self.time_points[self.time_points >= self.start_time]
+            batch["t_eval"] = torch.as_tensor(later, dtype=torch.float32)
+        return batch
+
+    def indices_at(self, time_point: float) -> np.ndarray:
+        """Row positions of the cells at ``time_point``."""
+        hits = np.flatnonzero(self.time_points == time_point)
+        if not len(hits):
+            raise ValueError(
+                f"{time_point} is not a time point; time points: {self.time_points.tolist()}."
+            )
+        return np.flatnonzero(self.time_index == hits[0]).astype(np.int64)
+
+    @property
+    def indices_by_time(self) -> dict[float, np.ndarray]:
+        """``{time point: row positions}`` in time order."""
+        return {float(t): self.indices_at(t) for t in self.time_points}
+
+    def batch_sampler(
+        self,
+        *,
+        indices: Sequence[int] | None = None,
+        mode: Mode | None = None,
+        batch_size: int = 256,
+        cells_per_time: int = 128,
+        clones_per_batch: int = 16,
+        cells_per_clone: int | None = None,
+        shuffle: bool = True,
+        replacement: bool = False,
+        num_batches: int | None = None,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> samplers.DistributedBatchSampler:
+        """The batch sampler for ``mode`` (default: the dataset's), over ``indices`` (default all).
+
+        ``indices`` restricts sampling to some rows (a split); the sampler yields row positions
+        of this dataset, so ``DataLoader(dataset, sampler=s, batch_size=None,
+        collate_fn=torch_adata.collate)`` gives one vectorised read per batch.
+        """
+        mode = mode or self.mode
+        rows = (
+            np.arange(len(self), dtype=np.int64)
+            if indices is None
+            else np.asarray(indices, dtype=np.int64)
+        )
+        common = {"seed": seed, "num_replicas": num_replicas, "rank": rank}
+        if mode == "populations":
+            groups = [rows[self.time_index[rows] == k] for k in range(len(self.time_points))]
+            groups = [g for g in groups if len(g)]
+            return samplers.TimePointBatchSampler(
+                groups, cells_per_time, replacement=replacement, num_batches=num_batches, **common
+            )
+        if mode == "initial":
+            start = int(np.searchsorted(self.time_points, self.start_time))
+            first = rows[self.time_index[rows] == start]
+            if not len(first):
+                raise ValueError(
+                    f"No cells at the start time point {self.start_time} in these rows."
+                )
+            return samplers.UniformBatchSampler(
+                first, batch_size, shuffle=shuffle, drop_last=drop_last, **common
+            )
+        if mode == "lineage":
+            if self.clone_ids is None:
+                raise ValueError("Lineage sampling needs clones: pass clone_key= or clones=.")
+            ids = np.full(len(self), -1, dtype=np.int64)
+            ids[rows] = self.clone_ids[rows]
+            return samplers.ClonalBatchSampler(
+                ids,
+                self.time_index,
+                clones_per_batch,
+                cells_per_clone=cells_per_clone,
+                drop_last=drop_last,
+                **common,
+            )
+        raise ValueError(f"mode must be 'populations', 'initial' or 'lineage', got {mode!r}.")
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.time_index, minlength=len(self.time_points))
+        lines = super().__repr__().splitlines()
+        lines[0] += (
+            f", {len(self.time_points)} time points of {self.time_key!r} (mode {self.mode!r})"
+        )
+        lines.append(
+            "    time points: "
+            + ", ".join(f"{t:g} ({c} cells)" for t, c in zip(self.time_points, counts, strict=True))
+        )
+        return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""AnnDataModule: sources, split loaders, checkpointed splits, workers, predictions back to AnnData."""
+
+import anndata as ad
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from torch_adata import AnnDataModule, TimeResolvedAnnDataset
+from torch_adata.splits import make_splits
+
+
+@pytest.fixture
+def adata():
+    rng = np.random.default_rng(0)
+    n = 300
+    obs = pd.DataFrame(
+        {
+            "Cell type annotation": pd.Categorical(rng.choice(["undiff", "Neu", "Mono"], n)),
+            "Time point": rng.choice([2, 4, 6], n),
+            "Well": rng.choice([0, 1, 2], n),
+        },
+        index=[f"cell{i}" for i in range(n)],
+    )
+    X = sp.random(n, 40, density=0.2, format="csr", dtype=np.float32, random_state=1)
+    a = ad.AnnData(X, obs=obs)
+    a.obsm["X_pca"] = rng.normal(size=(n, 5)).astype(np.float32)
+    return a
+
+
+def _rows_of(loader):
+    return [batch["index"].numpy() for batch in loader]
+
+
+def test_split_loaders_cover_their_split_once(adata):
+    dm = AnnDataModule(adata, return_index=True, batch_size=32, seed=5)
+    dm.setup("fit")
+    expected = make_splits(adata.obs, seed=5)
+    for name in ("train", "val", "test", "predict"):
+        assert np.array_equal(dm.splits[name], expected[name])
+        loader = dm.loader(name)
+        assert np.array_equal(loader.dataset.indices, expected[name])
+        rows = np.concatenate(_rows_of(loader))
+        assert np.array_equal(np.sort(rows), expected[name])
+    # evaluation loaders keep AnnData order; training is shuffled
+    assert np.array_equal(np.concatenate(_rows_of(dm.val_dataloader())), expected["val"])
+    assert not np.array_equal(np.concatenate(_rows_of(dm.train_dataloader())), expected["train"])
+
+
+def test_batch_values_match_anndata(adata):
+    dm = AnnDataModule(
+        adata,
+        obs_keys=["Cell type annotation"],
+        obsm_keys=["X_pca"],
+        return_index=True,
+        batch_size=50,
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    rows = batch["index"].numpy()
+    np.testing.assert_array_equal(batch["X"].numpy(), adata.X[rows].toarray())
+    np.testing.assert_array_equal(batch["X_pca"].numpy(), adata.obsm["X_pca"][rows])
+    codes = adata.obs["Cell type annotation"].cat.codes.to_numpy()[rows]
+    np.testing.assert_array_equal(batch["Cell type annotation"].numpy(), codes)
+
+
+def test_never_mutates_the_users_anndata(adata):
+    before = adata.copy()
+    dm = AnnDataModule(adata, obs_keys=["Cell type annotation"], stratify_key="Well")
+    dm.setup()
+    for _ in dm.train_dataloader():
+        pass
+    pd.testing.assert_frame_equal(adata.obs, before.obs)
+    assert list(adata.obsm) == list(before.obsm) and list(adata.layers) == list(before.layers)
+    assert (adata.X != before.X).nnz == 0
+
+
+def test_path_sources_backed_and_in_memory(adata, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    batches = []
+    for backed in (True, False):
+        dm = AnnDataModule(str(path), backed=backed, return_index=True, batch_size=64, seed=1)
+        dm.setup()
+        batches.append(next(iter(dm.train_dataloader())))
+    for key in ("X", "index"):
+        assert torch.equal(batches[0][key], batches[1][key])
+
+
+def test_state_dict_restores_the_split(adata):
+    dm = AnnDataModule(adata, seed=1)
+    dm.setup()
+    state = dm.state_dict()
+    other = AnnDataModule(adata, seed=2)
+    other.setup()
+    assert not np.array_equal(other.splits["train"], dm.splits["train"])
+    other.load_state_dict(state)
+    for name in ("train", "val", "test"):
+        assert np.array_equal(other.splits[name], dm.splits[name])
+
+
+class _Linear(pl.LightningModule):
+    def __init__(self, n_vars=40):
+        super().__init__()
+        self.net = torch.nn.Linear(n_vars, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch["X"] if isinstance(batch, dict) else batch).pow(2).mean()
+
+    def predict_step(self, batch, batch_idx):
+        x = batch["X"] if isinstance(batch, dict) else batch
+        # deterministic, row-identifying outputs: row sum and row max
+        return torch.stack([x.sum(1), x.max(1).values], dim=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _trainer(tmp_path, **kw):
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def test_checkpoint_resume_sees_the_same_split(adata, tmp_path):
+    dm = AnnDataModule(adata, seed=11, batch_size=64)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(_Linear(), datamodule=dm)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = AnnDataModule(adata, seed=99, batch_size=64)  # a different seed would re-split
+    _trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(
+        _Linear(), datamodule=resumed, ckpt_path=ckpt
+    )
+    for name in ("train", "val", "test"):
+        assert np.array_equal(resumed.splits[name], dm.splits[name])
+
+
+def test_predictions_written_back_in_original_order(adata, tmp_path):
+    dm = AnnDataModule(adata, batch_size=37)
+    predictions = _trainer(tmp_path).predict(_Linear(), datamodule=dm)
+    out = dm.write_predictions(predictions, key="X_pred")
+    assert "X_pred" not in adata.obsm, "the user's AnnData must stay untouched"
+    dense = adata.X.toarray()
+    np.testing.assert_allclose(out.obsm["X_pred"][:, 0], dense.sum(1), rtol=1e-5)
+    np.testing.assert_allclose(out.obsm["X_pred"][:, 1], dense.max(1), rtol=1e-6)
+    one_d = dm.write_predictions([p[:, 0] for p in predictions], key="row_sum")
+    np.testing.assert_allclose(one_d.obs["row_sum"].to_numpy(), dense.sum(1), rtol=1e-5)
+
+
+def test_workers_cover_train_split_once(adata):
+    dm = AnnDataModule(
+        adata,
+        return_index=True,
+        batch_size=20,
+        num_workers=2,
+        multiprocessing_context="fork",
+        persistent_workers=True,
+    )
+    dm.setup()
+    loader = dm.train_dataloader()
+    for _ in range(2):
+        rows = np.concatenate(_rows_of(loader))
+        assert np.array_equal(np.sort(rows), dm.splits["train"])
+
+
+def test_time_resolved_population_batches_respect_holdout(adata):
+    dm = AnnDataModule(
+        adata,
+        X=False,
+        obsm_keys=["X_pca"],
+        return_index=True,
+        time_key="Time point",
+        cells_per_time=10,
+        holdout={"Time point": [4]},
+        val_size=0.0,
+        test_size=0.0,
+    )
+    dm.setup()
+    assert isinstance(dm.dataset, TimeResolvedAnnDataset)
+    times = adata.obs["Time point"].to_numpy()
+    seen = []
+    for batch in dm.train_dataloader():
+        rows = batch["index"].numpy()
+        assert batch["X_pca"].shape == (20, 5)
+        assert np.all(times[rows[:10]] == 2) and np.all(times[rows[10:]] == 6)
+        np.testing.assert_array_equal(batch["t"].numpy(), times[rows].astype(np.float32))
+        seen.append(rows)
+    seen = np.concatenate(seen)
+    assert len(seen) == len(np.unique(seen)), "a cell was drawn twice in one epoch"
+    assert np.all(times[dm.splits["test"]] == 4)
+
+
+def test_registry_name_source():
+    dm = AnnDataModule(
+        "simulated",
+        load_kwargs={"n_cells": 600, "n_genes": 50, "seed": 0},
+        obs_keys=["Cell type annotation"],
+        batch_size=64,
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    # 480 train cells in near-equal batches of at most 64: 8 batches of 60
+    assert batch["X"].shape == (60, 50)
+    assert dm.adata.n_obs == len(dm.dataset)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+        ({"sampler": "random"}, ValueError, "sampler must be"),
+        ({"obs_keys": ["donor"]}, KeyError, "Unknown obs column 'donor'"),
+        ({"test_size": 0.0}, ValueError, "test split is empty"),
+    ],
+)
+def test_bad_arguments(adata, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dm = AnnDataModule(adata, **kwargs)
+        dm.setup()
+        dm.test_dataloader()
+
+
+def test_unknown_source_names_the_choices():
+    dm = AnnDataModule("not-a-dataset")
+    with pytest.raises((KeyError, ValueError, FileNotFoundError), match="simulated"):
+        dm.setup()

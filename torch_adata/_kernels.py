@@ -24,6 +24,10 @@ try:  # numba is optional: ``pip install torch-adata[fast]``
     import numba
 
     HAVE_NUMBA = os.environ.get("TORCH_ADATA_DISABLE_NUMBA", "0") in ("", "0")
+    # GNU OpenMP, numba's usual pick, aborts a forked DataLoader worker once the parent has
+    # run a parallel kernel; the workqueue layer survives fork. Respect a user's own choice.
+    if numba.config.THREADING_LAYER == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
     HAVE_NUMBA = False

@@ -1,0 +1,158 @@
+"""Worker processes and pickling: backed datasets cross process boundaries by path.
+
+Each DataLoader test reads from the dataset in the parent first (so the parent holds an open
+file, a memory map and, with numba, started threads), then iterates two epochs with two
+persistent workers and checks that every cell arrives exactly once per epoch with the right
+values.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from conftest import N_OBS, backed_csr_readers, expected_matrix, force_h5py
+from torch.utils.data import DataLoader
+
+import torch_adata as ta
+from torch_adata import AnnDataset
+
+MASK = np.arange(N_OBS) % 4 != 3
+
+# A worker that dies can leave the loader's queues locked and the test hanging; the thread
+# method ends the run with every thread's stack instead of hanging CI.
+HANG_GUARD = pytest.mark.timeout(60, method="thread")
+
+
+def epochs(dataset, context: str, n_epochs: int = 2, **kwargs):
+    loader = DataLoader(
+        dataset,
+        batch_size=5,
+        shuffle=True,
+        collate_fn=ta.collate,
+        num_workers=2,
+        multiprocessing_context=context,
+        persistent_workers=True,
+        generator=torch.Generator().manual_seed(1),
+        **kwargs,
+    )
+    return [list(loader) for _ in range(n_epochs)]
+
+
+@HANG_GUARD
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("kind", ["path", "backed_view"])
+def test_workers_read_every_cell_once_per_epoch(h5ad_files, in_memory, kind, context):
+    path = h5ad_files["csr"]
+    backed = None
+    if kind == "path":
+        given_, ref = str(path), in_memory
+    else:
+        backed = ad.read_h5ad(path, backed="r")
+        given_, ref = backed[MASK], in_memory[MASK]
+    try:
+        dataset = AnnDataset(given_, obs_keys="cell_type", return_index=True, sparse=True)
+        parent = dataset[[0, 3, 1]]  # open the file (and start kernels) in the parent first
+        assert parent["index"].tolist() == [0, 3, 1]
+        for epoch in epochs(dataset, context):
+            seen = []
+            for batch in epoch:
+                rows = batch["index"].numpy()
+                np.testing.assert_array_equal(
+                    batch["X"].to_dense().numpy(), expected_matrix(ref, rows)
+                )
+                np.testing.assert_array_equal(
+                    dataset.decode("cell_type", batch["cell_type"]),
+                    ref.obs["cell_type"].to_numpy()[rows],
+                )
+                seen += rows.tolist()
+            assert sorted(seen) == list(range(ref.n_obs))
+    finally:
+        if backed is not None:
+            backed.file.close()
+
+
+@HANG_GUARD
+def test_fork_workers_with_h5py_reads_and_a_compressed_file(h5ad_files, in_memory):
+    datasets = [
+        force_h5py(AnnDataset(h5ad_files["csr"], return_index=True)),
+        AnnDataset(h5ad_files["gzip"], return_index=True, engine="numpy"),
+    ]
+    for dataset in datasets:
+        dataset[[5, 2]]
+        (epoch,) = epochs(dataset, "fork", n_epochs=1)
+        seen = []
+        for batch in epoch:
+            rows = batch["index"].numpy()
+            np.testing.assert_array_equal(batch["X"].numpy(), expected_matrix(in_memory, rows))
+            seen += rows.tolist()
+        assert sorted(seen) == list(range(N_OBS))
+
+
+@pytest.mark.parametrize(
+    ("kind", "read"),
+    [(k, r) for k in ("path", "backed", "backed_view") for r in ("mmap", "h5py")]
+    + [("dense_path", "dense")],
+)
+def test_pickle_after_reading_drops_and_reopens_handles(h5ad_files, in_memory, kind, read):
+    path = h5ad_files["dense" if kind == "dense_path" else "csr"]
+    backed, ref = None, in_memory
+    if kind in ("path", "dense_path"):
+        given_ = str(path)
+    else:
+        backed = ad.read_h5ad(path, backed="r")
+        given_ = backed if kind == "backed" else backed[MASK]
+        ref = in_memory if kind == "backed" else in_memory[MASK]
+    try:
+        dataset = AnnDataset(given_, obs_keys=["cell_type", "size"], obsm_keys="X_pca")
+        if read == "h5py":
+            force_h5py(dataset)
+        rows = [7, 0, 7, ref.n_obs - 1]
+        before = dataset[rows]  # opens the file in this process
+        clone = pickle.loads(pickle.dumps(dataset))
+        for reader in backed_csr_readers(clone):
+            assert reader._state is None and reader.file._file is None
+            assert reader.use_mmap == (read == "mmap")
+        after = clone[rows]
+        assert before.keys() == after.keys()
+        for key in before:
+            assert torch.equal(before[key], after[key])
+        np.testing.assert_array_equal(after["X"].numpy(), expected_matrix(ref, rows))
+        for reader in backed_csr_readers(clone):
+            assert reader.mode == read
+        assert clone.encoders == dataset.encoders
+        assert repr(clone) == repr(dataset)
+        if kind.startswith("backed"):
+            assert clone.adata is None  # the backed AnnData itself does not cross processes
+        # the original still works after being pickled
+        assert torch.equal(dataset[rows]["X"], before["X"])
+    finally:
+        if backed is not None:
+            backed.file.close()
+
+
+def test_pickle_of_in_memory_dataset_keeps_the_anndata():
+    from conftest import make_adata
+
+    adata = make_adata("csr")
+    dataset = AnnDataset(adata[MASK], obs_keys="batch", sparse=True)
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone.adata is not None and clone.adata.n_obs == MASK.sum()
+    a, b = dataset[[3, 1]], clone[[3, 1]]
+    assert torch.equal(a["X"].to_dense(), b["X"].to_dense())
+    assert torch.equal(a["batch"], b["batch"])
+
+
+@HANG_GUARD
+def test_sparse_batches_cross_worker_processes_and_pin(h5ad_files, in_memory):
+    """SparseBatch is made of plain tensors: it survives the worker queue and pin_memory."""
+    dataset = AnnDataset(h5ad_files["csr"], sparse=True, return_index=True)
+    (epoch,) = epochs(dataset, "fork", n_epochs=1)
+    for batch in epoch:
+        assert isinstance(batch["X"], ta.SparseBatch)
+        np.testing.assert_array_equal(
+            ta.densify(batch)["X"].numpy(), expected_matrix(in_memory, batch["index"].numpy())
+        )

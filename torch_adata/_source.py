@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ._gather import MappedReader, RowReader, backed_reader, memory_reader
+from ._kernels import get_kernels
 
 Source = ad.AnnData | str | os.PathLike
 
@@ -73,6 +74,7 @@ class AnnDataSource:
     """
 
     def __init__(self, data: Source, *, backed: bool = True, engine: str = "auto"):
+        get_kernels(engine)  # a bad engine name (or numba missing) fails here, not at a read
         self.engine = engine
         self.path: str | None = None
         self.adata: ad.AnnData | None = None

@@ -106,7 +106,7 @@ class CSRReader(RowReader):
         self.shape = (matrix.shape[0], matrix.shape[1] if n_cols is None else n_cols)
 
     def dense(self, rows, dtype):
-        out = np.zeros((len(rows), self.shape[1]), dtype=dtype)
+        out = np.empty((len(rows), self.shape[1]), dtype=dtype)  # the kernel zeroes it
         return self.kernels.csr_to_dense(
             self.indptr, self.indices, self.data, rows, self.col_map, out
         )
@@ -338,7 +338,7 @@ class BackedCSRReader(RowReader):
 
     def dense(self, rows, dtype):
         indptr, indices, data, order = self._read_rows(rows)
-        out = np.zeros((len(rows), self.shape[1]), dtype=dtype)
+        out = np.empty((len(rows), self.shape[1]), dtype=dtype)  # the kernel zeroes it
         return self.kernels.csr_to_dense(indptr, indices, data, order, self.col_map, out)
 
     def csr(self, rows, dtype):

@@ -64,8 +64,9 @@ def make_data(path: Path, n_cells: int, n_genes: int, nnz: int, seed: int = 0) -
     rng_labels = np.repeat(np.arange(20), -(-n_cells // 20))[:n_cells]
     import pandas as pd
 
-    obs = pd.DataFrame({"label": pd.Categorical(rng_labels.astype(str))},
-                       index=np.arange(n_cells).astype(str))
+    obs = pd.DataFrame(
+        {"label": pd.Categorical(rng_labels.astype(str))}, index=np.arange(n_cells).astype(str)
+    )
     ad.AnnData(X, obs=obs).write_h5ad(path)
 
 
@@ -129,8 +130,11 @@ def run_one(name: str, mode: str, workers: int, args) -> dict:
 
         def epoch(seed):
             loader = DataLoader(
-                dataset, sampler=_batches(n, batch_size, count, seed), batch_size=None,
-                collate_fn=ta.collate, num_workers=workers,
+                dataset,
+                sampler=_batches(n, batch_size, count, seed),
+                batch_size=None,
+                collate_fn=ta.collate,
+                num_workers=workers,
                 multiprocessing_context="fork" if workers else None,
             )
             yield from loader
@@ -145,8 +149,11 @@ def run_one(name: str, mode: str, workers: int, args) -> dict:
             cells += batch.shape[0]
         if repeat:
             rates.append(cells / (time.perf_counter() - start))
-    return {"cells_per_s": float(np.median(rates)), "first_batch_s": first,
-            "rss_mb": _peak_rss_mb()}
+    return {
+        "cells_per_s": float(np.median(rates)),
+        "first_batch_s": first,
+        "rss_mb": _peak_rss_mb(),
+    }
 
 
 def main() -> None:
@@ -159,7 +166,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer batches and repeats")
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
-    parser.add_argument("--one", nargs=3, metavar=("NAME", "MODE", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--one", nargs=3, metavar=("NAME", "MODE", "WORKERS"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -179,36 +188,62 @@ def main() -> None:
     with h5py.File(path) as f:
         csr_mb = sum(f["X"][k].size * f["X"][k].dtype.itemsize for k in f["X"]) / 2**20
         nnz = f["X/data"].size
-    print(f"{args.cells} cells x {args.genes} genes, {nnz / args.cells:.0f} nnz/cell, "
-          f"CSR {csr_mb:.0f} MiB; batches of {args.batch_size}, {args.batches} batches, "
-          f"median of {args.repeats}\n")
+    print(
+        f"{args.cells} cells x {args.genes} genes, {nnz / args.cells:.0f} nnz/cell, "
+        f"CSR {csr_mb:.0f} MiB; batches of {args.batch_size}, {args.batches} batches, "
+        f"median of {args.repeats}\n"
+    )
     results = {}
     for name, mode, workers in CONFIGS:
-        cmd = [sys.executable, __file__, "--one", name, mode, str(workers), "--path", str(path),
-               "--batch-size", str(args.batch_size), "--batches", str(args.batches),
-               "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            mode,
+            str(workers),
+            "--path",
+            str(path),
+            "--batch-size",
+            str(args.batch_size),
+            "--batches",
+            str(args.batches),
+            "--repeats",
+            str(args.repeats),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
         if out.returncode:
             raise SystemExit(f"{name} {mode} failed:\n{out.stderr[-2000:]}")
         results[(name, mode, workers)] = json.loads(out.stdout.strip().splitlines()[-1])
     base_rss = results[("empty process", "-", 0)]["rss_mb"]
-    print(f"| loader | mode | workers | cells/s | x per-cell | x batched | first batch | "
-          f"peak RSS | RSS / CSR |")
+    print(
+        "| loader | mode | workers | cells/s | x per-cell | x batched | first batch | "
+        "peak RSS | RSS / CSR |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for (name, mode, workers), r in results.items():
         if name == "empty process":
-            print(f"| empty process (python+torch+anndata) | - | - | - | - | - | - | "
-                  f"{base_rss:,.0f} MiB | - |")
+            print(
+                f"| empty process (python+torch+anndata) | - | - | - | - | - | - | "
+                f"{base_rss:,.0f} MiB | - |"
+            )
             continue
         percell = results[("per-cell", "memory", 0)]["cells_per_s"]
         batched = results[("batched", mode, 0)]["cells_per_s"]
-        print(f"| {name} | {mode} | {workers} | {r['cells_per_s']:,.0f} | "
-              f"{r['cells_per_s'] / percell:.1f} | {r['cells_per_s'] / batched:.2f} | "
-              f"{r['first_batch_s']:.2f} s | {r['rss_mb']:,.0f} MiB | "
-              f"{r['rss_mb'] / csr_mb:.2f} |")
-    print("\nRSS of backed runs above the empty process: " + ", ".join(
-        f"{n} w{w}: {results[(n, m, w)]['rss_mb'] - base_rss:,.0f} MiB"
-        for n, m, w in results if m == "backed"))
+        print(
+            f"| {name} | {mode} | {workers} | {r['cells_per_s']:,.0f} | "
+            f"{r['cells_per_s'] / percell:.1f} | {r['cells_per_s'] / batched:.2f} | "
+            f"{r['first_batch_s']:.2f} s | {r['rss_mb']:,.0f} MiB | "
+            f"{r['rss_mb'] / csr_mb:.2f} |"
+        )
+    print(
+        "\nRSS of backed runs above the empty process: "
+        + ", ".join(
+            f"{n} w{w}: {results[(n, m, w)]['rss_mb'] - base_rss:,.0f} MiB"
+            for n, m, w in results
+            if m == "backed"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -58,9 +58,10 @@ def make_adata(
             ),
             "batch": rng.choice(["b2", "b10", "b1"], n_obs).astype(object),
         },
-        index=[f"cell{i}" for i in range(n_obs)],
+        # object-dtype names: anndata 0.12 refuses to write pandas 3's default string arrays
+        index=pd.Index([f"cell{i}" for i in range(n_obs)], dtype=object),
     )
-    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_vars)])
+    var = pd.DataFrame(index=pd.Index([f"gene{j}" for j in range(n_vars)], dtype=object))
     adata = ad.AnnData(X, obs=obs, var=var)
     adata.layers["counts"] = sp.csr_matrix(counts)
     adata.layers["scaled"] = dense.astype(np.float64) * 2
@@ -74,6 +75,13 @@ def make_adata(
     adata.uns["note"] = "do not touch"
     adata.uns["arr"] = np.arange(3)
     return adata
+
+
+def write_h5ad(adata: ad.AnnData, path, **kwargs) -> None:
+    """``adata.write_h5ad(path)``, also where pandas 3 made names and labels ``str`` arrays
+    (anndata 0.12 writes those only when ``allow_write_nullable_strings`` is on)."""
+    with ad.settings.override(allow_write_nullable_strings=True):
+        adata.write_h5ad(path, **kwargs)
 
 
 def to_numpy(m) -> np.ndarray:
@@ -184,11 +192,11 @@ def h5ad_files(h5ad_dir):
     paths = {}
     for kind in ("csr", "csc", "dense"):
         paths[kind] = h5ad_dir / f"{kind}.h5ad"
-        make_adata(kind).write_h5ad(paths[kind])
+        write_h5ad(make_adata(kind), paths[kind])
     paths["gzip"] = h5ad_dir / "gzip.h5ad"
-    make_adata("csr").write_h5ad(paths["gzip"], compression="gzip")
+    write_h5ad(make_adata("csr"), paths["gzip"], compression="gzip")
     paths["chunked"] = h5ad_dir / "chunked.h5ad"
-    make_adata("csr").write_h5ad(paths["chunked"])
+    write_h5ad(make_adata("csr"), paths["chunked"])
     rechunk(paths["chunked"])
     return paths
 

@@ -16,6 +16,7 @@ from conftest import (
     force_h5py,
     make_adata,
     snapshot,
+    write_h5ad,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -87,7 +88,7 @@ def test_runs_far_apart_and_all_rows(h5ad_dir, read, engine):
     """Enough stored values that requested rows fall into several h5py runs (gaps > 4096)."""
     path = h5ad_dir / "wide.h5ad"
     if not path.exists():
-        make_adata("csr", n_obs=60, n_vars=900, seed=3).write_h5ad(path)
+        write_h5ad(make_adata("csr", n_obs=60, n_vars=900, seed=3), path)
     memory = ad.read_h5ad(path)
     dataset = AnnDataset(path, engine=engine, sparse=True)
     if read == "h5py":

@@ -158,7 +158,7 @@ def test_unseen_labels_raise():
 def test_na_code_gives_minus_one_and_decodes_to_none(kind):
     adata = make_adata("csr")
     key = "cell_type" if kind == "categorical" else "batch"
-    values = adata.obs[key].astype(object).to_numpy()
+    values = adata.obs[key].astype(object).to_numpy().copy()
     values[[2, 7]] = None
     adata.obs[key] = pd.Categorical(values) if kind == "categorical" else values
     dataset = AnnDataset(adata, obs_keys=key, na="code", X=False)

@@ -26,6 +26,10 @@ MASK = np.arange(N_OBS) % 4 != 3
 # method ends the run with every thread's stack instead of hanging CI.
 HANG_GUARD = pytest.mark.timeout(60, method="thread")
 
+# Python 3.12 warns that forking a multi-threaded process may deadlock: forking after the
+# parent has read (numba and torch threads running) is exactly what these tests check.
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* fork:DeprecationWarning")
+
 
 def epochs(dataset, context: str, n_epochs: int = 2, **kwargs):
     loader = DataLoader(

@@ -174,7 +174,7 @@ class ObsField:
         self.name = name
         self.values = values
         self.encoder = encoder
-        self.dtype = torch.from_numpy(values[:0]).dtype
+        self.dtype = torch.from_numpy(np.empty(0, dtype=values.dtype)).dtype
         self.shape: tuple[int, ...] = ()
 
     @classmethod

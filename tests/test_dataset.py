@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 from conftest import (
     N_OBS,
@@ -453,3 +455,59 @@ def test_all_zero_rows_and_full_batches(engine):
     np.testing.assert_array_equal(
         dataset[full].to_dense().numpy(), to_numpy(adata.X)[full].astype(np.float32)
     )
+
+
+# --------------------------------------------------------------------------- kernel edge cases
+
+
+def non_canonical_adata():
+    """CSR with a duplicated (row, column) entry and unsorted columns: scipy (and anndata)
+    read duplicates as their sum."""
+    data = np.array([1.0, 2.0, 5.0, 4.0], dtype=np.float32)
+    indices = np.array([1, 1, 2, 0])
+    matrix = sp.csr_matrix((data, indices, np.array([0, 2, 4])), shape=(2, 3))
+    assert not matrix.has_canonical_format
+    return ad.AnnData(matrix)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_non_canonical_csr_sparse_output_sums_duplicates(engine):
+    adata = non_canonical_adata()
+    got = AnnDataset(adata, engine=engine, sparse=True)[[1, 0, 1]]
+    np.testing.assert_array_equal(got.to_dense().numpy(), expected_matrix(adata, [1, 0, 1]))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_kernels csr_to_dense (numba and numpy) assigns duplicate (row, column) entries "
+    "of a non-canonical CSR instead of summing them: gives 2.0 where anndata gives 3.0",
+)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_non_canonical_csr_dense_output_sums_duplicates(engine):
+    adata = non_canonical_adata()
+    got = AnnDataset(adata, engine=engine)[[1, 0, 1]]
+    np.testing.assert_array_equal(got.numpy(), expected_matrix(adata, [1, 0, 1]))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_float16_output_numpy_kernels(sparse):
+    adata = make_adata("csr")
+    got = ta.densify(AnnDataset(adata, dtype=torch.float16, engine="numpy", sparse=sparse)[[3, 1]])
+    assert got.dtype == torch.float16
+    want = expected_matrix(adata, [3, 1]).astype(np.float16)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=NotImplementedError,
+    reason="_kernels: the numba CSR kernels cannot write float16 output (numba raises "
+    "NotImplementedError: float16) although dtype=torch.float16 is accepted",
+)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_float16_output_numba_kernels(sparse):
+    adata = make_adata("csr")
+    got = ta.densify(AnnDataset(adata, dtype=torch.float16, engine="numba", sparse=sparse)[[3, 1]])
+    assert got.dtype == torch.float16
+    want = expected_matrix(adata, [3, 1]).astype(np.float16)
+    np.testing.assert_array_equal(got.numpy(), want)

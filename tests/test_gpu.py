@@ -62,3 +62,17 @@ def test_pinned_loader_then_cuda(h5ad_files, in_memory, sparse):
         np.testing.assert_array_equal(on_gpu["X"].cpu().numpy(), expected_matrix(in_memory, rows))
         seen += rows.tolist()
     assert sorted(seen) == list(range(len(dataset)))
+
+
+def test_to_dense_on_cuda_under_deterministic_algorithms():
+    """Lightning's Trainer(deterministic=True) turns deterministic algorithms on."""
+    adata = make_adata("csr")
+    batch = AnnDataset(adata, sparse=True)[[4, 2, 4]]
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        dense = batch.to("cuda").to_dense()
+        torch.cuda.synchronize()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    np.testing.assert_array_equal(dense.cpu().numpy(), expected_matrix(adata, [4, 2, 4]))

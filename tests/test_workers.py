@@ -8,7 +8,11 @@ values.
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -160,3 +164,51 @@ def test_sparse_batches_cross_worker_processes_and_pin(h5ad_files, in_memory):
         np.testing.assert_array_equal(
             ta.densify(batch)["X"].numpy(), expected_matrix(in_memory, batch["index"].numpy())
         )
+
+
+THREADS_SCRIPT = """
+import sys, threading
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from conftest import expected_matrix, make_adata
+from torch_adata import AnnDataset
+
+adata = make_adata("csr", n_obs=2000, n_vars=300)
+dataset = AnnDataset(adata, engine="numba")
+bad = []
+
+def work(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        rows = rng.integers(0, adata.n_obs, 256)
+        if not np.array_equal(dataset[rows].numpy(), expected_matrix(adata, rows)):
+            bad.append(seed)
+
+threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("wrong batches:", len(bad))
+sys.exit(1 if bad else 0)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_kernels: numba's workqueue threading layer (chosen for fork safety) is not "
+    "threadsafe; parallel kernels called from two Python threads at once abort the whole "
+    "process ('Concurrent access has been detected')",
+)
+def test_reads_from_several_threads_at_once():
+    """Run in a subprocess: the failure is an abort of the process, not an exception."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    proc = subprocess.run(
+        [sys.executable, "-c", THREADS_SCRIPT, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrong batches: 0" in proc.stdout

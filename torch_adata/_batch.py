@@ -60,7 +60,9 @@ class SparseBatch(NamedTuple):
             rows = torch.repeat_interleave(
                 torch.arange(n_rows, device=batch.device), counts, output_size=batch.values.numel()
             )
-            out[rows, batch.indices] = batch.values
+            # index_add_, not assignment: duplicate (row, column) entries of a non-canonical
+            # CSR add up, as in scipy and anndata
+            out.view(-1).index_add_(0, rows * batch.n_cols + batch.indices, batch.values)
         return out
 
     def to_sparse_csr(self) -> torch.Tensor:

@@ -82,21 +82,42 @@ def test_backed_csr_equals_anndata_slicing(source, read, engine, sparse):
     check()
 
 
+@pytest.fixture(scope="module")
+def wide_file(h5ad_dir):
+    """Enough stored values per row (~270) that rows more than ~15 apart fall into separate
+    h5py runs (runs merge across gaps of up to 4096 stored values)."""
+    path = h5ad_dir / "wide.h5ad"
+    write_h5ad(make_adata("csr", n_obs=80, n_vars=900, seed=3), path)
+    return path, ad.read_h5ad(path)
+
+
 @pytest.mark.parametrize("read", ["mmap", "h5py"])
 @pytest.mark.parametrize("engine", ["numba", "numpy"])
-def test_runs_far_apart_and_all_rows(h5ad_dir, read, engine):
-    """Enough stored values that requested rows fall into several h5py runs (gaps > 4096)."""
-    path = h5ad_dir / "wide.h5ad"
-    if not path.exists():
-        write_h5ad(make_adata("csr", n_obs=60, n_vars=900, seed=3), path)
-    memory = ad.read_h5ad(path)
+def test_runs_far_apart_and_all_rows(wide_file, read, engine):
+    path, memory = wide_file
     dataset = AnnDataset(path, engine=engine, sparse=True)
+    backed = ad.read_h5ad(path, backed="r")
+    view = AnnDataset(backed[::3, 100:700:7], engine=engine)
+    backed.file.close()  # the dataset reads through its own handle
     if read == "h5py":
         force_h5py(dataset)
-    for rows in ([59, 0, 30, 0, 58], list(range(60))[::-1], [0, 5, 10], [1, 2, 3, 40, 41]):
+        force_h5py(view)
+    view_ref = memory[::3, 100:700:7].copy()
+    fixed = [[79, 0, 40, 0, 78], list(range(80))[::-1], [0, 5, 10], [1, 2, 3, 60, 61]]
+    for rows in fixed:
         got = dataset[rows]
         assert isinstance(got, SparseBatch)
         np.testing.assert_array_equal(got.to_dense().numpy(), expected_matrix(memory, rows))
+
+    @settings(max_examples=15, deadline=None)
+    @given(rows=st.lists(st.integers(0, 79), max_size=40))
+    def check(rows):
+        got = dataset[rows].to_dense().numpy()
+        np.testing.assert_array_equal(got, expected_matrix(memory, rows))
+        in_view = [r % view.source.n_obs for r in rows]
+        np.testing.assert_array_equal(view[in_view].numpy(), expected_matrix(view_ref, in_view))
+
+    check()
 
 
 @pytest.mark.parametrize("engine", ["numba", "numpy"])

@@ -22,7 +22,7 @@ from conftest import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Subset
 
 import torch_adata as ta
 from torch_adata import AnnDataset, SparseBatch
@@ -370,6 +370,20 @@ def test_dataloader_over_a_subset_forwards_getitems():
     assert dataset.calls == [[10, 3], [7, 30], [0]]
     np.testing.assert_array_equal(batches[1]["index"].numpy(), [7, 30])
     np.testing.assert_array_equal(batches[1]["X"].numpy(), expected_matrix(adata, [7, 30]))
+
+
+def test_dataloader_with_a_batch_sampler_and_batch_size_none():
+    """The scvi-tools way: each sampled list of indices goes to ``dataset[list]`` once."""
+    adata = make_adata("csr")
+    dataset = AnnDataset(adata, return_index=True)
+    sampler = BatchSampler(RandomSampler(dataset), batch_size=6, drop_last=False)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=ta.collate)
+    seen = []
+    for batch in loader:
+        rows = batch["index"].numpy()
+        np.testing.assert_array_equal(batch["X"].numpy(), expected_matrix(adata, rows))
+        seen += rows.tolist()
+    assert sorted(seen) == list(range(N_OBS))
 
 
 def test_dataloader_sparse_batches_densify():

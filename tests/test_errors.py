@@ -257,8 +257,11 @@ def test_index_of_the_wrong_dtype(dataset, index):
         (np.zeros((2, 2), dtype=int), r"Index must be 1-D, got shape \(2, 2\)"),
         (np.ones(N_OBS - 1, dtype=bool), r"Boolean mask has length 36; the dataset has 37"),
         (torch.ones(N_OBS + 1, dtype=torch.bool), r"Boolean mask has length 38"),
+        (True, r"Boolean mask has length 1; the dataset has 37"),  # not row 1
+        (torch.tensor(True), r"Boolean mask has length 1"),
+        (np.bool_(False), r"Boolean mask has length 1"),
     ],
-    ids=["2d", "short_mask", "long_mask"],
+    ids=["2d", "short_mask", "long_mask", "bool", "bool_0d_tensor", "np_bool"],
 )
 def test_index_of_the_wrong_shape(dataset, index, match):
     with pytest.raises(IndexError, match=match):

@@ -150,10 +150,10 @@ class AnnDataset(Dataset):
         return self.source.n_obs
 
     def __getitem__(self, index) -> Batch:
-        if isinstance(index, (int, np.integer)) or (
+        if (isinstance(index, (int, np.integer)) and not isinstance(index, bool)) or (
             isinstance(index, torch.Tensor)
             and index.ndim == 0
-            and not (index.is_floating_point() or index.is_complex())
+            and not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool)
         ):
             rows = self._rows([int(index)])
             batch = self.gather(rows)

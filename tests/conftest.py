@@ -17,6 +17,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from torch_adata import AnnDataset, SparseBatch
 from torch_adata._gather import BackedCSRReader, MappedReader
 
 N_OBS, N_VARS = 37, 11
@@ -29,7 +30,8 @@ def make_adata(
     seed: int = 0,
     x_dtype=np.float32,
 ) -> ad.AnnData:
-    """An AnnData with X stored as ``x`` ("csr", "csc" or "dense"), layers, obsm and obs.
+    """An AnnData with X stored as ``x`` ("dense", "csr", "csc", or scipy's sparse arrays
+    "csr_array", "csc_array"), layers, obsm and obs.
 
     - X: about 30 % non-zeros, every 5th row all zero (empty CSR rows), values that differ
       per cell and gene (so a misplaced value is caught);
@@ -44,7 +46,13 @@ def make_adata(
     mask = rng.random((n_obs, n_vars)) < 0.3
     dense = np.where(mask, values, 0.0).astype(x_dtype)
     dense[::5] = 0
-    X = {"dense": dense, "csr": sp.csr_matrix(dense), "csc": sp.csc_matrix(dense)}[x]
+    X = {
+        "dense": dense,
+        "csr": sp.csr_matrix(dense),
+        "csc": sp.csc_matrix(dense),
+        "csr_array": sp.csr_array(dense),
+        "csc_array": sp.csc_array(dense),
+    }[x]
     counts = rng.poisson(1.0, (n_obs, n_vars)).astype(np.int32)
     obs = pd.DataFrame(
         {
@@ -107,6 +115,39 @@ def expected_matrix(adata: ad.AnnData, rows, kind: str = "X", key: str | None = 
     return to_numpy(m)
 
 
+def check_batch(dataset: AnnDataset, ref, rows, batch, *, layer=None, obsm_keys=()) -> None:
+    """Compare every field of ``batch`` with anndata's slicing of ``ref`` at ``rows``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    x = batch["X"] if isinstance(batch, dict) else batch
+    want = expected_matrix(ref, rows, "layer" if layer else "X", layer)
+    if isinstance(x, SparseBatch):
+        assert x.indptr.dtype == torch.int64 and x.indices.dtype == torch.int64
+        assert x.shape == want.shape
+        assert int(x.indptr[-1]) == np.count_nonzero(want)
+        x = x.to_dense()
+    assert x.dtype == dataset.fields["X"].dtype
+    assert tuple(x.shape) == want.shape
+    np.testing.assert_array_equal(x.numpy(), want.astype(x.numpy().dtype))
+    if not isinstance(batch, dict):
+        return
+    for key in obsm_keys:
+        want = expected_matrix(ref, rows, "obsm", key).astype(np.float32)
+        np.testing.assert_array_equal(batch[key].numpy(), want)
+    for key, field in dataset.fields.items():
+        if key in ("X", *obsm_keys):
+            continue
+        if key == "index":
+            np.testing.assert_array_equal(batch[key].numpy(), rows)
+            continue
+        column = ref.obs[key].iloc[rows]
+        if field.encoder is not None:
+            labels = dataset.decode(key, batch[key])
+            np.testing.assert_array_equal(labels, column.astype(object).to_numpy())
+        else:
+            got = batch[key].numpy()
+            np.testing.assert_array_equal(got, column.to_numpy().astype(got.dtype))
+
+
 def snapshot(adata: ad.AnnData) -> dict:
     """A deep copy of everything a dataset could modify, for before/after comparisons."""
     return {
@@ -162,14 +203,18 @@ def force_h5py(dataset):
     return dataset
 
 
-def rechunk(path, keys=("X/data", "X/indices"), chunk: int = 7) -> None:
-    """Rewrite datasets of an .h5ad file uncompressed with small chunks (many chunks)."""
+def rechunk(path, keys=("X/data", "X/indices"), chunk: int | None = 7) -> None:
+    """Rewrite datasets of an .h5ad file uncompressed, in small chunks or (``chunk=None``)
+    contiguous."""
     with h5py.File(path, "r+") as f:
         for key in keys:
             old = f[key]
             data, attrs = old[:], dict(old.attrs)
             del f[key]
-            new = f.create_dataset(key, data=data, chunks=(chunk,), maxshape=(None,))
+            if chunk is None:
+                new = f.create_dataset(key, data=data)
+            else:
+                new = f.create_dataset(key, data=data, chunks=(chunk,), maxshape=(None,))
             new.attrs.update(attrs)
 
 
@@ -187,7 +232,8 @@ def h5ad_files(h5ad_dir):
 
     ``csr``, ``csc``, ``dense``: X in that format; ``gzip``: CSR X written with
     ``compression="gzip"`` (no memory map possible); ``chunked``: CSR X whose data and indices
-    were rewritten in 7-element chunks (the chunked memory-map path).
+    were rewritten in 7-element chunks (the chunked memory-map path); ``contiguous``: the same
+    rewritten without chunks (the contiguous memory-map path).
     """
     paths = {}
     for kind in ("csr", "csc", "dense"):
@@ -198,6 +244,9 @@ def h5ad_files(h5ad_dir):
     paths["chunked"] = h5ad_dir / "chunked.h5ad"
     write_h5ad(make_adata("csr"), paths["chunked"])
     rechunk(paths["chunked"])
+    paths["contiguous"] = h5ad_dir / "contiguous.h5ad"
+    write_h5ad(make_adata("csr"), paths["contiguous"])
+    rechunk(paths["contiguous"], chunk=None)
     return paths
 
 

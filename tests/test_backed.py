@@ -6,12 +6,14 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from conftest import (
     N_OBS,
     N_VARS,
     assert_unchanged,
     backed_csr_readers,
+    check_batch,
     expected_matrix,
     force_h5py,
     make_adata,
@@ -20,7 +22,6 @@ from conftest import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_dataset import check_batch
 
 import torch_adata as ta
 from torch_adata import AnnDataset, SparseBatch
@@ -146,6 +147,44 @@ def test_chunked_storage_is_memory_mapped_chunk_by_chunk(h5ad_files, in_memory, 
     assert len(reader._open()["maps"][0][1]) > 5  # really several chunks
     for rows in ([36, 1, 1, 20], list(range(N_OBS))):
         np.testing.assert_array_equal(dataset[rows].numpy(), expected_matrix(in_memory, rows))
+
+
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+def test_contiguous_storage_is_memory_mapped(h5ad_files, in_memory, engine):
+    dataset = AnnDataset(h5ad_files["contiguous"], engine=engine, sparse=True)
+    (reader,) = backed_csr_readers(dataset)
+    assert reader.mode == "mmap"
+    assert len(reader._open()["maps"][0][1]) == 1  # one block: the contiguous path
+    for rows in ([36, 1, 1, 20], list(range(N_OBS))[::-1]):
+        got = dataset[rows].to_dense().numpy()
+        np.testing.assert_array_equal(got, expected_matrix(in_memory, rows))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+def test_file_with_no_stored_values(tmp_path, engine, sparse):
+    adata = make_adata("csr")
+    adata.X = sp.csr_matrix(adata.shape, dtype=np.float32)
+    adata.obsm["sp"] = sp.csr_matrix((adata.n_obs, 4), dtype=np.float32)
+    path = tmp_path / "zeros.h5ad"
+    write_h5ad(adata, path)
+    dataset = AnnDataset(path, obsm_keys="sp", engine=engine, sparse=sparse)
+    batch = ta.densify(dataset[[3, 1, 3]])
+    assert batch["X"].shape == (3, N_VARS) and not batch["X"].any()
+    assert batch["sp"].shape == (3, 4) and not batch["sp"].any()
+
+
+@pytest.mark.parametrize("fmt", ["csr_array", "csc_array"])
+def test_files_written_from_sparse_arrays(tmp_path, fmt):
+    adata = make_adata(fmt)
+    path = tmp_path / f"{fmt}.h5ad"
+    write_h5ad(adata, path)
+    if fmt == "csc_array":
+        with pytest.raises(ValueError, match="rewrite the file as CSR"):
+            AnnDataset(path)
+        return
+    rows = [4, 0, 4, 36]
+    np.testing.assert_array_equal(AnnDataset(path)[rows].numpy(), expected_matrix(adata, rows))
 
 
 def test_uncompressed_file_is_memory_mapped(h5ad_files):

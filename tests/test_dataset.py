@@ -15,6 +15,7 @@ from conftest import (
     N_OBS,
     N_VARS,
     assert_unchanged,
+    check_batch,
     expected_matrix,
     make_adata,
     snapshot,
@@ -35,45 +36,12 @@ OBSM_KEYS = ["X_pca", "sp", "frame"]
 row_lists = st.lists(st.integers(0, N_OBS - 1), max_size=30)
 
 
-def check_batch(dataset: AnnDataset, ref, rows, batch, *, layer=None, obsm_keys=()) -> None:
-    """Compare every field of ``batch`` with anndata's slicing of ``ref`` at ``rows``."""
-    rows = np.asarray(rows, dtype=np.int64)
-    x = batch["X"] if isinstance(batch, dict) else batch
-    want = expected_matrix(ref, rows, "layer" if layer else "X", layer)
-    if isinstance(x, SparseBatch):
-        assert x.indptr.dtype == torch.int64 and x.indices.dtype == torch.int64
-        assert x.shape == want.shape
-        assert int(x.indptr[-1]) == np.count_nonzero(want)
-        x = x.to_dense()
-    assert x.dtype == dataset.fields["X"].dtype
-    assert tuple(x.shape) == want.shape
-    np.testing.assert_array_equal(x.numpy(), want.astype(x.numpy().dtype))
-    if not isinstance(batch, dict):
-        return
-    for key in obsm_keys:
-        want = expected_matrix(ref, rows, "obsm", key).astype(np.float32)
-        np.testing.assert_array_equal(batch[key].numpy(), want)
-    for key, field in dataset.fields.items():
-        if key in ("X", *obsm_keys):
-            continue
-        if key == "index":
-            np.testing.assert_array_equal(batch[key].numpy(), rows)
-            continue
-        column = ref.obs[key].iloc[rows]
-        if field.encoder is not None:
-            labels = dataset.decode(key, batch[key])
-            np.testing.assert_array_equal(labels, column.astype(object).to_numpy())
-        else:
-            got = batch[key].numpy()
-            np.testing.assert_array_equal(got, column.to_numpy().astype(got.dtype))
-
-
 # --------------------------------------------------------------------------- values
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense_out", "sparse_out"])
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [*FORMATS, "csr_array", "csc_array"])
 def test_in_memory_batches_equal_anndata_slicing(fmt, engine, sparse):
     adata = make_adata(fmt)
     kw = {"obs_keys": OBS_KEYS, "obsm_keys": OBSM_KEYS, "return_index": True, "engine": engine}

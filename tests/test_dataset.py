@@ -459,11 +459,6 @@ def test_non_canonical_csr_sparse_output_sums_duplicates(engine):
     np.testing.assert_array_equal(got.to_dense().numpy(), expected_matrix(adata, [1, 0, 1]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_kernels csr_to_dense (numba and numpy) assigns duplicate (row, column) entries "
-    "of a non-canonical CSR instead of summing them: gives 2.0 where anndata gives 3.0",
-)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_non_canonical_csr_dense_output_sums_duplicates(engine):
     adata = non_canonical_adata()
@@ -480,12 +475,6 @@ def test_float16_output_numpy_kernels(sparse):
     np.testing.assert_array_equal(got.numpy(), want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="_kernels: the numba CSR kernels cannot write float16 output (numba raises "
-    "NotImplementedError: float16) although dtype=torch.float16 is accepted",
-)
 @pytest.mark.parametrize("sparse", [False, True])
 def test_float16_output_numba_kernels(sparse):
     adata = make_adata("csr")

@@ -194,12 +194,6 @@ sys.exit(1 if bad else 0)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_kernels: numba's workqueue threading layer (chosen for fork safety) is not "
-    "threadsafe; parallel kernels called from two Python threads at once abort the whole "
-    "process ('Concurrent access has been detected')",
-)
 def test_reads_from_several_threads_at_once():
     """Run in a subprocess: the failure is an abort of the process, not an exception."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}

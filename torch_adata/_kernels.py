@@ -16,6 +16,7 @@ AnnData views that subset genes).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,7 +60,7 @@ def _np_csr_to_dense(indptr, indices, data, rows, col_map, out):
         cols = col_map[cols]
         keep = cols >= 0
         out_rows, cols, vals = out_rows[keep], cols[keep], vals[keep]
-    out[out_rows, cols] = vals
+    np.add.at(out, (out_rows, cols), vals)  # duplicate entries sum, as in scipy
     return out
 
 
@@ -112,7 +113,7 @@ if numba is not None:
                 row[j] = 0
             r = rows[i]
             for p in range(indptr[r], indptr[r + 1]):
-                row[np.uint32(indices[p])] = data[p]
+                row[np.uint32(indices[p])] += data[p]  # duplicates sum, as in scipy
         return out
 
     @_jit_fast
@@ -126,7 +127,7 @@ if numba is not None:
             for p in range(indptr[r], indptr[r + 1]):
                 c = col_map[indices[p]]
                 if c >= 0:
-                    row[c] = data[p]
+                    row[c] += data[p]
         return out
 
     @_jit
@@ -181,11 +182,35 @@ if numba is not None:
 
 _EMPTY_MAP = np.empty(0, dtype=np.int64)
 
+# numba's workqueue layer (fork-safe, see above) is not threadsafe: two Python threads in a
+# parallel kernel at once abort the process. Kernels take this lock; a forked child gets a
+# fresh one, so it can never inherit a lock held by another thread of its parent.
+_LOCK = threading.Lock()
+
+
+def _new_lock() -> None:
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)
+
+# numba has no float16 arithmetic: such outputs are computed in float32 and cast.
+_HALF = np.dtype(np.float16)
+
 
 def _nb_csr_to_dense_entry(indptr, indices, data, rows, col_map, out):
-    if col_map is None:
-        return _nb_csr_to_dense(indptr, indices, data, rows, _EMPTY_MAP, out)
-    return _nb_csr_to_dense_mapped(indptr, indices, data, rows, col_map, out)
+    target = out
+    if out.dtype == _HALF:
+        out = np.empty(out.shape, dtype=np.float32)
+    with _LOCK:
+        if col_map is None:
+            _nb_csr_to_dense(indptr, indices, data, rows, _EMPTY_MAP, out)
+        else:
+            _nb_csr_to_dense_mapped(indptr, indices, data, rows, col_map, out)
+    if target is not out:
+        target[...] = out
+    return target
 
 
 def _nb_csr_to_csr_entry(indptr, indices, data, rows, col_map, out_dtype):
@@ -195,9 +220,11 @@ def _nb_csr_to_csr_entry(indptr, indices, data, rows, col_map, out_dtype):
     np.cumsum(lengths, out=out_indptr[1:])
     nnz = int(out_indptr[-1])
     out_cols = np.empty(nnz, dtype=np.int64)
-    out_vals = np.empty(nnz, dtype=out_dtype)
-    _nb_csr_fill(indptr, indices, data, rows, cmap, out_indptr, out_cols, out_vals)
-    return out_indptr, out_cols, out_vals
+    compute = np.float32 if np.dtype(out_dtype) == _HALF else out_dtype
+    out_vals = np.empty(nnz, dtype=compute)
+    with _LOCK:
+        _nb_csr_fill(indptr, indices, data, rows, cmap, out_indptr, out_cols, out_vals)
+    return out_indptr, out_cols, out_vals.astype(out_dtype, copy=False)
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -205,13 +232,15 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 
 
 def _nb_copy_ranges_entry(src, starts, lengths, out):
-    return _nb_copy_ranges(src, starts, _offsets(lengths), lengths, out)
+    with _LOCK:
+        return _nb_copy_ranges(src, starts, _offsets(lengths), lengths, out)
 
 
 def _nb_copy_ranges_chunked_entry(src, chunk_base, chunk_len, starts, lengths, out):
-    return _nb_copy_ranges_chunked(
-        src, chunk_base, chunk_len, starts, _offsets(lengths), lengths, out
-    )
+    with _LOCK:
+        return _nb_copy_ranges_chunked(
+            src, chunk_base, chunk_len, starts, _offsets(lengths), lengths, out
+        )
 
 
 # --------------------------------------------------------------------------- selection

@@ -1,405 +1,39 @@
 """Batch samplers: uniform, block shuffle, time point and clone; distributed-aware.
 
-Every sampler here yields whole batches: one 1-D int64 ``numpy`` array of dataset positions per
-batch. Pass it as ``DataLoader(dataset, sampler=s, batch_size=None,
-collate_fn=torch_adata.collate)`` and each batch is read with one vectorised
-``dataset[positions]`` call, in worker processes too.
+Every sampler here is a *batch* sampler: iterating it yields one batch at a time, as a 1-D
+``numpy.ndarray`` of ``int64`` dataset positions. Pass it as ``sampler=`` with
+``batch_size=None``::
 
-All samplers derive from :class:`torch.utils.data.DistributedSampler`, so Lightning keeps them
-under DDP instead of injecting its own, and calls :meth:`~DistributedBatchSampler.set_epoch`
-every epoch. The draw of an epoch is a pure function of ``(seed, epoch)``, identical on every
-rank; each rank takes a disjoint share, and every rank yields the same number of batches
-(an uneven count would hang DDP at the end of the epoch).
+    DataLoader(dataset, sampler=s, batch_size=None, collate_fn=...)
+
+and the DataLoader's fetcher calls ``dataset[positions]`` once per batch (one vectorised read),
+in worker processes too (the sampler itself runs in the main process).
+
+Distributed training
+--------------------
+Every sampler subclasses :class:`torch.utils.data.DistributedSampler`, so Lightning keeps it
+under DDP instead of injecting its own, and calls ``set_epoch(epoch)`` on it every epoch.
+
+- The draw of an epoch is a pure function of ``(seed, epoch)``: every rank computes the same
+  list of batches and takes a disjoint share of it, batch ``j`` going to rank ``j % W``.
+- Every rank yields the same number of batches (``len(sampler)``): an uneven count hangs DDP at
+  the end of the epoch. The samplers reach equal counts without padding with repeated cells:
+  batches are cut near-equal (sizes differ by at most one), or, with ``drop_last=True`` or
+  where a sampler says so, a remainder is dropped.
+- ``num_replicas`` and ``rank`` default to the initialised process group, else ``(1, 0)``. A
+  sampler built with a default before the process group existed picks the group up when it is
+  iterated (or asked for its length), so building it early never silently gives every rank
+  all the data. Explicit values are never overridden.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
-
-
-def _world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    """Resolve (num_replicas, rank): given values, else the process group, else (1, 0)."""
-    if num_replicas is None or rank is None:
-        if dist.is_available() and dist.is_initialized():
-            num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
-            rank = dist.get_rank() if rank is None else rank
-        else:
-            num_replicas = 1 if num_replicas is None else num_replicas
-            rank = 0 if rank is None else rank
-    if num_replicas < 1:
-        raise ValueError(f"num_replicas must be >= 1, got {num_replicas}.")
-    if not 0 <= rank < num_replicas:
-        raise ValueError(f"rank must be in [0, {num_replicas - 1}], got {rank}.")
-    return int(num_replicas), int(rank)
-
-
-def _positions(indices: int | Sequence[int] | np.ndarray) -> np.ndarray:
-    if isinstance(indices, (int, np.integer)):
-        if indices < 0:
-            raise ValueError(f"The number of positions must be >= 0, got {indices}.")
-        return np.arange(int(indices), dtype=np.int64)
-    rows = np.asarray(indices)
-    if rows.size and not np.issubdtype(rows.dtype, np.integer):
-        raise TypeError(f"indices must be integer positions, got dtype {rows.dtype}.")
-    return rows.astype(np.int64).reshape(-1)
-
-
-def _positive(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
-
-
-class DistributedBatchSampler(DistributedSampler):
-    """Base class: seeded epochs, rank resolution, and ``len`` = batches per rank.
-
-    Subclasses implement :meth:`epoch_batches`, the list of every batch of the epoch (all
-    ranks), whose length is a multiple of ``num_replicas``; rank ``r`` takes batches
-    ``r, r + W, r + 2W, ...``.
-    """
-
-    def __init__(
-        self,
-        n_positions: int,
-        *,
-        seed: int = 0,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-    ):
-        num_replicas, rank = _world(num_replicas, rank)
-        # DistributedSampler only needs len(dataset); give it explicit rank/world so it never
-        # touches the process group.
-        super().__init__(
-            range(n_positions), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed
-        )
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the draw of ``epoch`` (Lightning calls this before every epoch)."""
-        self.epoch = int(epoch)
-
-    def _rng(self) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch])
-
-    def epoch_batches(self) -> list[np.ndarray]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        batches = self.epoch_batches()
-        return iter(batches[self.rank :: self.num_replicas])
-
-    def __len__(self) -> int:
-        return self.num_batches_per_rank()
-
-    def num_batches_per_rank(self) -> int:
-        return len(self.epoch_batches()) // self.num_replicas
-
-
-def _cut(order: np.ndarray, batch_size: int, world: int, drop_last: bool) -> list[np.ndarray]:
-    """Cut an epoch's order into batches for ``world`` ranks, every position exactly once.
-
-    Without ``drop_last``: ``k = ceil(N / (world * batch_size))`` batches per rank, made of
-    ``world * k`` near-equal contiguous pieces (sizes differ by at most one, none larger than
-    ``batch_size``). With ``drop_last``: the trailing ``N mod (world * batch_size)`` positions
-    are dropped and every batch has exactly ``batch_size``.
-    """
-    n = len(order)
-    if drop_last:
-        per_round = world * batch_size
-        keep = (n // per_round) * per_round
-        return [order[i : i + batch_size] for i in range(0, keep, batch_size)]
-    if n < world:
-        raise ValueError(
-            f"{n} positions cannot be shared by {world} ranks (each needs at least one); "
-            "use fewer devices or more cells."
-        )
-    per_rank = -(-n // (world * batch_size))
-    return np.array_split(order, world * per_rank)
-
-
-class UniformBatchSampler(DistributedBatchSampler):
-    """Uniformly shuffled batches; every position exactly once per epoch across ranks.
-
-    Parameters
-    ----------
-    indices
-        ``n`` (positions ``0..n-1``) or the positions to draw from (e.g. a split's rows).
-    batch_size
-        Largest batch. Without ``drop_last``, batches are cut near-equal (never padded with
-        repeats) so that every rank gets the same number of batches.
-    shuffle
-        Shuffle every epoch (seeded); otherwise keep the given order (evaluation).
-    drop_last
-        Drop the remainder so every batch has exactly ``batch_size`` positions.
-    seed, num_replicas, rank
-        Seed of the draw; world size and rank (default: from ``torch.distributed``).
-    """
-
-    def __init__(
-        self,
-        indices,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        seed: int = 0,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-    ):
-        positions = _positions(indices)
-        super().__init__(len(positions), seed=seed, num_replicas=num_replicas, rank=rank)
-        self.positions = positions
-        self.batch_size = _positive(batch_size, "batch_size")
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        if len(self.positions) == 0:
-            raise ValueError("UniformBatchSampler got no positions to sample from.")
-        if not drop_last and len(self.positions) < self.num_replicas:
-            _cut(self.positions, self.batch_size, self.num_replicas, False)  # raises
-
-    def epoch_batches(self):
-        order = self._rng().permutation(self.positions) if self.shuffle else self.positions
-        return _cut(order, self.batch_size, self.num_replicas, self.drop_last)
-
-    def num_batches_per_rank(self) -> int:
-        n, w, b = len(self.positions), self.num_replicas, self.batch_size
-        return n // (w * b) if self.drop_last else -(-n // (w * b))
-
-
-class SequentialBatchSampler(UniformBatchSampler):
-    """Batches in the given order (evaluation and prediction), shared across ranks."""
-
-    def __init__(
-        self, indices, batch_size: int, *, num_replicas: int | None = None, rank: int | None = None
-    ):
-        super().__init__(indices, batch_size, shuffle=False, num_replicas=num_replicas, rank=rank)
-
-
-class BlockShuffleSampler(DistributedBatchSampler):
-    """Batches pooled from random contiguous blocks: fewer, longer reads on disk.
-
-    The sorted positions are cut into blocks of ``block_size`` consecutive positions; the blocks
-    are shuffled; consecutive blocks are pooled until a pool fills ``pool_batches`` batches; the
-    positions in each pool are shuffled and cut into batches. A batch thus holds cells from about
-    ``batch_size * pool_batches / block_size`` blocks (at most ``batch_size``).
-
-    Trade-off: a backed file is read in long runs (fast, above all on compressed or cold files),
-    but cells that sit next to each other in the file (often the same sample or cluster) share
-    batches more often than under uniform shuffling. Uniform is the default everywhere; measure
-    batch diversity before training with this (see the performance docs). Same exactly-once and
-    equal-count guarantees as :class:`UniformBatchSampler`.
-    """
-
-    def __init__(
-        self,
-        indices,
-        batch_size: int,
-        *,
-        block_size: int = 64,
-        pool_batches: int = 16,
-        drop_last: bool = False,
-        seed: int = 0,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-    ):
-        positions = np.sort(_positions(indices))
-        super().__init__(len(positions), seed=seed, num_replicas=num_replicas, rank=rank)
-        self.positions = positions
-        self.batch_size = _positive(batch_size, "batch_size")
-        self.block_size = _positive(block_size, "block_size")
-        self.pool_batches = _positive(pool_batches, "pool_batches")
-        self.drop_last = drop_last
-        if len(self.positions) == 0:
-            raise ValueError("BlockShuffleSampler got no positions to sample from.")
-
-    def epoch_batches(self):
-        rng = self._rng()
-        n = len(self.positions)
-        starts = np.arange(0, n, self.block_size)
-        blocks = [self.positions[s : s + self.block_size] for s in rng.permutation(starts)]
-        order = np.concatenate(blocks)
-        pool = self.batch_size * self.pool_batches
-        for s in range(0, n, pool):  # shuffle within each pool, in place
-            order[s : s + pool] = rng.permutation(order[s : s + pool])
-        return _cut(order, self.batch_size, self.num_replicas, self.drop_last)
-
-    def num_batches_per_rank(self) -> int:
-        n, w, b = len(self.positions), self.num_replicas, self.batch_size
-        return n // (w * b) if self.drop_last else -(-n // (w * b))
-
-
-class TimePointBatchSampler(DistributedBatchSampler):
-    """Batches of ``cells_per_group`` cells from every time point.
-
-    A batch is ``[n cells of group 0, n cells of group 1, ...]``: slice ``[t*n:(t+1)*n]`` holds
-    time point ``t``.
-
-    Without replacement (default) no cell appears twice in an epoch: the epoch has
-    ``min_t(len(group_t)) // n`` batches (rounded down to a multiple of the world size), each
-    group drawn from a fresh seeded permutation, so larger groups are subsampled differently
-    every epoch. With ``replacement=True`` the epoch has ``ceil(max_t len / n)`` batches and
-    smaller groups are cycled through successive permutations (a cell then appears at most
-    ``ceil(that * n / len(group))`` times). ``num_batches`` sets the count explicitly.
-
-    Parameters
-    ----------
-    groups
-        ``groups[t]``: dataset positions of time point ``t``, in time order.
-    cells_per_group
-        ``n``, cells per time point per batch.
-    """
-
-    def __init__(
-        self,
-        groups: Sequence[Sequence[int]],
-        cells_per_group: int,
-        *,
-        replacement: bool = False,
-        num_batches: int | None = None,
-        seed: int = 0,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-    ):
-        self.groups = [_positions(g) for g in groups]
-        if len(self.groups) == 0:
-            raise ValueError("TimePointBatchSampler needs at least one group of positions.")
-        empty = [t for t, g in enumerate(self.groups) if len(g) == 0]
-        if empty:
-            raise ValueError(f"Time point groups {empty} are empty; drop them or add cells.")
-        self.n = _positive(cells_per_group, "cells_per_group")
-        self.replacement = replacement
-        super().__init__(
-            sum(len(g) for g in self.groups), seed=seed, num_replicas=num_replicas, rank=rank
-        )
-        smallest = min(len(g) for g in self.groups)
-        if num_batches is None:
-            if replacement:
-                total = -(-max(len(g) for g in self.groups) // self.n)
-                total = -(-total // self.num_replicas) * self.num_replicas
-            else:
-                total = (smallest // self.n) // self.num_replicas * self.num_replicas
-        else:
-            total = _positive(num_batches, "num_batches") * self.num_replicas
-            if not replacement and total * self.n > smallest:
-                raise ValueError(
-                    f"{num_batches} batches per rank x {self.num_replicas} ranks x "
-                    f"{self.n} cells need {total * self.n} cells per time point, but the smallest "
-                    f"has {smallest}; pass replacement=True or ask for fewer batches."
-                )
-        if total == 0:
-            raise ValueError(
-                f"The smallest time point has {smallest} cells, fewer than cells_per_group={self.n}"
-                f" x {self.num_replicas} rank(s): lower cells_per_group or pass replacement=True."
-            )
-        self.total = total
-
-    def _draw(self, group: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-        rounds = -(-count // len(group))
-        return np.concatenate([rng.permutation(group) for _ in range(rounds)])[:count]
-
-    def epoch_batches(self):
-        rng = self._rng()
-        need = self.total * self.n
-        draws = [self._draw(g, need, rng).reshape(self.total, self.n) for g in self.groups]
-        return [np.concatenate([d[b] for d in draws]) for b in range(self.total)]
-
-    def num_batches_per_rank(self) -> int:
-        return self.total // self.num_replicas
-
-
-class ClonalBatchSampler(DistributedBatchSampler):
-    """Batches of whole clones (or sampled sisters), grouped by clone.
-
-    Parameters
-    ----------
-    clone_ids
-        Clone of each dataset position (``-1``: none; such cells are never yielded).
-    time_index
-        Time point index of each position, or ``None``. With ``cells_per_clone``, sisters are
-        sampled per time point.
-    clones_per_batch
-        Clones in a batch.
-    cells_per_clone
-        ``None``: every cell of each clone. Else at most this many cells per clone and time
-        point (seeded).
-    drop_last
-        Drop a last batch with fewer than ``clones_per_batch`` clones.
-
-    Every clone appears at most once per epoch; batches are dealt round-robin to ranks and the
-    last partial round is dropped so every rank yields the same number of batches. Within a batch
-    positions are grouped by clone, in batch order; :meth:`clones_of` returns each position's
-    clone.
-    """
-
-    def __init__(
-        self,
-        clone_ids,
-        time_index=None,
-        clones_per_batch: int = 16,
-        *,
-        cells_per_clone: int | None = None,
-        drop_last: bool = False,
-        seed: int = 0,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-    ):
-        self.clone_ids = np.asarray(clone_ids, dtype=np.int64).reshape(-1)
-        self.time_index = None if time_index is None else np.asarray(time_index, np.int64)
-        if self.time_index is not None and len(self.time_index) != len(self.clone_ids):
-            raise ValueError("time_index and clone_ids must have one entry per position.")
-        self.clones_per_batch = _positive(clones_per_batch, "clones_per_batch")
-        self.cells_per_clone = (
-            None if cells_per_clone is None else _positive(cells_per_clone, "cells_per_clone")
-        )
-        super().__init__(len(self.clone_ids), seed=seed, num_replicas=num_replicas, rank=rank)
-        self.drop_last = drop_last
-        members = np.flatnonzero(self.clone_ids >= 0)
-        if len(members) == 0:
-            raise ValueError("No cell has a clone (every clone id is -1): nothing to sample.")
-        order = members[np.argsort(self.clone_ids[members], kind="stable")]
-        self.clones, starts = np.unique(self.clone_ids[order], return_index=True)
-        self._members = np.split(order, starts[1:])
-        n_batches = -(-len(self.clones) // self.clones_per_batch)
-        if drop_last:
-            n_batches = len(self.clones) // self.clones_per_batch
-        self.total = n_batches // self.num_replicas * self.num_replicas
-        if self.total == 0:
-            raise ValueError(
-                f"{len(self.clones)} clones make fewer than one batch of {self.clones_per_batch} "
-                f"per rank ({self.num_replicas} ranks): lower clones_per_batch."
-            )
-
-    def _cells(self, members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if self.cells_per_clone is None:
-            return members
-        if self.time_index is None:
-            return np.sort(rng.permutation(members)[: self.cells_per_clone])
-        t = self.time_index[members]
-        picks = [rng.permutation(members[t == k])[: self.cells_per_clone] for k in np.unique(t)]
-        return np.concatenate(picks)
-
-    def epoch_batches(self):
-        rng = self._rng()
-        order = rng.permutation(len(self.clones))
-        k = self.clones_per_batch
-        batches = []
-        for b in range(self.total):
-            chosen = order[b * k : (b + 1) * k]
-            batches.append(np.concatenate([self._cells(self._members[c], rng) for c in chosen]))
-        return batches
-
-    def num_batches_per_rank(self) -> int:
-        return self.total // self.num_replicas
-
-    def clones_of(self, batch: np.ndarray) -> np.ndarray:
-        """Clone id of each position of a yielded batch."""
-        return self.clone_ids[np.asarray(batch, dtype=np.int64)]
-
 
 __all__ = [
     "BlockShuffleSampler",
@@ -409,3 +43,679 @@ __all__ = [
     "TimePointBatchSampler",
     "UniformBatchSampler",
 ]
+
+_U64 = 2**64
+
+
+# -- argument checks ----------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _check_world(num_replicas: Any, rank: Any) -> tuple[int, int]:
+    if not _is_int(num_replicas) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}.")
+    if not _is_int(rank) or not 0 <= rank < num_replicas:
+        raise ValueError(
+            f"rank must be an integer in [0, {int(num_replicas) - 1}] "
+            f"(num_replicas={int(num_replicas)}), got {rank!r}."
+        )
+    return int(num_replicas), int(rank)
+
+
+def _process_group() -> tuple[int, int] | None:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return None
+
+
+def _resolve_world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """Given values, else the initialised process group, else ``(1, 0)``; validated."""
+    group = _process_group() if num_replicas is None or rank is None else None
+    default_world, default_rank = group if group is not None else (1, 0)
+    return _check_world(
+        default_world if num_replicas is None else num_replicas,
+        default_rank if rank is None else rank,
+    )
+
+
+def _as_positions(values: Any, name: str) -> np.ndarray:
+    """A 1-D int64 array of non-negative positions (``n`` means ``0..n-1``)."""
+    if _is_int(values):
+        if values < 0:
+            raise ValueError(f"{name}: the number of positions must be >= 0, got {values}.")
+        return np.arange(int(values), dtype=np.int64)
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}.")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer positions, got dtype {array.dtype}.")
+    array = array.astype(np.int64, copy=True)
+    if array.size and array.min() < 0:
+        raise ValueError(f"{name} must hold non-negative positions, got {array.min()}.")
+    return array
+
+
+def _cut_offsets(n: int, batch_size: int, world: int, drop_last: bool, what: str) -> np.ndarray:
+    """Offsets of an epoch's batches over ``n`` items: batch ``j`` is ``items[off[j]:off[j+1]]``.
+
+    Without ``drop_last``: ``k = ceil(n / (world * batch_size))`` batches per rank, from
+    ``world * k`` near-equal contiguous pieces (sizes differ by at most one, none empty, none
+    larger than ``batch_size``); every item is used exactly once. With ``drop_last``: the
+    trailing ``n mod (world * batch_size)`` items are dropped and every batch has exactly
+    ``batch_size`` items. Raises when no such cut exists.
+    """
+    if drop_last:
+        per_rank = n // (world * batch_size)
+        if per_rank == 0:
+            raise ValueError(
+                f"drop_last=True needs at least num_replicas x batch_size = {world} x "
+                f"{batch_size} = {world * batch_size} {what} for one full batch per rank, "
+                f"got {n}: lower the batch size or pass drop_last=False."
+            )
+        return np.arange(world * per_rank + 1, dtype=np.int64) * batch_size
+    if n < world:
+        raise ValueError(
+            f"{n} {what} cannot be shared by {world} ranks (every rank needs at least one): "
+            "use fewer devices or more data."
+        )
+    pieces = world * -(-n // (world * batch_size))
+    if pieces > n:  # only batch_size == 1 with n not a multiple of world
+        raise ValueError(
+            f"{n} {what} in batches of {batch_size} cannot give each of {world} ranks the same "
+            "number of batches without repeats: pass drop_last=True or a larger batch size."
+        )
+    base, extra = divmod(n, pieces)
+    sizes = np.full(pieces, base, dtype=np.int64)
+    sizes[:extra] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+# -- base class ---------------------------------------------------------------------------------
+
+
+class DistributedBatchSampler(DistributedSampler):
+    """Base of the batch samplers: seeded epochs, rank resolution, equal batch counts.
+
+    A subclass implements :meth:`_plan` (validate its arguments for the current world size and
+    set ``self._per_rank``, the batches each rank yields) and :meth:`_draw` (every batch of the
+    epoch, all ranks, ``num_replicas * _per_rank`` of them). Rank ``r`` yields batches
+    ``r, r + W, r + 2W, ...`` of that list.
+
+    Parameters
+    ----------
+    n_positions
+        Length of the dataset the positions index (kept for :class:`DistributedSampler`).
+    seed
+        Seed of the draw; the draw of an epoch depends only on ``(seed, epoch)``.
+    num_replicas, rank
+        World size and this process's rank. ``None``: from the initialised process group,
+        else ``(1, 0)``; re-read when the sampler is iterated, if the group appeared since.
+    shuffle, drop_last
+        Recorded for :class:`DistributedSampler`'s attributes; their meaning is the subclass's.
+    """
+
+    def __init__(
+        self,
+        n_positions: int,
+        *,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        if not _is_int(seed):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        world, this_rank = _resolve_world(num_replicas, rank)
+        # With explicit num_replicas and rank, DistributedSampler never touches the process group.
+        super().__init__(
+            range(int(n_positions)),
+            num_replicas=world,
+            rank=this_rank,
+            shuffle=bool(shuffle),
+            seed=int(seed),
+            drop_last=bool(drop_last),
+        )
+        self._given_world = (num_replicas, rank)
+        self._per_rank = 0
+
+    # subclass hooks
+    def _plan(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _draw(self, rng: np.random.Generator) -> Sequence[np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    # common machinery
+    def _sync_world(self) -> None:
+        """Adopt the process group if ``num_replicas``/``rank`` were left to default."""
+        given_world, given_rank = self._given_world
+        if given_world is not None and given_rank is not None:
+            return
+        group = _process_group()
+        if group is None:
+            return
+        world, rank = _check_world(
+            group[0] if given_world is None else given_world,
+            group[1] if given_rank is None else given_rank,
+        )
+        if (world, rank) != (self.num_replicas, self.rank):
+            self.num_replicas, self.rank = world, rank
+            self._plan()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the draw of ``epoch`` (Lightning calls this before every epoch)."""
+        self.epoch = int(epoch)
+
+    def _rng(self) -> np.random.Generator:
+        return np.random.default_rng([int(self.seed) % _U64, int(self.epoch) % _U64])
+
+    def epoch_batches(self) -> list[np.ndarray]:
+        """Every batch of the current epoch, for all ranks (rank ``r`` yields ``[r::W]``)."""
+        self._sync_world()
+        batches = list(self._draw(self._rng()))
+        assert len(batches) == self._per_rank * self.num_replicas
+        return batches
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.epoch_batches()[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank)."""
+        self._sync_world()
+        return self._per_rank
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(batches_per_rank={self._per_rank}, seed={self.seed}, "
+            f"epoch={self.epoch}, rank={self.rank}, num_replicas={self.num_replicas})"
+        )
+
+
+# -- uniform ------------------------------------------------------------------------------------
+
+
+class UniformBatchSampler(DistributedBatchSampler):
+    """Uniformly shuffled batches; every position exactly once per epoch across all ranks.
+
+    Each epoch draws a seeded permutation of ``indices`` (or keeps their order with
+    ``shuffle=False``) and cuts it into batches that are dealt round-robin to the ranks.
+
+    Batch layout and distributed rule (``N`` positions, ``W`` ranks, batch size ``B``):
+
+    - ``drop_last=False`` (default): every rank yields ``k = ceil(N / (W * B))`` batches. The
+      epoch's order is cut into ``W * k`` contiguous near-equal pieces (sizes differ by at most
+      one, never above ``B``), and piece ``j`` goes to rank ``j % W``. Every position is yielded
+      exactly once per epoch over all ranks; nothing is padded or repeated, so batches can be
+      a little smaller than ``B``.
+    - ``drop_last=True``: the trailing ``N mod (W * B)`` positions of the epoch's order are
+      dropped (different ones each epoch when shuffling) and every batch has exactly ``B``.
+
+    Parameters
+    ----------
+    indices
+        ``n`` (positions ``0..n-1``) or the positions to draw from (e.g. a split's rows), each
+        yielded once per epoch per entry.
+    batch_size
+        Largest batch size ``B``.
+    shuffle
+        Draw a fresh seeded permutation every epoch; ``False`` keeps the given order
+        (evaluation; see :class:`SequentialBatchSampler`).
+    drop_last
+        Drop the remainder so every batch has exactly ``batch_size`` positions.
+    seed, num_replicas, rank
+        See :class:`DistributedBatchSampler`.
+
+    Raises
+    ------
+    ValueError
+        ``batch_size`` < 1, no positions, fewer positions than ranks, ``batch_size=1`` with a
+        count not divisible by the world size (no equal cut exists), or ``drop_last=True`` with
+        fewer than ``W * B`` positions.
+    """
+
+    def __init__(
+        self,
+        indices: int | Sequence[int] | np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        positions = self._prepare(_as_positions(indices, "indices"))
+        if len(positions) == 0:
+            raise ValueError(f"{type(self).__name__} got no positions to sample from.")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        super().__init__(
+            int(positions.max()) + 1,
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            drop_last=drop_last,
+        )
+        self.positions = positions
+        self._plan()
+
+    @staticmethod
+    def _prepare(positions: np.ndarray) -> np.ndarray:
+        return positions
+
+    def _plan(self) -> None:
+        self._offsets = _cut_offsets(
+            len(self.positions), self.batch_size, self.num_replicas, self.drop_last, "positions"
+        )
+        self._per_rank = (len(self._offsets) - 1) // self.num_replicas
+
+    def _order(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(self.positions) if self.shuffle else self.positions
+
+    def _draw(self, rng: np.random.Generator) -> list[np.ndarray]:
+        order = self._order(rng)
+        return np.split(order[: self._offsets[-1]], self._offsets[1:-1])
+
+
+class SequentialBatchSampler(UniformBatchSampler):
+    """:class:`UniformBatchSampler` with ``shuffle=False``: batches in the given order.
+
+    For evaluation and prediction loaders. Batch ``j`` is the ``j``-th contiguous near-equal
+    piece of ``indices`` and goes to rank ``j % W``: every position exactly once over all
+    ranks, the same batch count on every rank, no padding. ``seed`` and ``set_epoch`` have no
+    effect on the order.
+    """
+
+    def __init__(
+        self,
+        indices: int | Sequence[int] | np.ndarray,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__(
+            indices,
+            batch_size,
+            shuffle=False,
+            drop_last=drop_last,
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+
+
+# -- block shuffle ------------------------------------------------------------------------------
+
+
+class BlockShuffleSampler(UniformBatchSampler):
+    """Batches pooled from shuffled contiguous blocks: fewer, more local reads on disk (opt-in).
+
+    Each epoch:
+
+    1. the positions, sorted, are cut into blocks of ``block_size`` consecutive entries (the
+       last block may be shorter);
+    2. the blocks are shuffled (seeded);
+    3. the resulting order is cut into batches exactly as :class:`UniformBatchSampler` cuts its
+       permutation (same sizes, same exactly-once and equal-count rules, same ``drop_last``);
+    4. consecutive runs of ``pool_batches`` batches form a pool; the positions within each pool
+       are shuffled and dealt back into that pool's batches. A batch thus mixes cells from up
+       to about ``pool_batches * batch_size / block_size`` blocks, and never reaches outside
+       its pool.
+
+    Batches are dealt round-robin to ranks (batch ``j`` to rank ``j % W``), so every rank draws
+    from every pool while each batch stays within one pool's blocks.
+
+    Trade-off: a batch touches at most the pool's blocks (about ``pool_batches * batch_size /
+    block_size`` disk regions instead of up to ``batch_size``), which makes backed and
+    compressed files much cheaper to read; but cells stored next to each other (often the same
+    sample, donor or cluster) share batches far more often than under uniform shuffling, which
+    can bias gradient steps and destabilise training. Uniform shuffling is the default
+    everywhere; raise ``pool_batches`` or lower ``block_size`` for more diverse batches.
+
+    Parameters
+    ----------
+    indices
+        ``n`` or the positions to draw from; they are sorted first (blocks follow storage).
+    batch_size
+        Largest batch size.
+    block_size
+        Consecutive (sorted) positions per block.
+    pool_batches
+        Batches per pool; the pool's positions are shuffled together.
+    drop_last, seed, num_replicas, rank
+        As in :class:`UniformBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        indices: int | Sequence[int] | np.ndarray,
+        batch_size: int,
+        *,
+        block_size: int = 64,
+        pool_batches: int = 16,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        self.block_size = _positive_int(block_size, "block_size")
+        self.pool_batches = _positive_int(pool_batches, "pool_batches")
+        super().__init__(
+            indices,
+            batch_size,
+            shuffle=True,
+            drop_last=drop_last,
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+
+    @staticmethod
+    def _prepare(positions: np.ndarray) -> np.ndarray:
+        return np.sort(positions)
+
+    def _order(self, rng: np.random.Generator) -> np.ndarray:
+        n, size = len(self.positions), self.block_size
+        starts = rng.permutation(-(-n // size)) * size
+        lengths = np.minimum(size, n - starts)
+        ends = np.cumsum(lengths)
+        # entry i of the block order: start of its block + offset within the block
+        index = np.arange(n) + np.repeat(starts - (ends - lengths), lengths)
+        order = self.positions[index]
+        # shuffle within pools of pool_batches consecutive batches (dropped tail: its own pool)
+        sizes = np.diff(self._offsets)
+        pool = np.repeat(np.arange(len(sizes)) // self.pool_batches, sizes)
+        pool = np.concatenate([pool, np.full(n - len(pool), len(sizes), dtype=pool.dtype)])
+        return order[np.lexsort((rng.random(n), pool))]
+
+
+# -- time points --------------------------------------------------------------------------------
+
+
+class TimePointBatchSampler(DistributedBatchSampler):
+    """Batches of ``cells_per_group`` cells from every time point, in time order.
+
+    A batch is ``[n cells of group 0, n cells of group 1, ...]``: ``batch[t*n:(t+1)*n]`` holds
+    time point ``t``, exactly ``n`` cells per group.
+
+    Each epoch every group is drawn from fresh seeded permutations, and batch ``b`` takes the
+    ``b``-th run of ``n`` cells of every group's draw. Batches are dealt round-robin to ranks
+    (batch ``j`` to rank ``j % W``); the number of batches over all ranks, ``T``, is always a
+    multiple of ``W`` so every rank yields ``T / W`` batches.
+
+    - Without replacement (default): no cell appears twice within an epoch, so ranks get
+      disjoint cells. ``T = min_t(len(group_t)) // n``, rounded down to a multiple of ``W``;
+      larger groups are subsampled (a different subset every epoch).
+    - With ``replacement=True``: ``T = ceil(max_t(len(group_t)) / n)``, rounded up to a multiple
+      of ``W``, so every cell of the largest group is seen. A group with fewer than ``T * n``
+      cells is cycled through successive fresh permutations: each of its cells appears at most
+      ``ceil(T * n / len(group))`` times per epoch, and a batch can hold a cell twice only where
+      it spans the end of one permutation or the group has fewer than ``n`` cells.
+    - ``num_batches`` sets ``T`` explicitly (over all ranks), rounded down to a multiple of
+      ``W``; without replacement it must fit in the smallest group.
+
+    Parameters
+    ----------
+    groups
+        ``groups[t]``: dataset positions of time point ``t``, in time order; non-empty and
+        disjoint.
+    cells_per_group
+        ``n``, cells per time point per batch.
+    replacement
+        Allow cells to repeat within an epoch (see above).
+    num_batches
+        Batches per epoch over all ranks (default: see above).
+    seed, num_replicas, rank
+        See :class:`DistributedBatchSampler`.
+
+    Raises
+    ------
+    ValueError
+        No groups, an empty group, a position in two groups (or twice in one),
+        ``cells_per_group`` < 1, or too few cells for one batch per rank without replacement
+        (the message names the smallest group).
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[Sequence[int] | np.ndarray],
+        cells_per_group: int,
+        *,
+        replacement: bool = False,
+        num_batches: int | None = None,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        self.groups = [_as_positions(g, f"groups[{t}]") for t, g in enumerate(groups)]
+        if not self.groups:
+            raise ValueError("TimePointBatchSampler needs at least one group of positions.")
+        empty = [t for t, g in enumerate(self.groups) if len(g) == 0]
+        if empty:
+            raise ValueError(
+                f"Time point group(s) {empty} are empty: drop them or give them cells."
+            )
+        everything = np.concatenate(self.groups)
+        unique, counts = np.unique(everything, return_counts=True)
+        if len(unique) != len(everything):
+            raise ValueError(
+                f"{int((counts > 1).sum())} position(s) appear in more than one group or twice "
+                f"in a group (e.g. {int(unique[counts > 1][0])}); groups must be disjoint."
+            )
+        self.cells_per_group = _positive_int(cells_per_group, "cells_per_group")
+        self.replacement = bool(replacement)
+        self.num_batches = (
+            None if num_batches is None else _positive_int(num_batches, "num_batches")
+        )
+        super().__init__(
+            int(unique[-1]) + 1,
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=True,
+        )
+        self._plan()
+
+    def _plan(self) -> None:
+        n, world = self.cells_per_group, self.num_replicas
+        sizes = np.array([len(g) for g in self.groups])
+        small = int(sizes.argmin())
+        smallest = int(sizes[small])
+        if self.num_batches is not None:
+            total = self.num_batches // world * world
+            if total == 0:
+                raise ValueError(
+                    f"num_batches={self.num_batches} (over all ranks) is fewer than the "
+                    f"{world} ranks: every rank needs at least one batch."
+                )
+            if not self.replacement and total * n > smallest:
+                raise ValueError(
+                    f"num_batches={self.num_batches} (used: {total}) x cells_per_group={n} needs "
+                    f"{total * n} cells per time point without replacement, but time point "
+                    f"{small} has only {smallest}: ask for fewer batches or pass "
+                    "replacement=True."
+                )
+        elif self.replacement:
+            total = -(-int(sizes.max()) // n)
+            total = -(-total // world) * world
+        else:
+            total = (smallest // n) // world * world
+            if total == 0:
+                raise ValueError(
+                    f"The smallest time point (group {small}) has {smallest} cells, fewer than "
+                    f"cells_per_group={n} x {world} rank(s) = {n * world} needed for one batch "
+                    "per rank without replacement: lower cells_per_group or pass "
+                    "replacement=True."
+                )
+        self.total_batches = total
+        self._per_rank = total // world
+
+    @staticmethod
+    def _cycle(group: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` cells from successive fresh permutations of ``group``."""
+        rounds = -(-count // len(group))
+        if rounds == 1:
+            return rng.permutation(group)[:count]
+        keys = rng.random((rounds, len(group)))
+        return group[np.argsort(keys, axis=1).ravel()[:count]]
+
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        n, total = self.cells_per_group, self.total_batches
+        draws = [self._cycle(g, total * n, rng).reshape(total, n) for g in self.groups]
+        return np.ascontiguousarray(np.concatenate(draws, axis=1))  # row b is batch b
+
+    def group_of_slot(self) -> np.ndarray:
+        """Time point index of each slot of a batch: ``repeat(arange(len(groups)), n)``."""
+        return np.repeat(np.arange(len(self.groups)), self.cells_per_group)
+
+
+# -- clones -------------------------------------------------------------------------------------
+
+
+class ClonalBatchSampler(DistributedBatchSampler):
+    """Batches of whole clones (or sampled sisters), positions grouped by clone.
+
+    Each epoch the clones are put in a seeded random order and cut into batches of
+    ``clones_per_batch`` clones with the same rule as :class:`UniformBatchSampler` applies to
+    cells: without ``drop_last`` every rank yields ``k = ceil(C / (W * clones_per_batch))``
+    batches from ``W * k`` near-equal runs of clones (clone counts differ by at most one,
+    never above ``clones_per_batch``), so every clone appears exactly once per epoch and
+    nothing is padded; with ``drop_last=True`` the last ``C mod (W * clones_per_batch)`` clones
+    of the epoch's order are dropped and every batch holds exactly ``clones_per_batch``
+    clones. Batch ``j`` goes to rank ``j % W``, so ranks get disjoint clones and the same
+    number of batches. (Batch sizes in cells vary with clone sizes.)
+
+    Batch layout: the positions of one clone are contiguous, clones in the batch's random
+    order; within a clone, positions are sorted by time point (when ``groups_time`` is given)
+    and then by position. :meth:`clones_of` gives the clone id of every position of a batch.
+
+    Parameters
+    ----------
+    clone_ids
+        Clone id of each dataset position ``0..N-1``: a non-negative integer, or ``-1`` for
+        cells without a clone (never yielded).
+    groups_time
+        Time point index of each position, or ``None``. Used to sample sisters per time point
+        and to order each clone's cells.
+    clones_per_batch
+        Clones per batch (at most).
+    cells_per_clone
+        ``None``: every cell of each clone. Else at most this many cells per clone *and time
+        point* (per clone overall without ``groups_time``), drawn afresh every epoch.
+    drop_last
+        Every batch holds exactly ``clones_per_batch`` clones (see above).
+    seed, num_replicas, rank
+        See :class:`DistributedBatchSampler`.
+
+    Raises
+    ------
+    ValueError
+        No cell with a clone, clone ids below ``-1``, mismatched lengths, fewer clones than
+        ranks, or (with ``drop_last``) fewer than ``W * clones_per_batch`` clones.
+    TypeError
+        Non-integer clone ids or time indices.
+    """
+
+    def __init__(
+        self,
+        clone_ids: Sequence[int] | np.ndarray,
+        groups_time: Sequence[int] | np.ndarray | None,
+        clones_per_batch: int,
+        *,
+        cells_per_clone: int | None = None,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        ids = self._integers(clone_ids, "clone_ids")
+        if len(ids) and ids.min() < -1:
+            raise ValueError(f"clone_ids must be >= 0, or -1 for no clone; got {ids.min()}.")
+        time = None if groups_time is None else self._integers(groups_time, "groups_time")
+        if time is not None and len(time) != len(ids):
+            raise ValueError(
+                f"groups_time has {len(time)} entries but clone_ids has {len(ids)}: give one "
+                "time point index per position."
+            )
+        self.clone_ids = ids
+        self.groups_time = time
+        self.clones_per_batch = _positive_int(clones_per_batch, "clones_per_batch")
+        self.cells_per_clone = (
+            None if cells_per_clone is None else _positive_int(cells_per_clone, "cells_per_clone")
+        )
+        members = np.flatnonzero(ids >= 0)
+        if len(members) == 0:
+            raise ValueError("No cell has a clone (every clone id is -1): nothing to sample.")
+        super().__init__(
+            len(ids),
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=True,
+            drop_last=drop_last,
+        )
+        # Cells with a clone, sorted by (clone, time, position); clone k owns a contiguous run.
+        keys = (members, ids[members]) if time is None else (members, time[members], ids[members])
+        self._cells = members[np.lexsort(keys)]
+        self.clones, self._clone_of_cell = np.unique(ids[self._cells], return_inverse=True)
+        self._clone_of_cell = self._clone_of_cell.reshape(-1)
+        # sampling groups: runs of equal (clone, time), or clones
+        if time is None:
+            change = np.diff(self._clone_of_cell) != 0
+        else:
+            t = time[self._cells]
+            change = (np.diff(self._clone_of_cell) != 0) | (np.diff(t) != 0)
+        self._group_of_cell = np.concatenate([[0], np.cumsum(change)])
+        self._group_start = np.flatnonzero(np.concatenate([[True], change]))
+        self._plan()
+
+    @staticmethod
+    def _integers(values: Any, name: str) -> np.ndarray:
+        array = np.asarray(values)
+        if array.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {array.shape}.")
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise TypeError(f"{name} must be integers, got dtype {array.dtype}.")
+        return array.astype(np.int64)
+
+    @property
+    def n_clones(self) -> int:
+        """Number of distinct clones (cells with id ``-1`` excluded)."""
+        return len(self.clones)
+
+    def _plan(self) -> None:
+        self._offsets = _cut_offsets(
+            self.n_clones, self.clones_per_batch, self.num_replicas, self.drop_last, "clones"
+        )
+        self._per_rank = (len(self._offsets) - 1) // self.num_replicas
+
+    def _draw(self, rng: np.random.Generator) -> list[np.ndarray]:
+        slot = np.empty(self.n_clones, dtype=np.int64)  # slot of each clone in the epoch order
+        slot[rng.permutation(self.n_clones)] = np.arange(self.n_clones)
+        keep = np.arange(len(self._cells))
+        if self.cells_per_clone is not None:  # at most m random cells per sampling group
+            by_group = np.lexsort((rng.random(len(keep)), self._group_of_cell))
+            rank_in_group = np.arange(len(keep)) - self._group_start[self._group_of_cell[by_group]]
+            keep = np.sort(by_group[rank_in_group < self.cells_per_clone])
+        cell_slot = slot[self._clone_of_cell[keep]]
+        order = np.argsort(cell_slot, kind="stable")  # keeps (time, position) within a clone
+        stream, stream_slot = self._cells[keep[order]], cell_slot[order]
+        bounds = np.searchsorted(stream_slot, self._offsets)
+        return np.split(stream[: bounds[-1]], bounds[1:-1])
+
+    def clones_of(self, batch: np.ndarray) -> np.ndarray:
+        """Clone id of each position of a yielded batch (same order)."""
+        return self.clone_ids[np.asarray(batch, dtype=np.int64)]

@@ -488,8 +488,11 @@ def test_clonal_properties(
         )
 
     C = len(present)
-    need = world * clones_per_batch if drop_last else world
-    if C < need:
+    if drop_last:
+        feasible = C >= world * clones_per_batch
+    else:  # one clone per batch cannot be dealt evenly unless C is a multiple of world
+        feasible = C >= world and (clones_per_batch > 1 or C % world == 0)
+    if not feasible:
         with pytest.raises(ValueError, match="clones"):
             make(rank=0, num_replicas=world)
         return
@@ -621,6 +624,11 @@ def test_world_from_process_group_and_late_group(monkeypatch):
             lambda: ClonalBatchSampler([0, 0, 1], None, 1, num_replicas=3, rank=0),
             ValueError,
             "2 clones cannot be shared by 3 ranks",
+        ),
+        (
+            lambda: ClonalBatchSampler([0, 1, 2], None, 1, num_replicas=2, rank=0),
+            ValueError,
+            "3 clones in batches of 1 .* pass drop_last=True",
         ),
         (
             lambda: ClonalBatchSampler([0, 1], None, 5, drop_last=True),

@@ -255,32 +255,18 @@ class AnnDataModule(pl.LightningDataModule):
 
     # -- loaders ----------------------------------------------------------------------------
 
-    def _sampler(self, split: str, rows: np.ndarray, train: bool):
+    def _sampler(self, rows: np.ndarray, train: bool):
+        """The batch sampler of a split: yields positions into ``rows`` (its SplitDataset)."""
         n = len(rows)
         common = {"seed": self.seed}
         if isinstance(self.dataset, TimeResolvedAnnDataset) and train:
-            positions = np.arange(n, dtype=np.int64)
-            sub = self.dataset
-            # Samplers yield positions within the split; map the dataset's groups onto them.
-            if self.sampling == "populations":
-                groups = [positions[sub.time_index[rows] == k] for k in range(len(sub.time_points))]
-                return samplers.TimePointBatchSampler(
-                    [g for g in groups if len(g)], self.cells_per_time, **common
-                )
-            if self.sampling == "initial":
-                start = int(np.searchsorted(sub.time_points, sub.start_time))
-                return samplers.UniformBatchSampler(
-                    positions[sub.time_index[rows] == start],
-                    self.batch_size,
-                    shuffle=self.shuffle,
-                    drop_last=self.drop_last,
-                    **common,
-                )
-            return samplers.ClonalBatchSampler(
-                sub.clone_ids[rows],
-                sub.time_index[rows],
-                self.clones_per_batch,
+            return self.dataset.batch_sampler(
+                indices=rows,
+                batch_size=self.batch_size,
+                cells_per_time=self.cells_per_time,
+                clones_per_batch=self.clones_per_batch,
                 cells_per_clone=self.cells_per_clone,
+                shuffle=self.shuffle,
                 drop_last=self.drop_last,
                 **common,
             )
@@ -314,7 +300,7 @@ class AnnDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
-            sampler=self._sampler(split, rows, split == "train"),
+            sampler=self._sampler(rows, split == "train"),
             batch_size=None,
             collate_fn=collate,
             generator=generator,
@@ -425,6 +411,6 @@ class AnnDataModule(pl.LightningDataModule):
 
     def _loader_rows(self, split: str) -> np.ndarray:
         """AnnData rows in the order the (unshuffled) loader of ``split`` yields them."""
-        loader_sampler = self._sampler(split, self.splits[split], train=False)
+        loader_sampler = self._sampler(self.splits[split], train=False)
         order = np.concatenate(list(iter(loader_sampler)))
         return self.splits[split][order]

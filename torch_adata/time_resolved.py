@@ -272,9 +272,10 @@ class TimeResolvedAnnDataset(AnnDataset):
     ) -> samplers.DistributedBatchSampler:
         """The batch sampler for ``mode`` (default: the dataset's), over ``indices`` (default all).
 
-        ``indices`` restricts sampling to some rows (a split); the sampler yields row positions
-        of this dataset, so ``DataLoader(dataset, sampler=s, batch_size=None,
-        collate_fn=torch_adata.collate)`` gives one vectorised read per batch.
+        The sampler yields row positions of this dataset, so ``DataLoader(dataset, sampler=s,
+        batch_size=None, collate_fn=torch_adata.collate)`` gives one vectorised read per batch.
+        ``indices`` restricts sampling to those rows (a split); the sampler then yields positions
+        into ``indices``, as a ``torch.utils.data.Subset(dataset, indices)`` expects.
         """
         mode = mode or self.mode
         rows = (
@@ -282,16 +283,18 @@ class TimeResolvedAnnDataset(AnnDataset):
             if indices is None
             else np.asarray(indices, dtype=np.int64)
         )
+        local = np.arange(len(rows), dtype=np.int64)  # == rows when indices is None
+        times = self.time_index[rows]
         common = {"seed": seed, "num_replicas": num_replicas, "rank": rank}
         if mode == "populations":
-            groups = [rows[self.time_index[rows] == k] for k in range(len(self.time_points))]
+            groups = [local[times == k] for k in range(len(self.time_points))]
             groups = [g for g in groups if len(g)]
             return samplers.TimePointBatchSampler(
                 groups, cells_per_time, replacement=replacement, num_batches=num_batches, **common
             )
         if mode == "initial":
             start = int(np.searchsorted(self.time_points, self.start_time))
-            first = rows[self.time_index[rows] == start]
+            first = local[times == start]
             if not len(first):
                 raise ValueError(
                     f"No cells at the start time point {self.start_time} in these rows."
@@ -302,11 +305,9 @@ class TimeResolvedAnnDataset(AnnDataset):
         if mode == "lineage":
             if self.clone_ids is None:
                 raise ValueError("Lineage sampling needs clones: pass clone_key= or clones=.")
-            ids = np.full(len(self), -1, dtype=np.int64)
-            ids[rows] = self.clone_ids[rows]
             return samplers.ClonalBatchSampler(
-                ids,
-                self.time_index,
+                self.clone_ids[rows],
+                times,
                 clones_per_batch,
                 cells_per_clone=cells_per_clone,
                 drop_last=drop_last,

@@ -65,7 +65,22 @@ class RowReader:
 # --------------------------------------------------------------------------- in memory
 
 
-class DenseReader(RowReader):
+class _DenseRowsReader(RowReader):
+    """Base of readers whose rows come out dense: column selection and CSR from the dense rows."""
+
+    cols: np.ndarray | None
+
+    def _finish(self, block: np.ndarray, dtype) -> np.ndarray:
+        if self.cols is not None:
+            block = block[:, self.cols]
+        return np.ascontiguousarray(block, dtype=dtype)
+
+    def csr(self, rows, dtype):
+        m = sp.csr_matrix(self.dense(rows, dtype))
+        return CSRPieces(m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data, m.shape[1])
+
+
+class DenseReader(_DenseRowsReader):
     """Rows of an in-memory dense array (``np.take``; columns selected after the take)."""
 
     def __init__(self, array: np.ndarray, cols: np.ndarray | None = None):
@@ -76,13 +91,7 @@ class DenseReader(RowReader):
 
     def dense(self, rows, dtype):
         block = np.take(self.array, rows, axis=0)
-        if self.cols is not None:
-            block = block[:, self.cols]
-        return np.ascontiguousarray(block, dtype=dtype)
-
-    def csr(self, rows, dtype):
-        m = sp.csr_matrix(self.dense(rows, dtype))
-        return CSRPieces(m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data, m.shape[1])
+        return self._finish(block, dtype)
 
     def describe(self):
         return f"dense {self.array.dtype} array in memory"
@@ -352,7 +361,7 @@ class BackedCSRReader(RowReader):
         return f"CSR in {Path(self.file.path).name}:{self.key} (backed, {self.mode})"
 
 
-class BackedDenseReader(RowReader):
+class BackedDenseReader(_DenseRowsReader):
     """Rows of a dense array stored in an ``.h5ad`` file, read as sorted runs, reordered after."""
 
     def __init__(self, path, key: str, shape: tuple[int, int], cols: np.ndarray | None = None):
@@ -372,13 +381,7 @@ class BackedDenseReader(RowReader):
             ds.read_direct(block, np.s_[s:e], np.s_[o : o + e - s])
             o += e - s
         block = block[inverse.reshape(-1)]
-        if self.cols is not None:
-            block = block[:, self.cols]
-        return np.ascontiguousarray(block, dtype=dtype)
-
-    def csr(self, rows, dtype):
-        m = sp.csr_matrix(self.dense(rows, dtype))
-        return CSRPieces(m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data, m.shape[1])
+        return self._finish(block, dtype)
 
     def describe(self):
         return f"dense array in {Path(self.file.path).name}:{self.key} (backed)"

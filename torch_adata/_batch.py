@@ -41,7 +41,15 @@ class SparseBatch(NamedTuple):
         return self.values.device
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseBatch:
-        """A copy on ``device``."""
+        """A copy on ``device``.
+
+        Parameters
+        ----------
+        device
+            Target device, e.g. ``"cuda"``.
+        non_blocking
+            Copy asynchronously from pinned memory (as :meth:`torch.Tensor.to`).
+        """
         return SparseBatch(
             *(
                 t.to(device, non_blocking=non_blocking)
@@ -51,7 +59,16 @@ class SparseBatch(NamedTuple):
         )
 
     def to_dense(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """The dense ``(batch, n_cols)`` tensor, built on ``device`` (default: where it is)."""
+        """The dense ``(batch, n_cols)`` tensor, built on ``device`` (default: where it is).
+
+        Duplicate ``(row, column)`` entries of a non-canonical CSR are summed, as in scipy.
+
+        Parameters
+        ----------
+        device
+            Where to build the dense tensor; ``None`` keeps the batch's device. Moving the
+            sparse batch first and densifying there sends only the non-zeros.
+        """
         batch = self if device is None else self.to(device)
         n_rows = batch.indptr.shape[0] - 1
         out = torch.zeros((n_rows, batch.n_cols), dtype=batch.values.dtype, device=batch.device)
@@ -77,6 +94,20 @@ def densify(batch: Any, device: torch.device | str | None = None) -> Any:
 
         def on_after_batch_transfer(self, batch, dataloader_idx):
             return torch_adata.densify(batch)
+
+    Parameters
+    ----------
+    batch
+        A batch as the loader yields it: a tensor, a :class:`SparseBatch`, or a dict, list or
+        tuple of them (nested). Other values pass through unchanged.
+    device
+        Device to densify on (and to move plain tensors to); ``None`` keeps each one where it
+        is.
+
+    Returns
+    -------
+    Any
+        The same structure with every :class:`SparseBatch` replaced by a dense tensor.
     """
     if isinstance(batch, SparseBatch):
         return batch.to_dense(device)
@@ -95,5 +126,15 @@ def collate(batch: Any) -> Any:
     Use it with ``DataLoader(dataset, batch_size=B, shuffle=True, collate_fn=collate)``: the
     loader then calls ``dataset.__getitems__(indices)`` once per batch and passes the result
     through, instead of splitting and re-stacking rows.
+
+    Parameters
+    ----------
+    batch
+        What the dataset's ``__getitems__`` returned for one batch.
+
+    Returns
+    -------
+    Any
+        ``batch``, unchanged.
     """
     return batch

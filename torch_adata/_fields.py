@@ -62,7 +62,16 @@ class CategoryEncoder:
 
     @classmethod
     def fit(cls, values, name: str = "column") -> CategoryEncoder:
-        """Fit on a column (Series, Categorical or array of labels)."""
+        """Fit on a column (Series, Categorical or array of labels).
+
+        Parameters
+        ----------
+        values
+            The whole column. A pandas ``Categorical`` keeps its category order (unused
+            categories included); other labels are sorted.
+        name
+            Column name, used in error messages.
+        """
         values = pd.Series(values)
         if isinstance(values.dtype, pd.CategoricalDtype):
             return cls(values.cat.categories)
@@ -89,7 +98,17 @@ class CategoryEncoder:
     def encode(
         self, values, *, na: Literal["raise", "code"] = "raise", name: str = "column"
     ) -> np.ndarray:
-        """Labels to int64 codes. Unknown labels raise; missing values raise or become -1."""
+        """Labels to int64 codes. Unknown labels raise; missing values raise or become -1.
+
+        Parameters
+        ----------
+        values
+            Labels (Series, Categorical, array or list).
+        na
+            Missing values: ``"raise"`` (default) or ``"code"`` (encoded as -1).
+        name
+            Column name, used in error messages.
+        """
         values = pd.Series(values)
         missing = values.isna().to_numpy()
         codes = self.categories.get_indexer(values.astype(object).where(~missing, None))
@@ -112,7 +131,13 @@ class CategoryEncoder:
         return codes
 
     def decode(self, codes) -> np.ndarray:
-        """Int codes (array or tensor) to labels; -1 decodes to ``None``."""
+        """Int codes (array or tensor) to labels; -1 decodes to ``None``.
+
+        Parameters
+        ----------
+        codes
+            Integer codes in ``[-1, len(self) - 1]``: a tensor (any device), array or list.
+        """
         if isinstance(codes, torch.Tensor):
             codes = codes.detach().cpu().numpy()
         codes = np.asarray(codes, dtype=np.int64)
@@ -130,6 +155,13 @@ class CategoryEncoder:
 
     @classmethod
     def from_dict(cls, state: dict) -> CategoryEncoder:
+        """The encoder saved by :meth:`to_dict`.
+
+        Parameters
+        ----------
+        state
+            ``{"categories": [...]}`` as returned by :meth:`to_dict`.
+        """
         return cls(state["categories"])
 
 

@@ -216,7 +216,14 @@ class AnnDataModule(pl.LightningDataModule):
         return adata
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the dataset and the split once (every rank computes the same split)."""
+        """Build the dataset and the split once (every rank computes the same split).
+
+        Parameters
+        ----------
+        stage
+            Lightning's stage (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``); every
+            stage builds the same dataset and split.
+        """
         if self.dataset is None:
             data = self._load()
             self._adata = data if isinstance(data, ad.AnnData) else None
@@ -288,7 +295,14 @@ class AnnDataModule(pl.LightningDataModule):
         )
 
     def loader(self, split: str) -> DataLoader:
-        """The DataLoader of ``split`` (``"train"``, ``"val"``, ``"test"`` or ``"predict"``)."""
+        """The DataLoader of ``split`` (``"train"``, ``"val"``, ``"test"`` or ``"predict"``).
+
+        Parameters
+        ----------
+        split
+            Which split. ``"train"`` is shuffled (per ``sampler``/``sampling``); the others
+            are read in row order.
+        """
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
         rows = self.splits[split]
@@ -308,15 +322,19 @@ class AnnDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """The training loader: ``loader("train")``."""
         return self.loader("train")
 
     def val_dataloader(self) -> DataLoader:
+        """The validation loader: ``loader("val")``."""
         return self.loader("val")
 
     def test_dataloader(self) -> DataLoader:
+        """The test loader: ``loader("test")``."""
         return self.loader("test")
 
     def predict_dataloader(self) -> DataLoader:
+        """The prediction loader over every cell, in row order: ``loader("predict")``."""
         return self.loader("predict")
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -331,7 +349,13 @@ class AnnDataModule(pl.LightningDataModule):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the split of a checkpoint, so a resumed run trains on the same cells."""
+        """Restore the split of a checkpoint, so a resumed run trains on the same cells.
+
+        Parameters
+        ----------
+        state_dict
+            What :meth:`state_dict` returned (Lightning passes the checkpoint's entry).
+        """
         if "splits" in state_dict:
             self._splits = {
                 k: np.asarray(v, dtype=np.int64) for k, v in state_dict["splits"].items()
@@ -372,7 +396,8 @@ class AnnDataModule(pl.LightningDataModule):
 
         Returns
         -------
-        The AnnData with the predictions; cells outside the split get NaN.
+        anndata.AnnData
+            The AnnData with the predictions; cells outside the split get NaN.
         """
         rows = self._loader_rows(split)
         if adata is None:

@@ -165,7 +165,14 @@ class AnnDataset(Dataset):
         return self.gather(self._rows(indices))
 
     def gather(self, rows: np.ndarray) -> Batch:
-        """The batch for validated int64 row positions (in order, duplicates allowed)."""
+        """The batch for validated int64 row positions (in order, duplicates allowed).
+
+        Parameters
+        ----------
+        rows
+            int64 row positions in ``[0, len(self))``; not checked here (indexing with
+            ``dataset[...]`` validates).
+        """
         batch = {name: field.take(rows) for name, field in self.fields.items()}
         if len(batch) == 1:
             return next(iter(batch.values()))
@@ -186,7 +193,15 @@ class AnnDataset(Dataset):
         }
 
     def decode(self, key: str, codes) -> np.ndarray:
-        """Turn int codes of the categorical obs field ``key`` back into labels."""
+        """Turn int codes of the categorical obs field ``key`` back into labels.
+
+        Parameters
+        ----------
+        key
+            A categorical obs field of this dataset (a key of :attr:`encoders`).
+        codes
+            Codes from a batch (tensor, array or list); -1 (``na="code"``) decodes to ``None``.
+        """
         if key not in self.encoders:
             raise FieldKeyError(
                 f"{key!r} is not a categorical obs field; encoded fields: {list(self.encoders)}."
@@ -195,10 +210,12 @@ class AnnDataset(Dataset):
 
     @property
     def obs_names(self):
+        """The cells' names (``adata.obs_names``)."""
         return self.source.obs_names
 
     @property
     def var_names(self):
+        """The genes' names (``adata.var_names``): the columns of ``"X"``."""
         return self.source.var_names
 
     @property
@@ -217,6 +234,7 @@ class AnnDataset(Dataset):
 
     @property
     def n_vars(self) -> int:
+        """Number of genes, the width of ``"X"``."""
         return len(self.source.var_names)
 
     def __repr__(self) -> str:

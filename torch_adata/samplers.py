@@ -11,8 +11,9 @@ in worker processes too (the sampler itself runs in the main process).
 
 Distributed training
 --------------------
-Every sampler subclasses :class:`torch.utils.data.DistributedSampler`, so Lightning keeps it
-under DDP instead of injecting its own, and calls ``set_epoch(epoch)`` on it every epoch.
+Every sampler subclasses :class:`torch.utils.data.distributed.DistributedSampler`, so
+Lightning keeps it under DDP instead of injecting its own, and calls ``set_epoch(epoch)`` on it
+every epoch.
 
 - The draw of an epoch is a pure function of ``(seed, epoch)``: every rank computes the same
   list of batches and takes a disjoint share of it, batch ``j`` going to rank ``j % W``.
@@ -145,22 +146,24 @@ def _cut_offsets(n: int, batch_size: int, world: int, drop_last: bool, what: str
 class DistributedBatchSampler(DistributedSampler):
     """Base of the batch samplers: seeded epochs, rank resolution, equal batch counts.
 
-    A subclass implements :meth:`_plan` (validate its arguments for the current world size and
-    set ``self._per_rank``, the batches each rank yields) and :meth:`_draw` (every batch of the
+    A subclass implements ``_plan()`` (validate its arguments for the current world size and
+    set ``self._per_rank``, the batches each rank yields) and ``_draw(rng)`` (every batch of the
     epoch, all ranks, ``num_replicas * _per_rank`` of them). Rank ``r`` yields batches
     ``r, r + W, r + 2W, ...`` of that list.
 
     Parameters
     ----------
     n_positions
-        Length of the dataset the positions index (kept for :class:`DistributedSampler`).
+        Length of the dataset the positions index (kept for :class:`~torch.utils.data.distributed.DistributedSampler`).
     seed
         Seed of the draw; the draw of an epoch depends only on ``(seed, epoch)``.
     num_replicas, rank
         World size and this process's rank. ``None``: from the initialised process group,
         else ``(1, 0)``; re-read when the sampler is iterated, if the group appeared since.
     shuffle, drop_last
-        Recorded for :class:`DistributedSampler`'s attributes; their meaning is the subclass's.
+        Recorded for the attributes of
+        :class:`~torch.utils.data.distributed.DistributedSampler`; their meaning is the
+        subclass's.
     """
 
     def __init__(
@@ -213,7 +216,13 @@ class DistributedBatchSampler(DistributedSampler):
             self._plan()
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the draw of ``epoch`` (Lightning calls this before every epoch)."""
+        """Select the draw of ``epoch`` (Lightning calls this before every epoch).
+
+        Parameters
+        ----------
+        epoch
+            The epoch number; the draw depends only on ``(seed, epoch)``.
+        """
         self.epoch = int(epoch)
 
     def _rng(self) -> np.random.Generator:
@@ -334,6 +343,17 @@ class SequentialBatchSampler(UniformBatchSampler):
     piece of ``indices`` and goes to rank ``j % W``: every position exactly once over all
     ranks, the same batch count on every rank, no padding. ``seed`` and ``set_epoch`` have no
     effect on the order.
+
+    Parameters
+    ----------
+    indices
+        ``n`` (positions ``0..n-1``) or the positions, in the order to yield them.
+    batch_size
+        Largest batch size.
+    drop_last
+        Drop the remainder so every batch has exactly ``batch_size`` positions.
+    seed, num_replicas, rank
+        See :class:`DistributedBatchSampler`.
     """
 
     def __init__(
@@ -717,5 +737,11 @@ class ClonalBatchSampler(DistributedBatchSampler):
         return np.split(stream[: bounds[-1]], bounds[1:-1])
 
     def clones_of(self, batch: np.ndarray) -> np.ndarray:
-        """Clone id of each position of a yielded batch (same order)."""
+        """Clone id of each position of a yielded batch (same order).
+
+        Parameters
+        ----------
+        batch
+            Positions, as yielded by this sampler.
+        """
         return self.clone_ids[np.asarray(batch, dtype=np.int64)]

@@ -107,7 +107,8 @@ def make_splits(
 
     Returns
     -------
-    ``{"train", "val", "test", "predict"}`` -> sorted int64 row positions.
+    dict
+        ``{"train", "val", "test", "predict"}`` -> sorted int64 row positions.
     """
     n = len(obs)
     if n == 0:

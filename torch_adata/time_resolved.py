@@ -228,6 +228,13 @@ class TimeResolvedAnnDataset(AnnDataset):
     # -- batches --------------------------------------------------------------------------
 
     def gather(self, rows: np.ndarray) -> dict[str, Any]:
+        """The batch of validated int64 row positions, plus ``"t"``, ``"clone"``, ``"t_eval"``.
+
+        Parameters
+        ----------
+        rows
+            int64 row positions in ``[0, len(self))``, in batch order.
+        """
         batch = super().gather(rows)
         if not isinstance(batch, dict):
             batch = {next(iter(self.fields)): batch}
@@ -240,7 +247,13 @@ class TimeResolvedAnnDataset(AnnDataset):
         return batch
 
     def indices_at(self, time_point: float) -> np.ndarray:
-        """Row positions of the cells at ``time_point``."""
+        """Row positions of the cells at ``time_point``.
+
+        Parameters
+        ----------
+        time_point
+            One of the dataset's ``time_points`` (e.g. ``4`` for day 4).
+        """
         hits = np.flatnonzero(self.time_points == time_point)
         if not len(hits):
             raise ValueError(
@@ -276,6 +289,46 @@ class TimeResolvedAnnDataset(AnnDataset):
         batch_size=None, collate_fn=torch_adata.collate)`` gives one vectorised read per batch.
         ``indices`` restricts sampling to those rows (a split); the sampler then yields positions
         into ``indices``, as a ``torch.utils.data.Subset(dataset, indices)`` expects.
+
+        Parameters
+        ----------
+        indices
+            Rows to sample from (e.g. the train split); ``None`` for every cell.
+        mode
+            ``"populations"``, ``"initial"`` or ``"lineage"``; ``None`` for the dataset's
+            ``mode``.
+        batch_size
+            ``"initial"``: cells of the start time point per batch.
+        cells_per_time
+            ``"populations"``: cells of every time point per batch (a batch has
+            ``T * cells_per_time`` cells).
+        clones_per_batch
+            ``"lineage"``: clones per batch (at most).
+        cells_per_clone
+            ``"lineage"``: at most this many cells per clone and time point, drawn afresh every
+            epoch; ``None`` for whole clones.
+        shuffle
+            ``"initial"``: shuffle every epoch (``False`` keeps row order).
+        replacement
+            ``"populations"``: let small time points repeat cells so the largest is seen whole
+            (see :class:`~torch_adata.samplers.TimePointBatchSampler`).
+        num_batches
+            ``"populations"``: batches per epoch over all ranks (default: as many as the
+            smallest time point allows without replacement).
+        drop_last
+            ``"initial"`` and ``"lineage"``: drop the remainder so every batch is full.
+        seed
+            Seed of the draws; epoch ``e`` draws from ``(seed, e)``.
+        num_replicas, rank
+            World size and rank for distributed training; ``None`` reads the initialised
+            process group (else a single process).
+
+        Returns
+        -------
+        torch_adata.samplers.DistributedBatchSampler
+            A :class:`~torch_adata.samplers.TimePointBatchSampler` (populations),
+            :class:`~torch_adata.samplers.UniformBatchSampler` (initial) or
+            :class:`~torch_adata.samplers.ClonalBatchSampler` (lineage).
         """
         mode = mode or self.mode
         rows = (

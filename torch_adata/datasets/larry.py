@@ -27,7 +27,7 @@ __all__ = ["BASE_URL", "GEO_MIRROR", "KNOWN_HASHES", "larry", "larry_filenames"]
 
 Experiment = Literal["in_vitro", "in_vivo", "cytokine_perturbation"]
 
-#: Primary host: the Klein lab's paper website.
+#: The primary host, the Klein lab's paper website.
 BASE_URL = "https://kleintools.hms.harvard.edu/paper_websites/state_fate2020/"
 
 #: GEO series GSE140802 stores the four main files per sample, prefixed with the sample id.
@@ -118,16 +118,16 @@ def larry(
         (days 2, 9, 16) or ``"cytokine_perturbation"`` (days 2, 4, 6).
     cache_dir
         Cache folder. Default: ``$TORCH_ADATA_CACHE``, else the OS cache folder
-        (see :func:`torch_adata.datasets._fetch.cache_dir`).
+        (``pooch.os_cache("torch_adata")``, e.g. ``~/.cache/torch_adata`` on Linux).
     base_url
-        Replaces the primary host; file names are appended to it. Default :data:`BASE_URL`.
+        Replaces the primary host; file names are appended to it. Default :data:`~torch_adata.datasets.larry.BASE_URL`.
     mirrors
         Fallback locations tried in order after the primary one. Each is either a base URL
         (the file name is appended) or a template containing ``{filename}``. Default: GEO
-        (:data:`GEO_MIRROR`, best effort) for the four main files. Pass ``[]`` for none.
+        (:data:`~torch_adata.datasets.larry.GEO_MIRROR`, best effort) for the four main files. Pass ``[]`` for none.
     hashes
-        Per-file SHA-256 digests that override or add to :data:`KNOWN_HASHES`, keyed by file
-        name (see :func:`larry_filenames`); a value of ``None`` disables the check for that
+        Per-file SHA-256 digests that override or add to :data:`~torch_adata.datasets.larry.KNOWN_HASHES`, keyed by file
+        name (see :func:`~torch_adata.datasets.larry.larry_filenames`); a value of ``None`` disables the check for that
         file. Use this for a re-hosted copy whose bytes differ.
     progress
         Show download progress bars.

@@ -215,12 +215,12 @@ class AnnDataset(Dataset):
 
     @property
     def var_names(self):
-        """The genes' names (``adata.var_names``): the columns of ``"X"``."""
+        """The genes' names (``adata.var_names``), the columns of ``"X"``."""
         return self.source.var_names
 
     @property
     def obs(self):
-        """The cells' ``obs`` table (read-only: never modify it through the dataset)."""
+        """The cells' ``obs`` table, read-only (never modify it through the dataset)."""
         return self.source.obs
 
     @property

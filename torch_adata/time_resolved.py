@@ -142,6 +142,19 @@ class TimeResolvedAnnDataset(AnnDataset):
     **kwargs
         Fields and options of :class:`~torch_adata.AnnDataset` (``layer``, ``obs_keys``,
         ``obsm_keys``, ``X``, ``dtype``, ``sparse``, ``backed``, ...).
+
+    Attributes
+    ----------
+    time_points
+        The distinct time values, sorted (float64 array of length ``T``).
+    time_index
+        Each cell's time point as an index into ``time_points`` (int64).
+    start_time
+        The start time point of ``mode="initial"``.
+    clone_ids
+        Each cell's clone id (int64, -1 for none), or ``None`` without clones.
+    clone_table
+        With clones: a DataFrame indexed by clone id with ``n_cells`` and ``n_time_points``.
     """
 
     def __init__(

@@ -24,8 +24,9 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from torch_adata.datasets._fetch import DownloadError, cache_dir, fetch
-from torch_adata.datasets.larry import BASE_URL, _urls, larry, larry_filenames
+from torch_adata.datasets import BASE_URL, DownloadError, larry, larry_filenames
+from torch_adata.datasets._fetch import cache_dir, fetch
+from torch_adata.datasets._larry import _urls
 
 N_CELLS, N_GENES, N_CLONES = 30, 12, 5
 TIMEOUT = 3.0
@@ -522,7 +523,7 @@ def _normalised(n_obs=120, n_vars=80, seed=0) -> ad.AnnData:
 
 def test_preprocess_shapes_and_no_mutation():
     pytest.importorskip("scanpy")
-    from torch_adata.datasets.preprocess import preprocess
+    from torch_adata.datasets import preprocess
 
     adata = _normalised()
     before = adata.copy()
@@ -547,7 +548,7 @@ def test_preprocess_shapes_and_no_mutation():
 
 def test_preprocess_options():
     pytest.importorskip("scanpy")
-    from torch_adata.datasets.preprocess import preprocess
+    from torch_adata.datasets import preprocess
 
     adata = _normalised()
     logged = preprocess(adata, n_top_genes=500, n_pcs=5, scale=False, key_added="X_small")
@@ -565,7 +566,7 @@ def test_preprocess_options():
 
 
 def test_preprocess_without_scanpy(monkeypatch):
-    from torch_adata.datasets.preprocess import preprocess
+    from torch_adata.datasets import preprocess
 
     monkeypatch.setitem(__import__("sys").modules, "scanpy", None)
     with pytest.raises(ImportError, match=r"pip install torch-adata\[examples\]"):

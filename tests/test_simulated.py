@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from torch_adata.datasets.simulated import simulated
+from torch_adata.datasets import simulated
 
 N_CELLS, N_GENES = 2_000, 300
 OBS_COLUMNS = [

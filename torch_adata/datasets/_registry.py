@@ -123,13 +123,13 @@ def _load_simulated(**kwargs: Any) -> ad.AnnData:
             "The simulated dataset is generated in memory and cannot be opened backed; "
             "write it with adata.write_h5ad(path) and load that path with backed='r'."
         )
-    from .simulated import simulated
+    from ._simulated import simulated
 
     return simulated(**kwargs)
 
 
 def _load_larry(**kwargs: Any) -> ad.AnnData:
-    from .larry import _prepare, _read_cached, larry
+    from ._larry import _prepare, _read_cached, larry
 
     backed = kwargs.pop("backed", None)
     if backed is None:

@@ -120,14 +120,14 @@ def larry(
         Cache folder. Default: ``$TORCH_ADATA_CACHE``, else the OS cache folder
         (``pooch.os_cache("torch_adata")``, e.g. ``~/.cache/torch_adata`` on Linux).
     base_url
-        Replaces the primary host; file names are appended to it. Default :data:`~torch_adata.datasets.larry.BASE_URL`.
+        Replaces the primary host; file names are appended to it. Default :data:`~torch_adata.datasets.BASE_URL`.
     mirrors
         Fallback locations tried in order after the primary one. Each is either a base URL
         (the file name is appended) or a template containing ``{filename}``. Default: GEO
-        (:data:`~torch_adata.datasets.larry.GEO_MIRROR`, best effort) for the four main files. Pass ``[]`` for none.
+        (:data:`~torch_adata.datasets.GEO_MIRROR`, best effort) for the four main files. Pass ``[]`` for none.
     hashes
-        Per-file SHA-256 digests that override or add to :data:`~torch_adata.datasets.larry.KNOWN_HASHES`, keyed by file
-        name (see :func:`~torch_adata.datasets.larry.larry_filenames`); a value of ``None`` disables the check for that
+        Per-file SHA-256 digests that override or add to :data:`~torch_adata.datasets.KNOWN_HASHES`, keyed by file
+        name (see :func:`~torch_adata.datasets.larry_filenames`); a value of ``None`` disables the check for that
         file. Use this for a re-hosted copy whose bytes differ.
     progress
         Show download progress bars.

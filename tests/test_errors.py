@@ -228,6 +228,8 @@ def test_index_out_of_range(dataset, index):
         dataset[index]
     with pytest.raises(IndexError, match=r"out of range"):
         dataset.__getitems__(np.atleast_1d(np.asarray(index)).tolist())
+    with pytest.raises(IndexError, match=rf"Index {bad} is out of range for a dataset of 37"):
+        dataset.gather(index)  # public, so checked like indexing
 
 
 @pytest.mark.parametrize(
@@ -249,6 +251,8 @@ def test_index_out_of_range(dataset, index):
 def test_index_of_the_wrong_dtype(dataset, index):
     with pytest.raises(TypeError, match=r"Indices must be integers .* got dtype"):
         dataset[index]
+    with pytest.raises(TypeError, match=r"Indices must be integers .* got dtype"):
+        dataset.gather(index)
 
 
 @pytest.mark.parametrize(
@@ -266,6 +270,18 @@ def test_index_of_the_wrong_dtype(dataset, index):
 def test_index_of_the_wrong_shape(dataset, index, match):
     with pytest.raises(IndexError, match=match):
         dataset[index]
+    with pytest.raises(IndexError, match=match):
+        dataset.gather(index)
+
+
+def test_gather_of_valid_rows_equals_indexing(dataset):
+    rows = np.array([5, -1, 5, 0])
+    expected = dataset[rows]
+    for given in (rows, rows.tolist(), torch.from_numpy(rows)):
+        got = dataset.gather(given)
+        assert set(got) == set(expected)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
 
 
 # --------------------------------------------------------------------------- files

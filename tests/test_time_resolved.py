@@ -1,5 +1,7 @@
 """TimeResolvedAnnDataset on the LARRY-shaped simulated time course."""
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -28,7 +30,7 @@ def test_time_points_and_groups(larry_like):
     for t, rows in ds.indices_by_time.items():
         assert np.array_equal(rows, np.flatnonzero(days == t))
     batch = ds[[0, 5, 9]]  # documented: the cells with their fields and time values
-    assert set(batch) == {"X", "t"}
+    assert set(batch) == {"X", "t", "t_eval"}
     np.testing.assert_array_equal(batch["t"].numpy(), days[[0, 5, 9]].astype(np.float32))
 
 
@@ -98,9 +100,57 @@ def test_lineage_batches_group_whole_clones(larry_like, clone_key):
 
 
 def test_single_time_clones_reported_and_dropped(larry_like):
-    with pytest.warns(UserWarning, match="treated as clone-less"):
-        ds = TimeResolvedAnnDataset(larry_like, clone_key="clone_id", drop_single_time_clones=True)
-    assert (ds.clone_table["n_time_points"] >= 2).all()
+    with pytest.warns(UserWarning, match="seen at a single time point") as record:
+        undecided = TimeResolvedAnnDataset(larry_like, clone_key="clone_id")
+    single = undecided.single_time_clones
+    assert len(single) > 0 and str(len(single)) in str(record[0].message)
+    assert (undecided.clone_table.loc[single, "n_time_points"] == 1).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user chose: no warning either way
+        dropped = TimeResolvedAnnDataset(
+            larry_like, clone_key="clone_id", drop_single_time_clones=True
+        )
+        kept = TimeResolvedAnnDataset(
+            larry_like, clone_key="clone_id", drop_single_time_clones=False
+        )
+    np.testing.assert_array_equal(dropped.single_time_clones, single)  # the report stays
+    assert (dropped.clone_table["n_time_points"] >= 2).all()
+    assert not np.isin(dropped.clone_ids, single).any()
+    np.testing.assert_array_equal(kept.clone_ids, undecided.clone_ids)
+    assert np.isin(kept.clone_ids, single).any()
+
+
+@pytest.mark.parametrize("dataset_mode", ["populations", "initial", "lineage"])
+def test_batch_keys_do_not_depend_on_the_dataset_mode(larry_like, dataset_mode):
+    ds = TimeResolvedAnnDataset(
+        larry_like,
+        mode=dataset_mode,
+        clone_key="clone_id",
+        drop_single_time_clones=True,
+        X=False,
+        obsm_keys=["X_latent"],
+    )
+    batches = {
+        mode: next(iter(_loader(ds, ds.batch_sampler(mode=mode, batch_size=32, seed=0))))
+        for mode in ("populations", "initial", "lineage")
+    }
+    for mode, batch in batches.items():
+        assert set(batch) == {"X_latent", "t", "t_eval", "clone"}, mode
+        assert batch["t_eval"].tolist() == [2.0, 4.0, 6.0], mode
+    assert torch.all(batches["initial"]["t"] == 2.0)
+    assert set(batches["populations"]["t"].tolist()) == {2.0, 4.0, 6.0}
+    batches["initial"]["t_eval"][0] = -1.0  # a batch owns its tensors
+    assert ds[[0]]["t_eval"][0] == 2.0
+
+
+def test_gather_checks_its_rows(larry_like):
+    ds = TimeResolvedAnnDataset(larry_like, X=False, obsm_keys=["X_latent"])
+    n = len(ds)
+    with pytest.raises(IndexError, match=rf"Index {n} is out of range for a dataset of {n}"):
+        ds.gather(np.array([0, n]))
+    with pytest.raises(TypeError, match="Indices must be integers"):
+        ds.gather(np.array([0.5]))
+    assert ds.gather([n - 1])["t"].tolist() == [float(larry_like.obs["Time point"].iloc[-1])]
 
 
 def test_backed_equals_in_memory(larry_like, tmp_path):

@@ -51,7 +51,9 @@ class AnnDataset(Dataset):
     return_index
         Add an ``"index"`` field: the int64 position of each cell in ``adata``.
     backed
-        For a path: read on demand from the file (default) or load it into memory.
+        For a path: read rows from the file on demand (``True``, the default: opening costs
+        nothing whatever the file's size) or load it into memory (``False``). Note that
+        :class:`~torch_adata.AnnDataModule` defaults to loading a path into memory instead.
     engine
         Gather kernels: ``"auto"`` (numba if installed), ``"numba"`` or ``"numpy"``.
 
@@ -155,24 +157,35 @@ class AnnDataset(Dataset):
             and index.ndim == 0
             and not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool)
         ):
-            rows = self._rows([int(index)])
-            batch = self.gather(rows)
-            return _first_row(batch)
-        return self.gather(self._rows(index))
+            return _first_row(self._gather(self._rows([int(index)])))
+        return self._gather(self._rows(index))
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         """Fetch a whole batch in one vectorised call (used by ``DataLoader``)."""
-        return self.gather(self._rows(indices))
+        return self._gather(self._rows(indices))
 
-    def gather(self, rows: np.ndarray) -> Batch:
-        """The batch for validated int64 row positions (in order, duplicates allowed).
+    def gather(self, rows) -> Batch:
+        """The batch of the cells at ``rows``, in that order (duplicates allowed).
+
+        The same as ``dataset[rows]`` for an array of positions, and checked the same way.
 
         Parameters
         ----------
         rows
-            int64 row positions in ``[0, len(self))``; not checked here (indexing with
-            ``dataset[...]`` validates).
+            Row positions in ``[-len(self), len(self))`` (array, list or tensor of ints, or a
+            boolean mask of length ``len(self)``).
+
+        Raises
+        ------
+        IndexError
+            A position out of range, or a mask of the wrong length.
+        TypeError
+            Positions that are not integers.
         """
+        return self._gather(self._rows(rows))
+
+    def _gather(self, rows: np.ndarray) -> Batch:
+        """The batch of int64 positions already checked to lie in ``[0, len(self))``."""
         batch = {name: field.take(rows) for name, field in self.fields.items()}
         if len(batch) == 1:
             return next(iter(batch.values()))

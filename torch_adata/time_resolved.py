@@ -102,22 +102,30 @@ def _clone_ids(clones, n_obs: int, policy: str, name: str) -> np.ndarray:
 class TimeResolvedAnnDataset(AnnDataset):
     """Cells of a time course, sampled per time point or per clone.
 
-    Every batch carries the fields of :class:`~torch_adata.AnnDataset` (always as a dict) plus
-    ``"t"``: (batch,) float32, each cell's time value. Which cells a batch holds is decided by
-    the sampler from :meth:`batch_sampler`, one per ``mode``:
+    Every batch is a dict with the fields of :class:`~torch_adata.AnnDataset` plus
+
+    ``"t"``
+        ``(batch,)`` float32: each cell's time value.
+    ``"t_eval"``
+        ``(T',)`` float32: ``start_time`` followed by every later time point, the times a
+        drift model integrates to.
+    ``"clone"``
+        ``(batch,)`` int64 clone ids (-1: none), when clones are known.
+
+    The keys are the same whatever sampler reads the dataset: a loader of ``"initial"`` batches
+    and one of ``"populations"`` batches over one dataset both get ``"t_eval"``, whatever the
+    dataset's ``mode``. Which cells a batch holds is decided by the sampler from
+    :meth:`batch_sampler`, one per mode:
 
     ``"populations"``
         ``n = cells_per_time`` cells from every time point: rows ``[k*n:(k+1)*n]`` are time
         point ``time_points[k]``. Without replacement within an epoch.
     ``"initial"``
-        ``batch_size`` cells of the start time point, plus ``"t_eval"``: (T,) float32, the start
-        time followed by every later time point: what a drift model integrates over.
+        ``batch_size`` cells of the start time point.
     ``"lineage"``
-        whole clones (or ``cells_per_clone`` sisters per time point), grouped by clone, plus
-        ``"clone"``: (batch,) int64 clone ids.
+        whole clones (or ``cells_per_clone`` sisters per time point), grouped by clone.
 
-    ``dataset[idx]`` returns the requested cells with their fields and ``"t"`` (and ``"clone"``
-    when clones are known).
+    ``dataset[idx]`` returns the requested cells with the same keys.
 
     Parameters
     ----------
@@ -136,7 +144,9 @@ class TimeResolvedAnnDataset(AnnDataset):
     multi_clone
         Cells in several clones: ``"raise"`` (default), ``"drop"`` (no clone) or ``"first"``.
     drop_single_time_clones
-        Treat clones seen at only one time point as clone-less (they are always reported).
+        Clones seen at only one time point carry no lineage across time. ``True`` treats their
+        cells as clone-less, ``False`` keeps them; ``None`` (default) keeps them and warns when
+        there are any. Either way their ids are in :attr:`single_time_clones`.
     start_time
         The start time point of ``mode="initial"`` (default: the earliest).
     **kwargs
@@ -154,7 +164,11 @@ class TimeResolvedAnnDataset(AnnDataset):
     clone_ids
         Each cell's clone id (int64, -1 for none), or ``None`` without clones.
     clone_table
-        With clones: a DataFrame indexed by clone id with ``n_cells`` and ``n_time_points``.
+        With clones: a DataFrame indexed by clone id with ``n_cells`` and ``n_time_points``
+        (after ``drop_single_time_clones``).
+    single_time_clones
+        With clones: the ids of the clones seen at a single time point (int64; dropped or
+        kept per ``drop_single_time_clones``), or ``None`` without clones.
     """
 
     def __init__(
@@ -166,7 +180,7 @@ class TimeResolvedAnnDataset(AnnDataset):
         clone_key: str | None = None,
         clones: Any = None,
         multi_clone: Literal["raise", "drop", "first"] = "raise",
-        drop_single_time_clones: bool = False,
+        drop_single_time_clones: bool | None = None,
         start_time: float | None = None,
         **kwargs,
     ):
@@ -189,6 +203,9 @@ class TimeResolvedAnnDataset(AnnDataset):
                 f"start_time={start_time} is not a time point; time points: "
                 f"{self.time_points.tolist()}."
             )
+        later = self.time_points[self.time_points >= self.start_time]
+        self._t_eval = later.astype(np.float32)
+        self.single_time_clones: np.ndarray | None = None
         self.clone_ids = self._read_clones(clone_key, clones, multi_clone, drop_single_time_clones)
         if mode == "lineage" and self.clone_ids is None:
             raise ValueError("mode='lineage' needs a clone assignment: pass clone_key= or clones=.")
@@ -211,16 +228,20 @@ class TimeResolvedAnnDataset(AnnDataset):
                 )
         ids = _clone_ids(clones, len(self), policy, clone_key or "clones")
         table = self._clone_table(ids)
-        single = table.index[table["n_time_points"] < 2]
-        if len(single):
-            msg = f"{len(single)} of {len(table)} clones are seen at a single time point"
-            if drop_single:
-                ids = np.where(np.isin(ids, single.to_numpy()), -1, ids)
-                table = self._clone_table(ids)
-                msg += "; they are treated as clone-less (drop_single_time_clones=True)."
-            else:
-                msg += "; pass drop_single_time_clones=True to leave them out of lineage batches."
-            warnings.warn(msg, UserWarning, stacklevel=3)
+        single = table.index[table["n_time_points"] < 2].to_numpy().astype(np.int64)
+        self.single_time_clones = single
+        if len(single) and drop_single is None:
+            warnings.warn(
+                f"{len(single)} of {len(table)} clones are seen at a single time point; they "
+                "stay in lineage batches. Pass drop_single_time_clones=True to treat them as "
+                "clone-less, or False to keep them without this warning (their ids are in "
+                "dataset.single_time_clones).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if len(single) and drop_single:
+            ids = np.where(np.isin(ids, single), -1, ids)
+            table = self._clone_table(ids)
         self.clone_table = table
         return ids
 
@@ -240,23 +261,15 @@ class TimeResolvedAnnDataset(AnnDataset):
 
     # -- batches --------------------------------------------------------------------------
 
-    def gather(self, rows: np.ndarray) -> dict[str, Any]:
-        """The batch of validated int64 row positions, plus ``"t"``, ``"clone"``, ``"t_eval"``.
-
-        Parameters
-        ----------
-        rows
-            int64 row positions in ``[0, len(self))``, in batch order.
-        """
-        batch = super().gather(rows)
+    def _gather(self, rows: np.ndarray) -> dict[str, Any]:
+        """The fields of checked int64 positions, plus ``"t"``, ``"t_eval"`` and ``"clone"``."""
+        batch = super()._gather(rows)
         if not isinstance(batch, dict):
             batch = {next(iter(self.fields)): batch}
         batch["t"] = torch.from_numpy(self._t[rows])
         if self.clone_ids is not None:
             batch["clone"] = torch.from_numpy(self.clone_ids[rows])
-        if self.mode == "initial":
-            later = self.time_points[self.time_points >= self.start_time]
-            batch["t_eval"] = torch.as_tensor(later, dtype=torch.float32)
+        batch["t_eval"] = torch.from_numpy(self._t_eval.copy())
         return batch
 
     def indices_at(self, time_point: float) -> np.ndarray:

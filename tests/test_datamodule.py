@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from torch_adata import AnnDataModule, TimeResolvedAnnDataset
+from torch_adata import AnnDataModule, CategoryEncoder, TimeResolvedAnnDataset
 from torch_adata.splits import make_splits
 
 
@@ -142,6 +142,103 @@ def test_checkpoint_resume_sees_the_same_split(adata, tmp_path):
     )
     for name in ("train", "val", "test"):
         assert np.array_equal(resumed.splits[name], dm.splits[name])
+
+
+LABEL = "Cell type annotation"
+
+
+class _EchoCodes(_Linear):
+    def predict_step(self, batch, batch_idx):
+        return {"codes": batch[LABEL], "index": batch["index"]}
+
+
+def test_checkpoint_restores_the_trained_label_codes(adata, tmp_path):
+    dm = AnnDataModule(adata, obs_keys=[LABEL], batch_size=64, seed=0)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(_Linear(), datamodule=dm)
+    ckpt = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(ckpt)
+    trained = dm.dataset.encoders[LABEL]
+    assert list(trained.categories) == ["Mono", "Neu", "undiff"]
+
+    # The same cells, written to a file whose category order codes the labels differently.
+    other = adata.copy()
+    other.obs[LABEL] = other.obs[LABEL].cat.reorder_categories(["undiff", "Neu", "Mono"])
+    path = tmp_path / "reordered.h5ad"
+    other.write_h5ad(path)
+    fresh = AnnDataModule(str(path), obs_keys=[LABEL])
+    fresh.setup()
+    assert fresh.dataset.encoders[LABEL] != trained, "without the checkpoint, codes differ"
+
+    new = AnnDataModule(str(path), obs_keys=[LABEL], return_index=True, batch_size=64)
+    outputs = _trainer(tmp_path).predict(_EchoCodes(), datamodule=new, ckpt_path=ckpt)
+    assert new.dataset.encoders[LABEL] == trained
+    codes = torch.cat([o["codes"] for o in outputs]).numpy()
+    rows = torch.cat([o["index"] for o in outputs]).numpy()
+    labels = other.obs[LABEL].to_numpy()[rows]
+    np.testing.assert_array_equal(codes, trained.categories.get_indexer(labels))
+    np.testing.assert_array_equal(new.decode(LABEL, codes), labels)
+    assert new.state_dict()["encoders"][LABEL] == trained.to_dict()
+
+
+def test_checkpoint_encoders_decode_without_the_column_and_refuse_conflicts(adata):
+    dm = AnnDataModule(adata, obs_keys=[LABEL])
+    dm.setup()
+    state = dm.state_dict()
+    unlabelled = AnnDataModule(adata)  # e.g. new cells without annotations
+    unlabelled.load_state_dict(state)
+    unlabelled.setup()
+    assert unlabelled.decode(LABEL, [2, 0]).tolist() == ["undiff", "Mono"]
+    assert unlabelled.state_dict()["encoders"] == state["encoders"]  # kept for the next save
+
+    reversed_order = {LABEL: CategoryEncoder(["undiff", "Neu", "Mono"])}
+    conflicting = AnnDataModule(adata, obs_keys=[LABEL], encoders=reversed_order)
+    conflicting.setup()
+    with pytest.raises(ValueError, match="other categories than the checkpoint"):
+        conflicting.load_state_dict(state)
+
+    fewer = adata.copy()
+    fewer.obs[LABEL] = fewer.obs[LABEL].cat.rename_categories({"Neu": "Neutrophil"})
+    unknown = AnnDataModule(fewer, obs_keys=[LABEL])
+    unknown.setup()
+    with pytest.raises(ValueError, match=r"checkpoint's encoders do not know.*'Neutrophil'"):
+        unknown.load_state_dict(state)
+
+
+def test_dtype_and_encoder_options_reach_the_batches(adata):
+    order = CategoryEncoder(["undiff", "Neu", "Mono"])
+    dm = AnnDataModule(
+        adata,
+        obs_keys=[LABEL, "Well"],
+        obsm_keys=["X_pca"],
+        return_index=True,
+        dtype=torch.float64,
+        obsm_dtype=torch.float16,
+        obs_dtypes={"Well": torch.int32},
+        encoders={LABEL: order},
+        batch_size=50,
+    )
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["X"].dtype == torch.float64
+    assert batch["X_pca"].dtype == torch.float16
+    assert batch["Well"].dtype == torch.int32
+    labels = adata.obs[LABEL].to_numpy()[batch["index"].numpy()]
+    np.testing.assert_array_equal(batch[LABEL].numpy(), order.categories.get_indexer(labels))
+    assert dm.encoders[LABEL] is order
+
+
+def test_split_dataset_checks_its_positions(adata):
+    dm = AnnDataModule(adata, return_index=True, seed=0)
+    split = dm.loader("val").dataset
+    n = len(split)
+    assert "val" in repr(split) and str(n) in repr(split)
+    assert split[-1]["index"].item() == split.indices[-1]
+    np.testing.assert_array_equal(split[[0, -1]]["index"].numpy(), split.indices[[0, -1]])
+    with pytest.raises(IndexError, match=rf"Index {n} is out of range for a dataset of {n}"):
+        split.__getitems__([0, n])
+    with pytest.raises(IndexError, match="out of range"):
+        split[n]
 
 
 def test_predictions_written_back_in_original_order(adata, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from torch.utils.data import DataLoader, Subset
 
 from . import samplers
 from ._batch import collate
+from ._fields import CategoryEncoder
+from ._source import FieldKeyError
 from .dataset import AnnDataset, positions
 from .splits import make_splits
 from .time_resolved import TimeResolvedAnnDataset
@@ -26,22 +29,49 @@ SPLITS = ("train", "val", "test", "predict")
 
 
 class SplitDataset(Subset):
-    """The cells of one split: ``.indices`` are their row positions in the AnnData.
+    """The cells of one split of an :class:`~torch_adata.AnnDataModule`, as a torch ``Dataset``.
 
-    Indexing is vectorised: ``split[positions]`` reads ``dataset[indices[positions]]`` in one call.
+    Every loader of the data module reads one (``dm.loader("val").dataset``). Position ``i``
+    is the cell at row ``indices[i]`` of the AnnData; batches have the keys and shapes of the
+    wrapped dataset. Indexing is vectorised and checked like
+    :class:`~torch_adata.AnnDataset`'s: ``split[positions]`` reads
+    ``dataset[indices[positions]]`` in one gather.
+
+    Parameters
+    ----------
+    dataset
+        The dataset of every cell (an :class:`~torch_adata.AnnDataset` or
+        :class:`~torch_adata.TimeResolvedAnnDataset`).
+    indices
+        Row positions of the split's cells in ``dataset``, in the order of the split.
+    name
+        The split's name: ``"train"``, ``"val"``, ``"test"`` or ``"predict"``.
+
+    Attributes
+    ----------
+    dataset
+        The dataset of every cell.
+    indices
+        The split's row positions (int64).
+    name
+        The split's name.
     """
 
-    def __init__(self, dataset: AnnDataset, indices: np.ndarray, name: str):
-        super().__init__(dataset, indices)
+    def __init__(self, dataset: AnnDataset, indices: Sequence[int] | np.ndarray, name: str):
+        super().__init__(dataset, positions(indices, len(dataset)))
         self.name = name
 
     def __getitem__(self, index):
-        if isinstance(index, (int, np.integer)):
-            return self.dataset[int(self.indices[index])]
-        return self.dataset.gather(self.indices[positions(index, len(self.indices))])
+        if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+            return self.dataset[int(self.indices[positions(index, len(self.indices))[0]])]
+        return self.dataset._gather(self.indices[positions(index, len(self.indices))])
 
     def __getitems__(self, indices: Sequence[int]):
-        return self[np.asarray(indices, dtype=np.int64)]
+        """Fetch a whole batch in one vectorised call (used by ``DataLoader``)."""
+        return self.dataset._gather(self.indices[positions(indices, len(self.indices))])
+
+    def __repr__(self) -> str:
+        return f"SplitDataset {self.name!r}: {len(self)} of the {len(self.dataset)} cells"
 
 
 class AnnDataModule(pl.LightningDataModule):
@@ -55,12 +85,22 @@ class AnnDataModule(pl.LightningDataModule):
     load_kwargs
         Keyword arguments of the named dataset's loader (e.g. ``{"n_cells": 4000}``).
     backed
-        For a path: read rows from the file on demand (``True``) or load it into memory.
+        For a path: load the file into memory (``False``, the default: training reads every
+        cell many times, fastest from memory) or read rows from the file on demand (``True``,
+        for files larger than memory). Note that :class:`~torch_adata.AnnDataset` defaults
+        to reading a path on demand instead.
     preprocess
         Keyword arguments of :func:`torch_adata.datasets.preprocess` to run after loading
         (e.g. ``{"n_pcs": 50}`` to batch ``obsm["X_pca"]``); ``None`` for none.
     layer, obs_keys, obsm_keys, X, sparse, return_index, na
         What each batch carries: see :class:`~torch_adata.AnnDataset`.
+    dtype, obsm_dtype, obs_dtypes
+        dtypes of the expression field, of obsm fields, and per obs column: see
+        :class:`~torch_adata.AnnDataset`.
+    encoders
+        Category encoders to reuse, keyed by obs column (e.g. ``AnnDataset(...).encoders``);
+        other categorical columns get one fitted on this data. A checkpoint's encoders
+        (restored by :meth:`load_state_dict`) replace these.
     time_key
         obs column of time points: batches then come from
         :class:`~torch_adata.TimeResolvedAnnDataset`, sampled per ``sampling`` in training.
@@ -101,6 +141,10 @@ class AnnDataModule(pl.LightningDataModule):
         obs_keys: Sequence[str] = (),
         obsm_keys: Sequence[str] = (),
         X: bool = True,
+        dtype: torch.dtype = torch.float32,
+        obsm_dtype: torch.dtype = torch.float32,
+        obs_dtypes: Mapping[str, torch.dtype] | None = None,
+        encoders: Mapping[str, CategoryEncoder] | None = None,
         sparse: bool = False,
         return_index: bool = False,
         na: Literal["raise", "code"] = "raise",
@@ -143,6 +187,9 @@ class AnnDataModule(pl.LightningDataModule):
             "obs_keys": list(obs_keys),
             "obsm_keys": list(obsm_keys),
             "X": X,
+            "dtype": dtype,
+            "obsm_dtype": obsm_dtype,
+            "obs_dtypes": dict(obs_dtypes or {}),
             "sparse": sparse,
             "return_index": return_index,
             "na": na,
@@ -175,12 +222,15 @@ class AnnDataModule(pl.LightningDataModule):
         self.block_size = block_size
         self.pool_batches = pool_batches
         self.seed = seed
+        self._given_encoders = dict(encoders or {})
+        self._checkpoint_encoders: dict[str, CategoryEncoder] = {}
         self._adata: ad.AnnData | None = None
+        self._data: ad.AnnData | str | None = None
         self.dataset: AnnDataset | None = None
         self._splits: dict[str, np.ndarray] | None = None
-        self.save_hyperparameters(
-            ignore=["source"] if isinstance(source, ad.AnnData) else None, logger=False
-        )
+        # Encoders travel in state_dict (plain lists, loadable with weights_only=True).
+        ignore = ["encoders", "source"] if isinstance(source, ad.AnnData) else ["encoders"]
+        self.save_hyperparameters(ignore=ignore, logger=False)
 
     # -- data -------------------------------------------------------------------------------
 
@@ -225,24 +275,75 @@ class AnnDataModule(pl.LightningDataModule):
             stage builds the same dataset and split.
         """
         if self.dataset is None:
-            data = self._load()
-            self._adata = data if isinstance(data, ad.AnnData) else None
-            if self.time_key is not None:
-                self.dataset = TimeResolvedAnnDataset(
-                    data,
-                    self.time_key,
-                    mode=self.sampling,
-                    clone_key=self.clone_key,
-                    backed=self.backed,
-                    **self.time_kwargs,
-                    **self.dataset_kwargs,
-                )
-            else:
-                self.dataset = AnnDataset(data, backed=self.backed, **self.dataset_kwargs)
+            self._data = self._load()
+            self._adata = self._data if isinstance(self._data, ad.AnnData) else None
+            self.dataset = self._build_dataset()
         if self._splits is None:
             self._splits = make_splits(self.dataset.obs, seed=self.seed, **self.split_kwargs)
             sizes = ", ".join(f"{k} {len(v)}" for k, v in self._splits.items())
             log.info("torch_adata splits (seed %d): %s cells", self.seed, sizes)
+
+    def _build_dataset(self) -> AnnDataset:
+        encoders = dict(self._given_encoders)
+        for key, restored in self._checkpoint_encoders.items():
+            if key not in self.dataset_kwargs["obs_keys"]:
+                continue  # kept in self.encoders, to decode a model's outputs
+            if key in encoders and encoders[key] != restored:
+                raise ValueError(
+                    f"encoders= gives obs column {key!r} other categories than the checkpoint "
+                    f"the model was trained with ({encoders[key]} vs {restored}). Drop it from "
+                    "encoders= to use the checkpoint's codes."
+                )
+            encoders[key] = restored
+        options = {**self.dataset_kwargs, "encoders": encoders, "backed": self.backed}
+        try:
+            if self.time_key is None:
+                return AnnDataset(self._data, **options)
+            return TimeResolvedAnnDataset(
+                self._data,
+                self.time_key,
+                mode=self.sampling,
+                clone_key=self.clone_key,
+                **self.time_kwargs,
+                **options,
+            )
+        except ValueError as err:
+            if not self._checkpoint_encoders or "never seen" not in str(err):
+                raise
+            raise ValueError(
+                f"The data has labels the checkpoint's encoders do not know, so the model "
+                f"cannot be given their codes. {err}"
+            ) from err
+
+    @property
+    def encoders(self) -> dict[str, CategoryEncoder]:
+        """The category encoders of the obs columns, keyed by column.
+
+        Those of the dataset once :meth:`setup` has run, and those restored from a checkpoint
+        (also for columns this module does not batch, so a model's predicted codes decode).
+        """
+        encoders = {**self._given_encoders, **self._checkpoint_encoders}
+        if self.dataset is not None:
+            encoders.update(self.dataset.encoders)
+        return encoders
+
+    def decode(self, key: str, codes) -> np.ndarray:
+        """Turn int codes of obs column ``key`` back into labels (see :attr:`encoders`).
+
+        Parameters
+        ----------
+        key
+            An obs column with an encoder, e.g. the label column the model was trained on.
+        codes
+            Codes from a batch or a model's predictions (tensor, array or list).
+        """
+        encoders = self.encoders
+        if key not in encoders:
+            raise FieldKeyError(
+                f"No encoder for {key!r}; encoders exist for {sorted(encoders)}. Add the "
+                "column to obs_keys, or load a checkpoint that has it."
+            )
+        return encoders[key].decode(codes)
 
     @property
     def adata(self) -> ad.AnnData | None:
@@ -344,18 +445,41 @@ class AnnDataModule(pl.LightningDataModule):
         state: dict[str, Any] = {"seed": self.seed}
         if self._splits is not None:
             state["splits"] = {k: v.tolist() for k, v in self._splits.items()}
-        if self.dataset is not None:
-            state["encoders"] = {k: e.to_dict() for k, e in self.dataset.encoders.items()}
+        encoders = self.encoders
+        if encoders:
+            state["encoders"] = {k: e.to_dict() for k, e in encoders.items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the split of a checkpoint, so a resumed run trains on the same cells.
+        """Restore the split and the label encoders of a checkpoint.
+
+        Lightning calls this with ``ckpt_path=`` (after :meth:`setup`): a resumed run trains
+        on the same cells, and a model resumed or used for prediction, even on another file,
+        gets each label with the code it was trained on (the dataset's categorical fields are
+        re-encoded with the checkpoint's encoders). Called by hand before ``setup``, it takes
+        effect there.
 
         Parameters
         ----------
         state_dict
             What :meth:`state_dict` returned (Lightning passes the checkpoint's entry).
+
+        Raises
+        ------
+        ValueError
+            The split refers to cells this AnnData does not have, or the data has labels the
+            checkpoint's encoders do not know.
         """
+        if "encoders" in state_dict:
+            self._checkpoint_encoders = {
+                k: CategoryEncoder.from_dict(v) for k, v in state_dict["encoders"].items()
+            }
+            if self.dataset is not None and any(
+                self.dataset.encoders.get(k, e) != e for k, e in self._checkpoint_encoders.items()
+            ):
+                with warnings.catch_warnings():  # reported when the dataset was first built
+                    warnings.filterwarnings("ignore", message=".*single time point")
+                    self.dataset = self._build_dataset()
         if "splits" in state_dict:
             self._splits = {
                 k: np.asarray(v, dtype=np.int64) for k, v in state_dict["splits"].items()

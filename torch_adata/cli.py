@@ -33,7 +33,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from .datamodule import AnnDataModule
 
-__all__ = ["AnnDataCLI", "AnnDataPredictionWriter", "check_class_path", "main"]
+__all__ = ["AnnDataCLI", "AnnDataPredictionWriter", "check_class_path", "main", "run_cli"]
 
 
 class AnnDataPredictionWriter(BasePredictionWriter):
@@ -202,11 +202,13 @@ def check_class_path(class_path: str) -> type:
     return cls
 
 
-def main(args: Sequence[str] | None = None) -> AnnDataCLI:
-    """Run the ``torch-adata`` command (``args`` defaults to ``sys.argv[1:]``).
+def run_cli(args: Sequence[str] | None = None) -> AnnDataCLI:
+    """Run the ``torch-adata`` command and return the finished ``AnnDataCLI``.
 
-    The current directory goes first on ``sys.path`` so model class paths may name modules in it
-    (``examples.classifier.CellTypeClassifier`` from the repository root).
+    ``args`` defaults to ``sys.argv[1:]``. The current directory goes first on ``sys.path`` so
+    model class paths may name modules in it (``examples.classifier.CellTypeClassifier`` from
+    the repository root). A missing config file or a model class path that does not import
+    stops the command with a message that says what is wrong and how to fix it.
     """
     argv = sys.argv[1:] if args is None else list(args)
     for path in _config_paths(argv):
@@ -221,7 +223,12 @@ def main(args: Sequence[str] | None = None) -> AnnDataCLI:
         sys.path.insert(0, cwd)
     for class_path in _model_class_paths(argv, _config_paths(argv)):
         check_class_path(class_path)
-    return AnnDataCLI(args=argv)
+    return AnnDataCLI(args=args)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``torch-adata`` console script (see :func:`run_cli`)."""
+    run_cli(args)
 
 
 if __name__ == "__main__":

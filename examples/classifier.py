@@ -143,6 +143,7 @@ def run(
     out: Path,
     *,
     n_cells: int = 10_000,
+    n_genes: int = 2_000,
     max_epochs: int = 10,
     seed: int = 0,
     accelerator: str = "auto",
@@ -155,7 +156,7 @@ def run(
     pl.seed_everything(seed, workers=True)
     dm = ta.AnnDataModule(
         "simulated",
-        load_kwargs={"n_cells": n_cells, "seed": seed},
+        load_kwargs={"n_cells": n_cells, "n_genes": n_genes, "seed": seed},
         obs_keys=[LABEL],
         sparse=True,
         stratify_key=LABEL,
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/classifier"))
     parser.add_argument("--n-cells", type=int, default=10_000)
+    parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--max-epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerator", default="auto")
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = run(
         args.out,
         n_cells=args.n_cells,
+        n_genes=args.n_genes,
         max_epochs=args.max_epochs,
         seed=args.seed,
         accelerator=args.accelerator,

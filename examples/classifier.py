@@ -176,7 +176,11 @@ def run(
     model = CellTypeClassifier()
     trainer.fit(model, datamodule=dm)
     test = trainer.test(model, datamodule=dm, verbose=False)[0]
-    metrics = {"test_accuracy": test["test_accuracy"], "test_macro_f1": test["test_macro_f1"]}
+    metrics = {
+        "test_accuracy": test["test_accuracy"],
+        "test_macro_f1": test["test_macro_f1"],
+        "device": str(trainer.strategy.root_device),
+    }
     if fast_dev_run:
         return metrics
 

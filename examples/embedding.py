@@ -189,8 +189,9 @@ def run(
     model = CountVAE(n_latent=n_latent)
     trainer.fit(model, datamodule=dm)
     test_loss = trainer.test(model, datamodule=dm, verbose=False)[0]["test_loss"]
+    device = str(trainer.strategy.root_device)
     if fast_dev_run:
-        return {"test_loss": test_loss}
+        return {"test_loss": test_loss, "device": device}
 
     adata = dm.write_predictions(trainer.predict(model, datamodule=dm), key="X_vae")
     adata.obsm["X_pca"] = pca_embedding(adata, n_pcs=n_latent)
@@ -201,6 +202,7 @@ def run(
         "knn_accuracy_vae": knn_accuracy(adata.obsm["X_vae"], labels, train, test),
         "knn_accuracy_pca": knn_accuracy(adata.obsm["X_pca"], labels, train, test),
         "n_latent": n_latent,
+        "device": device,
         "splits": {name: len(rows) for name, rows in dm.splits.items()},
         "checkpoint": trainer.checkpoint_callback.best_model_path,
     }

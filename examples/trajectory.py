@@ -1,9 +1,11 @@
 """Trajectory example: a drift model of differentiation trained with optimal transport.
 
 Cells are only observed as snapshots (days 2, 4, 6). A neural drift ``f(x, t)`` (plus a fixed
-diffusion) moves day-2 cells forward in a low-dimensional space (PCA 50 by default); it is trained
-so that the cells it pushes from one day reach the population observed on the next day, with a
-Sinkhorn divergence (geomloss) between predicted and observed populations. Batches come from
+diffusion) moves cells forward in a low-dimensional space: the simulator's latent space, or PCA
+50 (``--embedding pca``, the only choice on LARRY). It is trained so that the cells it pushes
+from one day reach the population observed on a later day, with a Sinkhorn divergence (geomloss)
+between predicted and observed populations, plus a kinetic-energy penalty that favours short,
+straight paths (the optimal-transport coupling, which keeps each cell's fate). Batches come from
 ``torch_adata.AnnDataModule(time_key="Time point", sampling="populations")``: rows
 ``[k*n:(k+1)*n]`` of a batch are cells of time point ``k``.
 
@@ -59,15 +61,20 @@ HELD_OUT_DAY = 4
 class DriftModel(pl.LightningModule):
     """Cells move by ``dx = f(x, t) dt + sigma dW`` in a normalised embedding.
 
+    The sizes and the normalisation are read from the data module in :meth:`setup` unless
+    given (so a CLI config need not know them); they are saved in checkpoints.
+
     Parameters
     ----------
-    dim
-        Dimension of the embedding (the obsm matrix the batches carry).
     obsm_key
         The obsm key of the embedding in the batches.
+    dim
+        Dimension of the embedding.
     center, scale
-        The embedding is normalised as ``(x - center) / scale`` (per-dimension mean, one overall
-        scale), so the loss and the diffusion do not depend on its units.
+        The embedding is normalised as ``(x - center) / scale`` (per dimension; see
+        :func:`normalisation`), so the loss, blur and diffusion do not depend on its units.
+    time_points
+        Every time point of the data (held-out ones included), for :meth:`predict_step`.
     hidden
         Width of the drift MLP.
     sigma
@@ -80,27 +87,33 @@ class DriftModel(pl.LightningModule):
         Weight of the kinetic energy ``mean |f|^2`` penalty that favours short, straight paths.
     lr
         Adam learning rate.
-    time_points
-        Every time point of the data (held-out ones included), for :meth:`predict_step`.
     """
 
     def __init__(
         self,
-        dim: int,
         obsm_key: str = "X_pca",
+        dim: int | None = None,
         center: list[float] | None = None,
-        scale: float = 1.0,
+        scale: list[float] | None = None,
+        time_points: list[float] | None = None,
         hidden: int = 128,
         sigma: float = 0.1,
         dt: float = 0.5,
         blur: float = 0.05,
-        energy_weight: float = 0.01,
+        energy_weight: float = 1.0,
         lr: float = 3e-3,
-        time_points: list[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.register_buffer("center", torch.as_tensor(center or [0.0] * dim).float())
+        self.drift = None
+        self.ot_loss = SamplesLoss("sinkhorn", p=2, blur=blur)
+        if None not in (dim, center, scale, time_points):
+            self._build()
+
+    def _build(self) -> None:
+        dim, hidden = self.hparams.dim, self.hparams.hidden
+        self.register_buffer("center", torch.as_tensor(self.hparams.center).float())
+        self.register_buffer("scale", torch.as_tensor(self.hparams.scale).float())
         self.drift = torch.nn.Sequential(
             torch.nn.Linear(dim + 1, hidden),
             torch.nn.SiLU(),
@@ -108,13 +121,25 @@ class DriftModel(pl.LightningModule):
             torch.nn.SiLU(),
             torch.nn.Linear(hidden, dim),
         )
-        self.ot_loss = SamplesLoss("sinkhorn", p=2, blur=blur)
+
+    def setup(self, stage: str) -> None:
+        if self.drift is None:  # sizes and normalisation from the training cells
+            dm = self.trainer.datamodule
+            train = dm.dataset.gather(dm.splits["train"])[self.hparams.obsm_key].numpy()
+            center, scale = normalisation(train)
+            self.hparams.update(
+                dim=train.shape[1],
+                center=center,
+                scale=scale,
+                time_points=dm.dataset.time_points.tolist(),
+            )
+            self._build()
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.center) / self.hparams.scale
+        return (x - self.center) / self.scale
 
     def denormalise(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.hparams.scale + self.center
+        return z * self.scale + self.center
 
     def integrate(self, z: torch.Tensor, t0: float, t1: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Euler--Maruyama from time ``t0`` to ``t1`` (days); returns the end and the energy."""
@@ -165,16 +190,16 @@ class DriftModel(pl.LightningModule):
 def make_datamodule(
     dataset: str = "simulated",
     *,
-    embedding: str = "pca",
+    embedding: str = "latent",
     n_cells: int = 10_000,
     cells_per_time: int = 256,
     seed: int = 0,
 ) -> ta.AnnDataModule:
     """Batches of ``cells_per_time`` cells per training day, the held-out day in the test split.
 
-    ``embedding="pca"`` batches ``obsm["X_pca"]`` (log1p, 2,000 variable genes, scaling,
-    PCA 50: :func:`torch_adata.datasets.preprocess`); ``"latent"`` batches the simulator's
-    ``obsm["X_latent"]``.
+    ``embedding="latent"`` batches the simulator's ``obsm["X_latent"]``; ``"pca"`` batches
+    ``obsm["X_pca"]`` (log1p, 2,000 variable genes, scaling, PCA 50:
+    :func:`torch_adata.datasets.preprocess`).
     """
     if dataset not in ("simulated", "larry"):
         raise ValueError(f"dataset must be 'simulated' or 'larry', got {dataset!r}.")
@@ -202,10 +227,14 @@ def obsm_key(embedding: str) -> str:
     return {"pca": "X_pca", "latent": "X_latent"}[embedding]
 
 
-def normalisation(x: np.ndarray) -> tuple[list[float], float]:
-    """Per-dimension mean and the root mean square distance to it (one scale for all dims)."""
+def normalisation(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-dimension mean, and one scale for every dimension: the RMS distance to the mean.
+
+    One scale keeps the geometry (a per-dimension scale would inflate noisy low-variance PCs).
+    """
     center = x.mean(0)
-    return center.tolist(), float(np.sqrt(((x - center) ** 2).sum(1).mean()))
+    scale = float(np.sqrt(((x - center) ** 2).sum(1).mean())) or 1.0
+    return center.tolist(), [scale] * x.shape[1]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -279,6 +308,20 @@ def predict_fate_bias(
     first, second = (labels == FATES[0]).sum(1), (labels == FATES[1]).sum(1)
     committed = first + second
     return np.where(committed > 0, first / np.maximum(committed, 1), 0.5)
+
+
+def static_fate_bias(
+    start: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray, n_neighbors: int = 15
+) -> np.ndarray:
+    """Baseline without dynamics: the fate shares among each start cell's nearest reference cells."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(n_neighbors=n_neighbors).fit(reference, reference_labels)
+    proba = knn.predict_proba(start)
+    share = {c: proba[:, i] for i, c in enumerate(knn.classes_)}
+    first, second = (share.get(fate, np.zeros(len(start))) for fate in FATES)
+    committed = first + second
+    return np.where(committed > 0, first / np.where(committed > 0, committed, 1), 0.5)
 
 
 def clonal_fate_bias(
@@ -404,11 +447,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/trajectory"))
     parser.add_argument("--dataset", choices=("simulated", "larry"), default="simulated")
-    parser.add_argument("--embedding", choices=("pca", "latent"), default="pca")
+    parser.add_argument(
+        "--embedding",
+        choices=("pca", "latent"),
+        default=None,
+        help="space of the model (default: latent for simulated, pca for larry)",
+    )
     parser.add_argument("--n-cells", type=int, default=10_000, help="simulated cells")
     parser.add_argument("--cells-per-time", type=int, default=256)
-    parser.add_argument("--max-epochs", type=int, default=30)
+    parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--sigma", type=float, default=0.1, help="diffusion (0: an ODE)")
+    parser.add_argument(
+        "--energy-weight", type=float, default=1.0, help="kinetic energy penalty (straight paths)"
+    )
     parser.add_argument("--n-paths", type=int, default=32, help="paths per cell for fates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerator", default="auto")
@@ -422,6 +473,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate, plot and write every output; returns the metrics."""
     args = parse_args(argv)
+    args.embedding = args.embedding or ("latent" if args.dataset == "simulated" else "pca")
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(args.seed, workers=True)
@@ -441,15 +493,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     embedding = np.asarray(adata.obsm[key], dtype=np.float32)
     times = adata.obs[TIME_KEY].to_numpy(dtype=float)
     train = dm.splits["train"]
-    center, scale = normalisation(embedding[train])
     model = DriftModel(
-        embedding.shape[1],
-        obsm_key=key,
-        center=center,
-        scale=scale,
-        sigma=args.sigma,
-        time_points=np.unique(times).tolist(),
-    )
+        obsm_key=key, sigma=args.sigma, energy_weight=args.energy_weight
+    )  # sizes are read from dm in setup
     trainer = pl.Trainer(
         max_epochs=args.max_epochs,
         accelerator=args.accelerator,
@@ -464,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
 
     # a. interpolation of the held-out day
-    model.eval()
+    model.to(trainer.strategy.root_device).eval()  # Lightning hands the model back on the CPU
     interpolation = evaluate_interpolation(model, embedding, times, HELD_OUT_DAY, seed=args.seed)
 
     # b. fate prediction from the first day, kNN on annotated cells of the last training day
@@ -482,16 +528,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     truth, truth_name = fate_truth(adata, args.dataset)
     fate = score_fate(fate_pred, truth)
+    static = static_fate_bias(
+        embedding[times == first],
+        embedding[reference],
+        adata.obs[LABEL_KEY].astype(str).to_numpy()[reference],
+    )
+    fate_baseline = score_fate(static, truth)
 
     # outputs: predictions in a copy of the AnnData, plots, metrics
-    outputs = trainer.predict(model, datamodule=dm)
+    predictor = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False)
+    outputs = predictor.predict(model, datamodule=dm)
     predictions = dm.write_predictions(outputs, key={name: name for name in outputs[0]})
     early = times == first
     predictions.obs["fate_bias_pred"] = np.where(early, 0.0, np.nan)
     predictions.obs.loc[early, "fate_bias_pred"] = fate_pred
     predictions.write_h5ad(args.out / "predictions.h5ad")
     pushed = {t: predictions.obsm[f"X_pred_day{t:g}"][early] for t in np.unique(times) if t > first}
-    plot_losses(args.out / "logs" / "metrics.csv", args.out / "losses.png")
+    if not args.fast_dev_run:  # fast_dev_run logs nothing
+        plot_losses(args.out / "logs" / "metrics.csv", args.out / "losses.png")
     plot_populations(embedding, times, pushed, args.out / "populations.png")
     plot_fate(fate_pred, truth, fate, args.out / "fate_bias.png")
 
@@ -503,12 +557,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_cells": int(adata.n_obs),
         "interpolation": {"held_out_day": HELD_OUT_DAY, **interpolation},
         "fate": {"truth": truth_name, **fate},
+        "fate_baseline_no_dynamics": fate_baseline,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     rows = [("interpolation", name, interpolation[name]) for name in interpolation]
     rows += [("fate", name, fate[name]) for name in fate]
+    rows += [("fate_baseline_no_dynamics", k, v) for k, v in fate_baseline.items()]
     pd.DataFrame(rows, columns=["evaluation", "metric", "value"]).to_csv(
         args.out / "metrics.csv", index=False
     )
@@ -517,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"earlier population {interpolation['earlier_population']:.4f}, "
         f"later population {interpolation['later_population']:.4f}\n"
         f"fate bias vs {truth_name}: Pearson r {fate['pearson_r']:.3f}, "
-        f"AUROC {fate['auroc']:.3f} ({fate['n_cells']} cells)\n"
+        f"AUROC {fate['auroc']:.3f} ({fate['n_cells']} cells); kNN on day-{first:g} positions "
+        f"(no dynamics): r {fate_baseline['pearson_r']:.3f}, AUROC {fate_baseline['auroc']:.3f}\n"
         f"{metrics['total_seconds']:.0f} s; outputs in {args.out}/"
     )
     return metrics

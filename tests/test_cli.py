@@ -87,8 +87,12 @@ def test_fit_test_predict_round_trip_writes_decoded_predictions(tmp_path, in_rep
 
 
 def test_validate_subcommand_runs(tmp_path, in_repo):
-    run = cli.run_cli(["validate", "--config", CLASSIFIER, *small(tmp_path)])
+    # --trainer.accelerator auto (the config's default too): CUDA when present, else CPU
+    args = ["validate", "--config", CLASSIFIER, *small(tmp_path), "--trainer.accelerator", "auto"]
+    run = cli.run_cli(args)
     assert "val_loss" in run.trainer.callback_metrics
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert run.trainer.strategy.root_device.type == expected
 
 
 def test_missing_config_names_the_file_and_the_fix(tmp_path, in_repo):

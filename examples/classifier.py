@@ -88,6 +88,11 @@ class CellTypeClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Sizes come from the data (the CLI's config need not know them); saved in checkpoints.
         if self.net is None:
+            if not isinstance(self.trainer.datamodule, ta.AnnDataModule):
+                raise ValueError(
+                    "CellTypeClassifier reads n_genes/n_classes from an AnnDataModule: pass "
+                    "datamodule= to the trainer, or give n_genes and n_classes."
+                )
             dataset = self.trainer.datamodule.dataset
             self.hparams.n_genes = dataset.n_vars
             self.hparams.n_classes = len(dataset.encoders[self.hparams.label_key])

@@ -84,6 +84,11 @@ class CountVAE(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.encoder is None:  # the CLI path: the gene count comes from the data
+            if not isinstance(self.trainer.datamodule, ta.AnnDataModule):
+                raise ValueError(
+                    "CountVAE reads n_genes from an AnnDataModule: pass datamodule= to the "
+                    "trainer, or give n_genes."
+                )
             self.hparams.n_genes = self.trainer.datamodule.dataset.n_vars
             self._build()
 

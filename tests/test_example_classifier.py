@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 
 import anndata as ad
+import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from torch_adata import cli
 
@@ -82,3 +85,10 @@ def test_classifier_clearly_beats_the_majority_class(tmp_path):
     # the checkpoint reloads on its own: sizes were saved with it
     model = example.CellTypeClassifier.load_from_checkpoint(metrics["checkpoint"])
     assert (model.hparams.n_genes, model.hparams.n_classes) == (2000, 3)
+
+
+def test_sizes_without_a_data_module_are_a_clear_error():
+    loader = DataLoader(TensorDataset(torch.zeros(4, 3)), batch_size=2)
+    trainer = pl.Trainer(accelerator="cpu", fast_dev_run=True, logger=False)
+    with pytest.raises(ValueError, match="reads n_genes/n_classes from an AnnDataModule"):
+        trainer.fit(load_example().CellTypeClassifier(), train_dataloaders=loader)

@@ -214,7 +214,9 @@ def run(
     if umap:
         import scanpy as sc
 
-        sc.pp.neighbors(adata, use_rep="X_vae", random_state=seed)
+        # exact neighbours (sklearn): scanpy 1.11's default above 4,096 cells (pynndescent)
+        # fails on scipy sparse arrays ('csr_array' has no 'getnnz')
+        sc.pp.neighbors(adata, use_rep="X_vae", transformer="sklearn", random_state=seed)
         sc.tl.umap(adata, random_state=seed)
         figure = sc.pl.umap(adata, color=LABEL, show=False, return_fig=True)
         figure.savefig(out / "umap.png", dpi=100, bbox_inches="tight")

@@ -33,6 +33,7 @@ from pathlib import Path
 import anndata as ad
 import lightning.pytorch as pl
 import numpy as np
+import scanpy as sc
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.neighbors import KNeighborsClassifier
@@ -153,7 +154,10 @@ def knn_accuracy(
 
 
 def pca_embedding(adata: ad.AnnData, n_pcs: int) -> np.ndarray:
-    """PCA of the standard recipe (log1p, variable genes, scaling) with ``n_pcs`` components."""
+    """PCA of the standard recipe (log1p, variable genes, scaling) with ``n_pcs`` components.
+
+    Fitted on every cell (the VAE sees only the training cells), as PCA is used in practice.
+    """
     return ta.datasets.preprocess(adata, n_pcs=n_pcs).obsm["X_pca"]
 
 
@@ -212,8 +216,6 @@ def run(
         "checkpoint": trainer.checkpoint_callback.best_model_path,
     }
     if umap:
-        import scanpy as sc
-
         # exact neighbours (sklearn): scanpy 1.11's default above 4,096 cells (pynndescent)
         # fails on scipy sparse arrays ('csr_array' has no 'getnnz')
         sc.pp.neighbors(adata, use_rep="X_vae", transformer="sklearn", random_state=seed)

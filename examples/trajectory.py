@@ -401,7 +401,11 @@ def plot_losses(metrics_csv: Path, path: Path) -> None:
 
 
 def plot_populations(
-    embedding: np.ndarray, times: np.ndarray, predicted: dict[float, np.ndarray], path: Path
+    embedding: np.ndarray,
+    times: np.ndarray,
+    predicted: dict[float, np.ndarray],
+    path: Path,
+    name: str = "X",
 ) -> None:
     """Observed (grey) and predicted (colour) cells at each time point, first two dimensions."""
     import matplotlib.pyplot as plt
@@ -414,9 +418,9 @@ def plot_populations(
         if t in predicted:
             ax.scatter(*predicted[t][:, :2].T, s=2, c="C1", alpha=0.5, label="predicted")
         held = " (held out)" if t == HELD_OUT_DAY else ""
-        ax.set(title=f"day {t:g}{held}", xlabel="dim 1")
+        ax.set(title=f"day {t:g}{held}", xlabel=f"{name}[:, 0]")
         ax.legend(markerscale=4, loc="best", fontsize=8)
-    axes[0].set_ylabel("dim 2")
+    axes[0].set_ylabel(f"{name}[:, 1]")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -513,40 +517,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.to(trainer.strategy.root_device).eval()  # Lightning hands the model back on the CPU
     interpolation = evaluate_interpolation(model, embedding, times, HELD_OUT_DAY, seed=args.seed)
 
-    # b. fate prediction from the first day, kNN on annotated cells of the last training day
+    # b. fate prediction for the first day's cells whose truth is known (all, when simulated),
+    #    end points labelled by kNN on the annotated cells of the last training day
     first, last = float(times[train].min()), float(times[train].max())
+    early = np.flatnonzero(times == first)
+    truth, truth_name = fate_truth(adata, args.dataset)
+    scored, truth = early[~np.isnan(truth)], truth[~np.isnan(truth)]
     reference = train[times[train] == last]
+    reference_labels = adata.obs[LABEL_KEY].astype(str).to_numpy()[reference]
     fate_pred = predict_fate_bias(
         model,
-        embedding[times == first],
+        embedding[scored],
         first,
         last,
         embedding[reference],
-        adata.obs[LABEL_KEY].astype(str).to_numpy()[reference],
+        reference_labels,
         n_paths=args.n_paths,
         seed=args.seed,
     )
-    truth, truth_name = fate_truth(adata, args.dataset)
     fate = score_fate(fate_pred, truth)
-    static = static_fate_bias(
-        embedding[times == first],
-        embedding[reference],
-        adata.obs[LABEL_KEY].astype(str).to_numpy()[reference],
-    )
+    static = static_fate_bias(embedding[scored], embedding[reference], reference_labels)
     fate_baseline = score_fate(static, truth)
 
     # outputs: predictions in a copy of the AnnData, plots, metrics
     predictor = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False)
     outputs = predictor.predict(model, datamodule=dm)
     predictions = dm.write_predictions(outputs, key={name: name for name in outputs[0]})
-    early = times == first
-    predictions.obs["fate_bias_pred"] = np.where(early, 0.0, np.nan)
-    predictions.obs.loc[early, "fate_bias_pred"] = fate_pred
+    predictions.obs["fate_bias_pred"] = np.nan
+    predictions.obs.iloc[scored, predictions.obs.columns.get_loc("fate_bias_pred")] = fate_pred
     predictions.write_h5ad(args.out / "predictions.h5ad")
     pushed = {t: predictions.obsm[f"X_pred_day{t:g}"][early] for t in np.unique(times) if t > first}
     if not args.fast_dev_run:  # fast_dev_run logs nothing
         plot_losses(args.out / "logs" / "metrics.csv", args.out / "losses.png")
-    plot_populations(embedding, times, pushed, args.out / "populations.png")
+    plot_populations(embedding, times, pushed, args.out / "populations.png", key)
     plot_fate(fate_pred, truth, fate, args.out / "fate_bias.png")
 
     metrics = {

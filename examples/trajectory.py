@@ -509,9 +509,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fast_dev_run=args.fast_dev_run,
         log_every_n_steps=1,
     )
+    fit_started = time.perf_counter()
     trainer.fit(model, datamodule=dm)
+    train_seconds = time.perf_counter() - fit_started
     trainer.save_checkpoint(args.out / "model.ckpt")
-    train_seconds = time.perf_counter() - started
 
     # a. interpolation of the held-out day
     model.to(trainer.strategy.root_device).eval()  # Lightning hands the model back on the CPU

@@ -197,12 +197,22 @@ def make_datamodule(
 ) -> ta.AnnDataModule:
     """Batches of ``cells_per_time`` cells per training day, the held-out day in the test split.
 
+    ``dataset`` is ``"simulated"``, ``"larry"`` or a path to an ``.h5ad`` file with LARRY's
+    schema (``Time point``, ``Cell type annotation``, ``obsm["X_clone"]``), e.g. LARRY saved
+    after a first download.
+
     ``embedding="latent"`` batches the simulator's ``obsm["X_latent"]``; ``"pca"`` batches
     ``obsm["X_pca"]`` (log1p, 2,000 variable genes, scaling, PCA 50:
     :func:`torch_adata.datasets.preprocess`).
     """
-    if dataset not in ("simulated", "larry"):
-        raise ValueError(f"dataset must be 'simulated' or 'larry', got {dataset!r}.")
+    is_file = str(dataset).endswith(".h5ad")
+    if dataset not in ("simulated", "larry") and not is_file:
+        raise ValueError(
+            f"dataset must be 'simulated', 'larry' or a path to an .h5ad file with LARRY's "
+            f"schema, got {dataset!r}."
+        )
+    if is_file and not Path(dataset).is_file():
+        raise FileNotFoundError(f"No .h5ad file at {dataset!r}: give an existing path.")
     if embedding not in ("pca", "latent"):
         raise ValueError(f"embedding must be 'pca' or 'latent', got {embedding!r}.")
     if embedding == "latent" and dataset != "simulated":
@@ -350,7 +360,12 @@ def clonal_fate_bias(
 
 
 def fate_truth(adata: ad.AnnData, dataset: str) -> tuple[np.ndarray, str]:
-    """The true fate bias of the first time point's cells (NaN: unknown) and its name."""
+    """The true fate bias of the first time point's cells (NaN: unknown) and its name.
+
+    The simulator's oracle for ``"simulated"``; otherwise (LARRY, or a file with its schema)
+    the clonal fate (:func:`clonal_fate_bias`) of the cells on the neutrophil/monocyte
+    trajectory when ``obs["neutrophil_monocyte_trajectory"]`` exists.
+    """
     early = adata.obs[TIME_KEY].to_numpy(dtype=float) == adata.obs[TIME_KEY].min()
     if dataset == "simulated":
         truth = adata.obs["fate_bias_oracle"].to_numpy(dtype=float)[early]
@@ -450,7 +465,11 @@ def plot_fate(predicted: np.ndarray, truth: np.ndarray, scores: dict, path: Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/trajectory"))
-    parser.add_argument("--dataset", choices=("simulated", "larry"), default="simulated")
+    parser.add_argument(
+        "--dataset",
+        default="simulated",
+        help="simulated, larry, or a path to an .h5ad file with LARRY's schema",
+    )
     parser.add_argument(
         "--embedding",
         choices=("pca", "latent"),

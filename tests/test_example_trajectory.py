@@ -130,8 +130,10 @@ def test_fate_scores(trajectory):
 
 
 def test_bad_arguments_are_named(trajectory):
-    with pytest.raises(ValueError, match="'simulated' or 'larry'"):
+    with pytest.raises(ValueError, match=r"path to an \.h5ad file"):
         trajectory.make_datamodule("pbmc")
+    with pytest.raises(FileNotFoundError, match=r"No \.h5ad file at"):
+        trajectory.make_datamodule("missing/larry.h5ad", embedding="pca")
     with pytest.raises(ValueError, match="embedding='pca'"):
         trajectory.make_datamodule("larry", embedding="latent")
     model = trajectory.DriftModel(dim=2, center=[0, 0], scale=[1, 1], time_points=[2, 4, 6])
@@ -251,3 +253,25 @@ def test_cli_predict_from_a_checkpoint_writes_pushed_cells(tmp_path, monkeypatch
     moved = adata.obsm["X_pred_day6"][day == 2, 0] - latent[day == 2, 0]
     observed = latent[day == 6, 0].mean() - latent[day == 2, 0].mean()
     assert moved.mean() > 0.5 * observed
+
+
+def test_larry_code_path_on_a_file_with_larrys_schema(trajectory, tmp_path):
+    """``--dataset`` given an .h5ad file runs LARRY's path: PCA 50, clonal truth on its cells."""
+    adata = ta.datasets.simulated(n_cells=800, n_genes=200, seed=1)
+    on_path = np.random.default_rng(1).random(adata.n_obs) < 0.7
+    adata.obs["neutrophil_monocyte_trajectory"] = on_path
+    del adata.obs["fate_bias_oracle"]  # LARRY has no oracle: the truth must be the clones
+    path = tmp_path / "larry_like.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "out"
+    metrics = trajectory.main(small_run(out, "--fast-dev-run", "--dataset", str(path)))
+
+    assert metrics["embedding"] == "X_pca" and "clonal" in metrics["fate"]["truth"]
+    early = adata.obs["Time point"].to_numpy() == 2
+    clonal = adata.obs["clone_fate_bias"].to_numpy()
+    scored = early & on_path & ~np.isnan(clonal)
+    assert metrics["fate"]["n_cells"] == scored.sum() > 50
+    written = ad.read_h5ad(out / "predictions.h5ad")
+    assert written.obsm["X_pca"].shape == (800, 50)
+    bias = written.obs["fate_bias_pred"].to_numpy()
+    assert np.isfinite(bias[scored]).all() and np.isnan(bias[~scored]).all()

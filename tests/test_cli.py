@@ -220,11 +220,3 @@ def test_console_script_runs_in_a_subprocess(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=1` reached" in done.stderr + done.stdout
-    missing = subprocess.run(
-        [script, "fit", "--config", "missing.yaml"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert missing.returncode != 0 and "config file 'missing.yaml' not found" in missing.stderr

@@ -202,6 +202,18 @@ def test_writer_places_rows_in_anndata_order_and_checks_its_arguments(tmp_path):
         predict_with(wrong, ConstantPredictor(as_dict=True), tmp_path, dm)
 
 
+def test_writer_copies_a_backed_file(tmp_path):
+    source = tmp_path / "cells.h5ad"
+    ta.datasets.simulated(n_cells=120, n_genes=40).write_h5ad(source)
+    dm = ta.AnnDataModule(source, backed=True, obs_keys=[LABEL], batch_size=50)
+    out = tmp_path / "out.h5ad"
+    predict_with(AnnDataPredictionWriter(out, key="X_two"), ConstantPredictor(), tmp_path, dm)
+    written, original = ad.read_h5ad(out), ad.read_h5ad(source)
+    codes = dm.dataset.encoders[LABEL].encode(original.obs[LABEL])
+    np.testing.assert_array_equal(written.obsm["X_two"][:, 0], codes)
+    assert (written.X != original.X).nnz == 0 and "X_two" not in original.obsm
+
+
 def test_console_script_runs_in_a_subprocess(tmp_path):
     # the one installed beside this interpreter (pip install -e .), else one on PATH
     script = shutil.which("torch-adata", path=str(Path(sys.executable).parent)) or shutil.which(

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import lightning.pytorch as pl
 import pandas as pd
 import yaml
@@ -58,7 +59,8 @@ class AnnDataPredictionWriter(BasePredictionWriter):
 
     Notes
     -----
-    Run ``predict`` on one device: the predictions of all batches must be in this process.
+    For a data module that reads a backed ``.h5ad``, the file is loaded into memory once to
+    write the copy. Run ``predict`` on one device: the predictions of all batches must be in this process.
     """
 
     def __init__(
@@ -104,7 +106,10 @@ class AnnDataPredictionWriter(BasePredictionWriter):
                     '(e.g. key: "X_model") to name the obsm entry.'
                 )
             key = {name: name for name in predictions[0]}
-        adata = datamodule.write_predictions(predictions, key=key)
+        target = None
+        if datamodule.adata is None:  # rows were read from a backed file: write into a copy
+            target = ad.read_h5ad(datamodule.source)
+        adata = datamodule.write_predictions(predictions, key=key, adata=target)
         for column, label_key in self.decode.items():
             encoders = datamodule.dataset.encoders
             if label_key not in encoders:

@@ -1,0 +1,104 @@
+"""examples/embedding.py: a count VAE trained through AnnDataModule (Python API and CLI), its
+latent space in obsm["X_vae"], scored by kNN label accuracy next to PCA, then scanpy UMAP."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from torch_adata import cli
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+REPO = Path(__file__).parents[1]
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("embedding", REPO / "examples/embedding.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fast_dev_run_through_the_python_api(tmp_path):
+    metrics = load_example().run(
+        tmp_path, n_cells=300, n_genes=200, accelerator="cpu", fast_dev_run=True
+    )
+    assert np.isfinite(metrics["test_loss"]) and metrics["test_loss"] > 0
+    assert not (tmp_path / "embedding.h5ad").exists()  # fast_dev_run writes nothing
+
+
+def test_fast_dev_run_through_the_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    cli.main(
+        [
+            "fit",
+            "--config",
+            "examples/configs/embedding.yaml",
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.load_kwargs",
+            "{n_cells: 300, n_genes: 200}",
+        ]
+    )
+    assert not list(tmp_path.rglob("*.ckpt"))  # fast_dev_run saves no checkpoint
+
+
+def test_cli_predict_writes_the_latent_space(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    common = [
+        "--config",
+        "examples/configs/embedding.yaml",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--data.load_kwargs",
+        "{n_cells: 300, n_genes: 200}",
+        "--model.init_args.n_latent",
+        "4",
+    ]
+    cli.main(["fit", *common, "--trainer.max_epochs", "1"])
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    cli.main(["predict", *common, "--ckpt_path", str(checkpoint)])
+    adata = ad.read_h5ad(tmp_path / "predictions.h5ad")
+    assert adata.obsm["X_vae"].shape == (300, 4) and np.isfinite(adata.obsm["X_vae"]).all()
+    assert adata.obsm["X_vae"].std(0).min() > 0  # every cell got its own latent mean
+
+
+def test_vae_latent_separates_labels_as_well_as_pca(tmp_path):
+    """Seeds 0-4 at 1,500 cells x 500 genes, 5 epochs, 10 latent dimensions (CPU), measured
+    before setting the margin: kNN (k=15) accuracy of `Cell type annotation` on the 150 held-out
+    test cells 0.880-0.919 for the VAE and 0.880-0.920 for PCA-10; VAE minus PCA from -0.013
+    to +0.027 (one test cell is 0.0067). Thresholds: VAE >= PCA - 0.05 and VAE >= 0.80.
+    At 1,500 cells x 2,000 genes the difference was -0.007 to +0.020 (VAE 0.919-0.947)."""
+    args = ["--n-cells", "1500", "--n-genes", "500", "--max-epochs", "5", "--seed", "0"]
+    metrics = load_example().main(
+        ["--out", str(tmp_path), *args, "--accelerator", "cpu", "--no-umap"]
+    )
+    assert metrics["knn_accuracy_vae"] >= metrics["knn_accuracy_pca"] - 0.05
+    assert metrics["knn_accuracy_vae"] >= 0.80
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert Path(metrics["checkpoint"]).is_file()
+
+    adata = ad.read_h5ad(tmp_path / "embedding.h5ad")
+    assert adata.obsm["X_vae"].shape == adata.obsm["X_pca"].shape == (1500, 10)
+    assert np.isfinite(adata.obsm["X_vae"]).all()
+
+
+def test_script_runs_scanpy_umap_on_the_latent_space(tmp_path):
+    args = ["--n-cells", "300", "--n-genes", "200", "--max-epochs", "1", "--n-latent", "4"]
+    load_example().main(["--out", str(tmp_path), *args, "--accelerator", "cpu"])
+    adata = ad.read_h5ad(tmp_path / "embedding.h5ad")
+    assert adata.uns["neighbors"]["params"]["use_rep"] == "X_vae"
+    assert adata.obsm["X_umap"].shape == (300, 2) and np.isfinite(adata.obsm["X_umap"]).all()
+    assert (tmp_path / "umap.png").stat().st_size > 0

@@ -1,0 +1,66 @@
+"""The examples and the CLI on CUDA, unchanged (accelerator="auto"). Skipped without CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from torch_adata import cli
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),
+]
+
+REPO = Path(__file__).parents[1]
+SMALL = ["--n-cells", "600", "--n-genes", "300", "--max-epochs", "2", "--accelerator", "auto"]
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_classifier_script_trains_on_cuda(tmp_path):
+    metrics = load_example("classifier").main(["--out", str(tmp_path), *SMALL])
+    assert metrics["device"].startswith("cuda")
+    assert metrics["test_accuracy"] > metrics["majority_class_accuracy"]
+    adata = ad.read_h5ad(tmp_path / "predictions.h5ad")
+    np.testing.assert_allclose(adata.obsm["class_probabilities"].sum(1), 1.0, rtol=1e-5)
+
+
+def test_embedding_script_trains_on_cuda(tmp_path):
+    metrics = load_example("embedding").main(["--out", str(tmp_path), *SMALL, "--no-umap"])
+    assert metrics["device"].startswith("cuda")
+    adata = ad.read_h5ad(tmp_path / "embedding.h5ad")
+    assert np.isfinite(adata.obsm["X_vae"]).all()
+
+
+@pytest.mark.parametrize("name", ["classifier", "embedding"])
+def test_cli_fit_with_accelerator_auto_uses_cuda(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    run = cli.run_cli(
+        [
+            "fit",
+            "--config",
+            f"examples/configs/{name}.yaml",
+            "--trainer.accelerator",
+            "auto",
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.load_kwargs",
+            "{n_cells: 300, n_genes: 200}",
+        ]
+    )
+    assert run.trainer.strategy.root_device.type == "cuda"
+    assert next(run.model.parameters()).device.type == "cuda"

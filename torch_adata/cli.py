@@ -1,0 +1,240 @@
+"""The ``torch-adata`` command: Lightning's ``LightningCLI`` over :class:`~torch_adata.AnnDataModule`.
+
+Subcommands are Lightning's own: ``fit``, ``validate``, ``test`` and ``predict``. The data
+module is always :class:`~torch_adata.AnnDataModule` (its arguments go under ``data:``); the model
+is any ``LightningModule``, named by ``class_path`` under ``model:``. Example configs live in
+``examples/configs/``::
+
+    torch-adata fit --config examples/configs/classifier.yaml --trainer.accelerator auto
+    torch-adata predict --config examples/configs/classifier.yaml --ckpt_path <checkpoint>
+
+Class paths are resolved from the current directory too (the directory is put first on
+``sys.path``, as ``python -m`` does), so ``class_path: examples.classifier.CellTypeClassifier``
+works from the repository root although ``examples/`` is not installed.
+
+``predict`` writes the predictions back into the AnnData and saves an ``.h5ad`` when the trainer
+has an :class:`AnnDataPredictionWriter` callback (the example configs add one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import lightning.pytorch as pl
+import pandas as pd
+import yaml
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningCLI
+
+from .datamodule import AnnDataModule
+
+__all__ = ["AnnDataCLI", "AnnDataPredictionWriter", "check_class_path", "main", "run_cli"]
+
+
+class AnnDataPredictionWriter(BasePredictionWriter):
+    """Write ``predict`` outputs into a copy of the data module's AnnData and save it as ``.h5ad``.
+
+    Uses :meth:`AnnDataModule.write_predictions <torch_adata.AnnDataModule.write_predictions>`,
+    so cells keep the AnnData's order and every obs/obsm entry of the input is kept.
+
+    Parameters
+    ----------
+    output_path
+        Where to save the ``.h5ad`` (parent directories are created); default
+        ``<trainer.default_root_dir>/predictions.h5ad``.
+    key
+        For a model whose ``predict_step`` returns a tensor: the obsm key (2-D output) or obs
+        column (1-D). For dict outputs: ``{output name: key}``, or ``None`` to use the output
+        names as keys.
+    decode
+        ``{written obs column: obs column of the labels}``: integer codes in the written column
+        are replaced by the label names of the data module's encoder for that obs column (e.g.
+        ``{"predicted": "Cell type annotation"}``), as a categorical column.
+
+    Notes
+    -----
+    For a data module that reads a backed ``.h5ad``, the file is loaded into memory once to
+    write the copy. Run ``predict`` on one device: the predictions of all batches must be in this process.
+    """
+
+    def __init__(
+        self,
+        output_path: str | os.PathLike | None = None,
+        key: str | Mapping[str, str] | None = None,
+        decode: Mapping[str, str] | None = None,
+    ):
+        super().__init__(write_interval="epoch")
+        self.output_path = None if output_path is None else Path(output_path)
+        self.key = key
+        self.decode = dict(decode or {})
+        self.written_path: Path | None = None  # set once predictions are saved
+
+    def write_on_epoch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, AnnDataModule):
+            raise TypeError(
+                "AnnDataPredictionWriter needs an AnnDataModule as the trainer's datamodule; "
+                f"got {type(datamodule).__name__}. Pass datamodule= to trainer.predict."
+            )
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                "AnnDataPredictionWriter collects all predictions in one process: run predict "
+                "with --trainer.devices 1."
+            )
+        if len(predictions) == 0:
+            raise ValueError(
+                "No predictions reached the writer: call trainer.predict with "
+                "return_predictions=True (the default on one device)."
+            )
+        key = self.key
+        if key is None:
+            if not isinstance(predictions[0], Mapping):
+                raise ValueError(
+                    "The model's predict_step returns a tensor: give the writer a key "
+                    '(e.g. key: "X_model") to name the obsm entry.'
+                )
+            key = {name: name for name in predictions[0]}
+        target = None
+        if datamodule.adata is None:  # rows were read from a backed file: write into a copy
+            target = ad.read_h5ad(datamodule.source)
+        adata = datamodule.write_predictions(predictions, key=key, adata=target)
+        for column, label_key in self.decode.items():
+            encoders = datamodule.dataset.encoders
+            if label_key not in encoders:
+                raise KeyError(
+                    f"decode: no label encoder for obs column {label_key!r}; the data module "
+                    f"encodes {sorted(encoders)}. Add it to data.obs_keys."
+                )
+            if column not in adata.obs:
+                raise KeyError(
+                    f"decode: the predictions wrote no obs column {column!r} "
+                    f"(they wrote obs {list(adata.obs.columns[-3:])}, obsm {list(adata.obsm)})."
+                )
+            encoder = encoders[label_key]
+            # cells outside the predicted split hold <NA>: code -1 decodes to a missing label
+            labels = encoder.decode(adata.obs[column].fillna(-1).to_numpy(dtype="int64"))
+            adata.obs[column] = pd.Categorical(labels, categories=encoder.categories)
+        path = self.output_path or Path(trainer.default_root_dir) / "predictions.h5ad"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        adata.write_h5ad(path)
+        self.written_path = path
+
+
+class AnnDataCLI(LightningCLI):
+    """``LightningCLI`` with :class:`~torch_adata.AnnDataModule` as the data module.
+
+    The model is given by ``class_path`` (any ``LightningModule``); the config written next to
+    the logs is overwritten on reruns instead of aborting them.
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, **kwargs: Any):
+        kwargs.setdefault("model_class", pl.LightningModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("datamodule_class", AnnDataModule)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_kwargs", {"prog": "torch-adata"})
+        super().__init__(args=None if args is None else list(args), **kwargs)
+
+
+def _config_paths(args: Sequence[str]) -> list[str]:
+    """The files given with ``--config``/``-c`` (``--config x`` and ``--config=x`` forms)."""
+    paths = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            paths.append(args[i + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def _model_class_paths(args: Sequence[str], configs: Sequence[str]) -> list[str]:
+    """Model class paths given in the configs' ``model:`` and by ``--model``/``--model.class_path``."""
+    found = []
+    for path in configs:
+        model = (yaml.safe_load(Path(path).read_text()) or {}).get("model")
+        if isinstance(model, Mapping) and isinstance(model.get("class_path"), str):
+            found.append(model["class_path"])
+        elif isinstance(model, str):
+            found.append(model)
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name in ("--model", "--model.class_path"):
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            if value and not value.startswith(("{", "-")) and not value.endswith((".yaml", ".yml")):
+                found.append(value)
+    return [path for path in found if "." in path]  # bare class names are jsonargparse's
+
+
+def check_class_path(class_path: str) -> type:
+    """Import ``class_path`` (``package.module.Class``); fail with what is wrong and the fix."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise SystemExit(
+            f"torch-adata: cannot import module {module_name!r} of model class_path "
+            f"{class_path!r} ({err}). Modules are looked up in the installed packages and in "
+            f"the current directory ({os.getcwd()}): run from the directory that holds it "
+            "(the repository root for examples.*) or install it."
+        ) from err
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        classes = sorted(
+            name
+            for name, value in vars(module).items()
+            if isinstance(value, type)
+            and issubclass(value, pl.LightningModule)
+            and value.__module__ == module.__name__
+        )
+        what = "does not exist" if cls is None else "is not a LightningModule"
+        raise SystemExit(
+            f"torch-adata: {class_name!r} in module {module_name!r} {what}. "
+            f"LightningModules defined there: {classes or 'none'}."
+        )
+    return cls
+
+
+def run_cli(args: Sequence[str] | None = None) -> AnnDataCLI:
+    """Run the ``torch-adata`` command and return the finished ``AnnDataCLI``.
+
+    ``args`` defaults to ``sys.argv[1:]``. The current directory goes first on ``sys.path`` so
+    model class paths may name modules in it (``examples.classifier.CellTypeClassifier`` from
+    the repository root). A missing config file or a model class path that does not import
+    stops the command with a message that says what is wrong and how to fix it.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    for path in _config_paths(argv):
+        if not Path(path).is_file():
+            raise SystemExit(
+                f"torch-adata: config file {path!r} not found (looked in {os.getcwd()}). "
+                "Give a path to a YAML file, e.g. --config examples/configs/classifier.yaml, "
+                "relative to the directory you run from."
+            )
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for class_path in _model_class_paths(argv, _config_paths(argv)):
+        check_class_path(class_path)
+    return AnnDataCLI(args=args)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``torch-adata`` console script (see :func:`run_cli`)."""
+    run_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -301,6 +301,16 @@ class AnnDataModule(pl.LightningDataModule):
         """
         self._stage = None
 
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning's end of a stage that raised: as :meth:`teardown`.
+
+        Parameters
+        ----------
+        exception
+            What the stage raised.
+        """
+        self._stage = None
+
     @property
     def data_fingerprint(self) -> dict[str, int | str]:
         """What identifies the cells of this module's data (see :func:`~torch_adata.splits.fingerprint`).

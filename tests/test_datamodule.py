@@ -249,6 +249,27 @@ def test_state_loaded_by_hand_onto_other_cells_warns_and_keeps_their_split(adata
     assert by_hand.state_dict()["data"] == fingerprint(other.obs_names)
 
 
+def test_checkpoints_without_a_fingerprint_apply_their_split_where_it_fits(adata):
+    dm = AnnDataModule(adata, seed=1)
+    dm.setup()
+    legacy = {k: v for k, v in dm.state_dict().items() if k != "data"}
+    more = AnnDataModule(_more_cells(adata), seed=2)
+    more.load_state_dict(legacy)
+    more.setup("fit")
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(more.splits[name], dm.splits[name])
+    np.testing.assert_array_equal(more.splits["predict"], np.arange(420))
+    fewer = adata[:100].copy()
+    predicting = AnnDataModule(fewer)
+    predicting.load_state_dict(legacy)
+    predicting.setup("predict")
+    np.testing.assert_array_equal(predicting.splits["predict"], np.arange(100))
+    fitting = AnnDataModule(fewer)
+    fitting.load_state_dict(legacy)
+    with pytest.raises(ValueError, match="drawn on more cells than the 100 this data module"):
+        fitting.setup("fit")
+
+
 def test_fingerprint_follows_names_and_order():
     names = [f"c{i}" for i in range(5)]
     assert fingerprint(names) == fingerprint(pd.Index(names, dtype=object))

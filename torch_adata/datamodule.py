@@ -313,10 +313,10 @@ class AnnDataModule(pl.LightningDataModule):
 
     @property
     def data_fingerprint(self) -> dict[str, int | str]:
-        """What identifies the cells of this module's data (see :func:`~torch_adata.splits.fingerprint`).
+        """What identifies the cells of this module's data: their number and names, in order.
 
-        Saved with the split in checkpoints; a checkpoint's split is restored only onto data
-        with the same fingerprint.
+        Computed by :func:`torch_adata.splits.fingerprint` and saved with the split in
+        checkpoints; a checkpoint's split is restored only onto data with the same fingerprint.
         """
         if self.dataset is None:
             self.setup()

@@ -1,5 +1,7 @@
 """AnnDataModule: sources, split loaders, checkpointed splits, workers, predictions back to AnnData."""
 
+import pickle
+
 import anndata as ad
 import lightning.pytorch as pl
 import numpy as np
@@ -8,8 +10,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from torch_adata import AnnDataModule, CategoryEncoder, TimeResolvedAnnDataset
-from torch_adata.splits import make_splits
+from torch_adata import (
+    AnnDataModule,
+    CategoryEncoder,
+    TimeResolvedAnnDataset,
+    UnknownCategoryError,
+)
+from torch_adata.splits import fingerprint, make_splits
 
 
 @pytest.fixture
@@ -144,6 +151,150 @@ def test_checkpoint_resume_sees_the_same_split(adata, tmp_path):
         assert np.array_equal(resumed.splits[name], dm.splits[name])
 
 
+def _fit_and_checkpoint(adata, tmp_path, **kw):
+    dm = AnnDataModule(adata, seed=11, batch_size=64, **kw)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(_Linear(), datamodule=dm)
+    ckpt = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return dm, ckpt
+
+
+def test_checkpoint_split_restored_on_the_same_cells_read_from_a_file(adata, tmp_path):
+    dm, ckpt = _fit_and_checkpoint(adata, tmp_path)
+    saved = torch.load(ckpt, weights_only=True)["AnnDataModule"]
+    assert saved["data"] == {"n_obs": 300, **fingerprint(adata.obs_names)}
+    path = tmp_path / "same.h5ad"
+    adata.write_h5ad(path)
+    resumed = AnnDataModule(str(path), seed=99, batch_size=64)
+    _trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(
+        _Linear(), datamodule=resumed, ckpt_path=ckpt
+    )
+    for name in ("train", "val", "test", "predict"):
+        assert np.array_equal(resumed.splits[name], dm.splits[name])
+
+
+def _more_cells(adata):
+    extra = adata[:120].copy()
+    extra.obs_names = [f"new{i}" for i in range(extra.n_obs)]
+    extra.X = extra.X * 2
+    return ad.concat([adata, extra])
+
+
+@pytest.mark.parametrize("new", ["more", "fewer"])
+def test_predict_on_new_data_with_a_checkpoint_covers_every_cell(adata, tmp_path, new):
+    _, ckpt = _fit_and_checkpoint(adata, tmp_path)
+    other = _more_cells(adata) if new == "more" else adata[50:200].copy()
+    path = tmp_path / "new.h5ad"
+    other.write_h5ad(path)
+    dm = AnnDataModule(str(path), return_index=True, batch_size=64)
+    outputs = _trainer(tmp_path).predict(_EchoRows(), datamodule=dm, ckpt_path=ckpt)
+    rows = torch.cat([o["index"] for o in outputs]).numpy()
+    np.testing.assert_array_equal(rows, np.arange(other.n_obs))
+    written = dm.write_predictions(outputs, key={"row_sum": "row_sum"})
+    np.testing.assert_allclose(
+        written.obs["row_sum"].to_numpy(), np.asarray(other.X.sum(1)).ravel(), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("change", ["more cells", "renamed", "reordered"])
+def test_resuming_fit_on_other_cells_raises(adata, tmp_path, change):
+    _, ckpt = _fit_and_checkpoint(adata, tmp_path)
+    if change == "more cells":
+        other = _more_cells(adata)
+    elif change == "renamed":
+        other = adata.copy()
+        other.obs_names = [f"other{i}" for i in range(other.n_obs)]
+    else:
+        other = adata[::-1].copy()
+    resumed = AnnDataModule(other, seed=11, batch_size=64)
+    match = (
+        r"split was drawn on other cells \((300 cells; this data has 420|300 cells too, but "
+        r"other obs_names or another order)\).*same AnnData.*split_indices="
+    )
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(
+            _Linear(), datamodule=resumed, ckpt_path=ckpt
+        )
+    # The failed stage is over: loading the state by hand now warns instead of raising.
+    with pytest.warns(UserWarning, match="split was not applied"):
+        resumed.load_state_dict(torch.load(ckpt, weights_only=True)["AnnDataModule"])
+
+
+def test_other_cells_evaluate_with_explicit_split_indices_and_raise_without(adata, tmp_path):
+    _, ckpt = _fit_and_checkpoint(adata, tmp_path)
+    other = _more_cells(adata)
+    with pytest.raises(ValueError, match="split was drawn on other cells"):
+        _trainer(tmp_path).test(_Scored(), datamodule=AnnDataModule(other), ckpt_path=ckpt)
+    chosen = {"train": np.arange(300), "test": np.arange(300, 420)}
+    dm = AnnDataModule(other, split_indices=chosen, return_index=True, batch_size=64)
+    model = _Scored()
+    _trainer(tmp_path).test(model, datamodule=dm, ckpt_path=ckpt)
+    np.testing.assert_array_equal(np.sort(np.concatenate(model.rows)), chosen["test"])
+
+
+def test_state_loaded_by_hand_onto_other_cells_warns_and_keeps_their_split(adata):
+    dm = AnnDataModule(adata, seed=1)
+    dm.setup()
+    state = dm.state_dict()
+    other = _more_cells(adata)
+    by_hand = AnnDataModule(other, seed=1)
+    by_hand.load_state_dict(state)  # before setup: applied there
+    assert by_hand.state_dict()["splits"] == state["splits"], "kept until setup"
+    with pytest.warns(UserWarning, match="split was not applied"):
+        by_hand.setup()
+    own = make_splits(other.obs, seed=1)
+    for name in ("train", "val", "test", "predict"):
+        np.testing.assert_array_equal(by_hand.splits[name], own[name])
+    assert by_hand.state_dict()["data"] == fingerprint(other.obs_names)
+
+
+def test_checkpoints_without_a_fingerprint_apply_their_split_where_it_fits(adata):
+    dm = AnnDataModule(adata, seed=1)
+    dm.setup()
+    legacy = {k: v for k, v in dm.state_dict().items() if k != "data"}
+    more = AnnDataModule(_more_cells(adata), seed=2)
+    more.load_state_dict(legacy)
+    more.setup("fit")
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(more.splits[name], dm.splits[name])
+    np.testing.assert_array_equal(more.splits["predict"], np.arange(420))
+    fewer = adata[:100].copy()
+    predicting = AnnDataModule(fewer)
+    predicting.load_state_dict(legacy)
+    predicting.setup("predict")
+    np.testing.assert_array_equal(predicting.splits["predict"], np.arange(100))
+    fitting = AnnDataModule(fewer)
+    fitting.load_state_dict(legacy)
+    with pytest.raises(ValueError, match="drawn on more cells than the 100 this data module"):
+        fitting.setup("fit")
+
+
+def test_fingerprint_follows_names_and_order():
+    names = [f"c{i}" for i in range(5)]
+    assert fingerprint(names) == fingerprint(pd.Index(names, dtype=object))
+    assert fingerprint(names)["n_obs"] == 5
+    digests = {
+        fingerprint(v)["obs_names_sha256"]
+        for v in (names, names[::-1], names[:4], [*names[:4], "c5"], ["c0c1", "c2", "c3", "c4"])
+    }
+    assert len(digests) == 5
+
+
+class _EchoRows(_Linear):
+    def predict_step(self, batch, batch_idx):
+        return {"index": batch["index"], "row_sum": batch["X"].sum(1)}
+
+
+class _Scored(_Linear):
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def test_step(self, batch, batch_idx):
+        self.rows.append(batch["index"].numpy())
+
+
 LABEL = "Cell type annotation"
 
 
@@ -201,8 +352,30 @@ def test_checkpoint_encoders_decode_without_the_column_and_refuse_conflicts(adat
     fewer.obs[LABEL] = fewer.obs[LABEL].cat.rename_categories({"Neu": "Neutrophil"})
     unknown = AnnDataModule(fewer, obs_keys=[LABEL])
     unknown.setup()
-    with pytest.raises(ValueError, match=r"checkpoint's encoders do not know.*'Neutrophil'"):
+    with pytest.raises(
+        UnknownCategoryError, match=r"checkpoint's encoders do not know.*'Neutrophil'"
+    ) as raised:
         unknown.load_state_dict(state)
+    assert isinstance(raised.value, ValueError)
+    assert (raised.value.column, raised.value.labels) == (LABEL, ["Neutrophil"])
+    copied = pickle.loads(pickle.dumps(raised.value))  # e.g. from a worker process
+    assert (str(copied), copied.column, copied.labels) == (str(raised.value), LABEL, ["Neutrophil"])
+
+
+def test_unknown_labels_of_a_given_encoder_are_not_blamed_on_the_checkpoint(adata):
+    trained = AnnDataModule(adata, obs_keys=[LABEL])
+    trained.setup()
+    state = trained.state_dict()  # holds the encoder of LABEL only
+    donors = adata.copy()
+    donors.obs["Donor"] = pd.Categorical(np.where(np.arange(300) % 2, "d1", "d2"))
+    dm = AnnDataModule(
+        donors, obs_keys=[LABEL, "Donor"], encoders={"Donor": CategoryEncoder(["d1"])}
+    )
+    dm.load_state_dict(state)
+    with pytest.raises(UnknownCategoryError, match="encoder has never seen") as raised:
+        dm.setup()
+    assert "checkpoint" not in str(raised.value)
+    assert (raised.value.column, raised.value.labels) == ("Donor", ["d2"])
 
 
 def test_dtype_and_encoder_options_reach_the_batches(adata):

@@ -8,12 +8,26 @@ from pathlib import Path
 
 import pytest
 
+import torch_adata
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+
+
+def _env_importing_this_torch_adata() -> dict[str, str]:
+    """The environment with PYTHONPATH leading to the torch_adata this test imported.
+
+    The script (and the rank Lightning re-launches from it) would otherwise import whichever
+    copy the virtualenv points to, not the checkout under test.
+    """
+    checkout = str(Path(torch_adata.__file__).resolve().parents[1])
+    inherited = os.environ.get("PYTHONPATH")
+    path = os.pathsep.join([checkout, inherited]) if inherited else checkout
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.timeout(300)
 def test_ddp_two_ranks_see_every_train_cell_exactly_once(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = _env_importing_this_torch_adata()
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path)],
         env=env,
@@ -26,6 +40,8 @@ def test_ddp_two_ranks_see_every_train_cell_exactly_once(tmp_path):
     train_rows = json.loads((tmp_path / "train_rows.json").read_text())
     assert {r["world"] for r in ranks} == {2}
     assert {r["backend"] for r in ranks} == {"gloo"}
+    # Both ranks ran the torch_adata under test, not another installed copy.
+    assert {r["torch_adata"] for r in ranks} == {str(Path(torch_adata.__file__).resolve())}
     # Lightning kept our sampler instead of injecting its DistributedSampler.
     assert {r["sampler"] for r in ranks} == {"UniformBatchSampler"}
     orders = []

@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 from ._batch import SparseBatch, collate, densify
-from ._fields import CategoryEncoder
+from ._fields import CategoryEncoder, UnknownCategoryError
 from .dataset import AnnDataset
 
 __version__ = "0.2.0.dev0"
@@ -22,6 +22,7 @@ __all__ = [
     "CategoryEncoder",
     "SparseBatch",
     "TimeResolvedAnnDataset",
+    "UnknownCategoryError",
     "collate",
     "datasets",
     "densify",

@@ -42,6 +42,39 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype(_TORCH_TO_NUMPY[dtype])
 
 
+class UnknownCategoryError(ValueError):
+    """Labels a :class:`CategoryEncoder` was not fitted on, met while encoding a column.
+
+    Raised by :meth:`CategoryEncoder.encode` (and so by datasets and data modules given
+    ``encoders=`` or a checkpoint's encoders) when a column holds labels outside the
+    encoder's categories. The message names the column, the unknown labels and the fixes.
+
+    Parameters
+    ----------
+    message
+        What went wrong and how to fix it.
+    column
+        The obs column being encoded.
+    labels
+        The unknown labels (up to ten).
+
+    Attributes
+    ----------
+    column
+        The obs column being encoded.
+    labels
+        The unknown labels (up to ten).
+    """
+
+    def __init__(self, message: str, column: str | None = None, labels: Sequence = ()):
+        super().__init__(message)
+        self.column = column
+        self.labels = list(labels)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.column, self.labels)
+
+
 class CategoryEncoder:
     """Maps labels to int64 codes ``0..K-1`` and back.
 
@@ -108,6 +141,13 @@ class CategoryEncoder:
             Missing values: ``"raise"`` (default) or ``"code"`` (encoded as -1).
         name
             Column name, used in error messages.
+
+        Raises
+        ------
+        UnknownCategoryError
+            ``values`` has labels outside :attr:`categories`.
+        ValueError
+            ``values`` has missing values and ``na="raise"``.
         """
         values = pd.Series(values)
         missing = values.isna().to_numpy()
@@ -116,10 +156,12 @@ class CategoryEncoder:
         unknown = (codes < 0) & ~missing
         if unknown.any():
             labels = pd.unique(values[unknown].astype(str))
-            raise ValueError(
+            raise UnknownCategoryError(
                 f"obs column {name!r} has {int(unknown.sum())} values whose labels the encoder "
                 f"has never seen: {list(labels[:10])}. Known labels: {list(self.categories[:20])}. "
-                "Fit a new encoder (do not pass encoders=) or relabel those cells."
+                "Fit a new encoder (do not pass encoders=) or relabel those cells.",
+                column=name,
+                labels=labels[:10],
             )
         if missing.any() and na == "raise":
             raise ValueError(

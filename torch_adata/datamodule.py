@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, Subset
 
 from . import samplers
 from ._batch import collate
-from ._fields import CategoryEncoder
+from ._fields import CategoryEncoder, UnknownCategoryError
 from ._source import FieldKeyError
 from .dataset import AnnDataset, positions
-from .splits import make_splits
+from .splits import fingerprint, make_splits
 from .time_resolved import TimeResolvedAnnDataset
 
 log = logging.getLogger("torch_adata")
@@ -228,6 +228,9 @@ class AnnDataModule(pl.LightningDataModule):
         self._data: ad.AnnData | str | None = None
         self.dataset: AnnDataset | None = None
         self._splits: dict[str, np.ndarray] | None = None
+        self._fingerprint: dict[str, int | str] | None = None
+        self._checkpoint_split: dict[str, Any] | None = None  # restored once data is loaded
+        self._stage: str | None = None  # Lightning's stage between setup and teardown
         # Encoders travel in state_dict (plain lists, loadable with weights_only=True).
         ignore = ["encoders", "source"] if isinstance(source, ad.AnnData) else ["encoders"]
         self.save_hyperparameters(ignore=ignore, logger=False)
@@ -272,16 +275,54 @@ class AnnDataModule(pl.LightningDataModule):
         ----------
         stage
             Lightning's stage (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``); every
-            stage builds the same dataset and split.
+            stage builds the same dataset and split. A checkpoint's split restored before
+            (see :meth:`load_state_dict`) is applied here.
         """
+        self._stage = stage
         if self.dataset is None:
             self._data = self._load()
             self._adata = self._data if isinstance(self._data, ad.AnnData) else None
             self.dataset = self._build_dataset()
+            self._fingerprint = None
+        if self._checkpoint_split is not None:
+            self._restore_split()
         if self._splits is None:
             self._splits = make_splits(self.dataset.obs, seed=self.seed, **self.split_kwargs)
             sizes = ", ".join(f"{k} {len(v)}" for k, v in self._splits.items())
             log.info("torch_adata splits (seed %d): %s cells", self.seed, sizes)
+
+    def teardown(self, stage: str) -> None:
+        """Lightning's end of a stage: the next checkpoint restored is no longer part of it.
+
+        Parameters
+        ----------
+        stage
+            The stage that ended.
+        """
+        self._stage = None
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Lightning's end of a stage that raised: as :meth:`teardown`.
+
+        Parameters
+        ----------
+        exception
+            What the stage raised.
+        """
+        self._stage = None
+
+    @property
+    def data_fingerprint(self) -> dict[str, int | str]:
+        """What identifies the cells of this module's data: their number and names, in order.
+
+        Computed by :func:`torch_adata.splits.fingerprint` and saved with the split in
+        checkpoints; a checkpoint's split is restored only onto data with the same fingerprint.
+        """
+        if self.dataset is None:
+            self.setup()
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.dataset.obs_names)
+        return self._fingerprint
 
     def _build_dataset(self) -> AnnDataset:
         encoders = dict(self._given_encoders)
@@ -307,12 +348,14 @@ class AnnDataModule(pl.LightningDataModule):
                 **self.time_kwargs,
                 **options,
             )
-        except ValueError as err:
-            if not self._checkpoint_encoders or "never seen" not in str(err):
+        except UnknownCategoryError as err:
+            if err.column not in self._checkpoint_encoders:
                 raise
-            raise ValueError(
+            raise UnknownCategoryError(
                 f"The data has labels the checkpoint's encoders do not know, so the model "
-                f"cannot be given their codes. {err}"
+                f"cannot be given their codes. {err}",
+                column=err.column,
+                labels=err.labels,
             ) from err
 
     @property
@@ -445,6 +488,9 @@ class AnnDataModule(pl.LightningDataModule):
         state: dict[str, Any] = {"seed": self.seed}
         if self._splits is not None:
             state["splits"] = {k: v.tolist() for k, v in self._splits.items()}
+            state["data"] = dict(self.data_fingerprint)
+        elif self._checkpoint_split is not None:  # restored before setup: pass it on
+            state.update(self._checkpoint_split)
         encoders = self.encoders
         if encoders:
             state["encoders"] = {k: e.to_dict() for k, e in encoders.items()}
@@ -453,10 +499,14 @@ class AnnDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the split and the label encoders of a checkpoint.
 
-        Lightning calls this with ``ckpt_path=`` (after :meth:`setup`): a resumed run trains
-        on the same cells, and a model resumed or used for prediction, even on another file,
-        gets each label with the code it was trained on (the dataset's categorical fields are
-        re-encoded with the checkpoint's encoders). Called by hand before ``setup``, it takes
+        Lightning calls this with ``ckpt_path=`` (after :meth:`setup`). The label encoders are
+        always restored: a model resumed or used for prediction, even on another file, gets
+        each label with the code it was trained on (the dataset's categorical fields are
+        re-encoded with the checkpoint's encoders). The split is restored only onto the data
+        it was drawn on (same cells in the same order, see :attr:`data_fingerprint`), so a
+        resumed run trains on the same cells. On other data, prediction covers every cell of
+        that data, and resuming ``fit``, ``validate`` or ``test`` raises unless
+        ``split_indices=`` gives that data's split. Called by hand before ``setup``, it takes
         effect there.
 
         Parameters
@@ -467,8 +517,16 @@ class AnnDataModule(pl.LightningDataModule):
         Raises
         ------
         ValueError
-            The split refers to cells this AnnData does not have, or the data has labels the
-            checkpoint's encoders do not know.
+            ``fit``, ``validate`` or ``test`` with a checkpoint whose split was drawn on other
+            cells (and no ``split_indices=``).
+        UnknownCategoryError
+            The data has labels the checkpoint's encoders do not know.
+
+        Warns
+        -----
+        UserWarning
+            Called outside a Lightning stage with a checkpoint of other cells: its split is
+            not applied.
         """
         if "encoders" in state_dict:
             self._checkpoint_encoders = {
@@ -480,18 +538,56 @@ class AnnDataModule(pl.LightningDataModule):
                 with warnings.catch_warnings():  # reported when the dataset was first built
                     warnings.filterwarnings("ignore", message=".*single time point")
                     self.dataset = self._build_dataset()
-        if "splits" in state_dict:
-            self._splits = {
-                k: np.asarray(v, dtype=np.int64) for k, v in state_dict["splits"].items()
-            }
-            if self.dataset is not None:
-                n = len(self.dataset)
-                if any(len(v) and v.max() >= n for v in self._splits.values()):
-                    raise ValueError(
-                        "The checkpoint's split refers to more cells than this AnnData has: "
-                        "resume with the same data."
-                    )
         self.seed = state_dict.get("seed", self.seed)
+        if "splits" in state_dict:
+            self._checkpoint_split = {"splits": state_dict["splits"]}
+            if "data" in state_dict:
+                self._checkpoint_split["data"] = state_dict["data"]
+            if self.dataset is not None:
+                self._restore_split()
+
+    def _restore_split(self) -> None:
+        """Apply the checkpoint's split if it was drawn on this data; otherwise see the stage."""
+        saved, self._checkpoint_split = self._checkpoint_split, None
+        splits = {k: np.asarray(v, dtype=np.int64) for k, v in saved["splits"].items()}
+        n = len(self.dataset)
+        drawn_on = saved.get("data")
+        if drawn_on is None:  # a checkpoint without a fingerprint: trusted when it fits
+            same = all(len(v) == 0 or v.max() < n for v in splits.values())
+            theirs = f"more cells than the {n} this data module holds"
+        else:
+            ours = self.data_fingerprint
+            same = all(drawn_on.get(k) == v for k, v in ours.items())
+            if drawn_on.get("n_obs") == n:
+                theirs = f"other cells ({n} cells too, but other obs_names or another order)"
+            else:
+                theirs = f"other cells ({drawn_on.get('n_obs')} cells; this data has {n})"
+        if same:
+            splits["predict"] = np.arange(n, dtype=np.int64)  # every cell, whatever was saved
+            self._splits = splits
+            return
+        if self._stage == "predict":
+            log.info("torch_adata: the checkpoint's split is of %s; predicting every cell.", theirs)
+            return
+        if self.split_kwargs["indices"] is not None:
+            log.info("torch_adata: the checkpoint's split is of %s; using split_indices.", theirs)
+            return
+        message = (
+            f"The checkpoint's train/val/test split was drawn on {theirs}, so its row "
+            "positions do not apply to this data. Fix: "
+            "resume, validate or test with the same AnnData as the checkpoint (same cells in "
+            "the same order), or pass split_indices={'train': [...], 'val': [...], "
+            "'test': [...]} to choose this data's split explicitly. Predicting on new data "
+            "needs neither: trainer.predict(..., ckpt_path=) covers every cell."
+        )
+        if self._stage in ("fit", "validate", "test"):
+            raise ValueError(message)
+        warnings.warn(
+            f"{message} The split was not applied: train/val/test are this data's own split "
+            f"(seed {self.seed}).",
+            UserWarning,
+            stacklevel=3,
+        )
 
     # -- results back to the AnnData --------------------------------------------------------
 

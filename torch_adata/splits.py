@@ -7,6 +7,7 @@ with the one a resumed run would draw. Splits are sorted int64 arrays of AnnData
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -149,6 +150,28 @@ def make_splits(
         )
     splits["predict"] = np.arange(n, dtype=np.int64)
     return splits
+
+
+def fingerprint(obs_names: Sequence[str]) -> dict[str, int | str]:
+    """What a split's row positions refer to: the cells' number and their names, in order.
+
+    Saved with a split (e.g. in a checkpoint) so that it is only applied to the cells it was
+    drawn on: the same names in the same order give the same fingerprint, on every process
+    and in every session; a cell added, removed, renamed or moved changes it.
+
+    Parameters
+    ----------
+    obs_names
+        The AnnData's ``obs_names``, in row order.
+
+    Returns
+    -------
+    dict
+        ``{"n_obs": number of cells, "obs_names_sha256": hex SHA-256 digest of the names}``.
+    """
+    names = pd.Index(obs_names).astype(str)
+    digest = hashlib.sha256("\x00".join(names).encode("utf-8", "surrogatepass")).hexdigest()
+    return {"n_obs": len(names), "obs_names_sha256": digest}
 
 
 def _explicit(indices: Mapping[str, Sequence[int]], n: int) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+import torch_adata
 from torch_adata import AnnDataModule
 
 
@@ -37,6 +38,7 @@ class Recorder(pl.LightningModule):
                     "seen": self.seen,
                     "sampler": type(sampler).__name__,
                     "backend": torch.distributed.get_backend(),
+                    "torch_adata": str(Path(torch_adata.__file__).resolve()),
                 }
             )
         )

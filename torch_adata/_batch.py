@@ -1,10 +1,102 @@
-"""Batch containers: sparse rows that cross worker processes, densified on the target device."""
+"""Batch containers: sparse rows that cross worker processes, densified on the target device,
+and the allocation of dense batches (in shared memory inside DataLoader workers)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils.data import get_worker_info
+
+# Batches smaller than this are not worth a ring slot (obs/obsm fields, tiny gene panels).
+_RING_MIN_BYTES = 1 << 20
+# Slots per buffer size in each worker: the DataLoader keeps at most ``prefetch_factor`` (2 by
+# default) batches of a worker in flight; a ring that runs dry falls back to fresh memory.
+_RING_SLOTS = 4
+
+
+class _SharedRing:
+    """Shared-memory buffers that a worker writes batches into and reuses.
+
+    Fresh shared memory costs a page fault per 4 KiB page on first write: measured 38 ms for a
+    20 MB batch, against 2 ms to write memory already mapped. The main process copies each
+    received batch out of its slot into its own memory and then marks the slot free, so the
+    worker can refill it; a slot is never written while the main process may still read it.
+    """
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.busy = torch.zeros(_RING_SLOTS, dtype=torch.uint8).share_memory_()
+        self.slots: list[torch.UntypedStorage | None] = [None] * _RING_SLOTS
+
+    def claim(self) -> int | None:
+        """A free slot (now marked busy), or ``None`` when the main process holds all."""
+        free = (self.busy == 0).nonzero()
+        if len(free) == 0:
+            return None
+        slot = int(free[0])
+        if self.slots[slot] is None:
+            self.slots[slot] = torch.UntypedStorage._new_shared(self.nbytes)
+        self.busy[slot] = 1
+        return slot
+
+
+_RINGS: dict[int, _SharedRing] = {}
+_RINGS_PID: int | None = None
+
+
+class _RingBatch(torch.Tensor):
+    """A batch living in a ring slot of a worker; unpickles as a plain tensor (a copy)."""
+
+    def __reduce_ex__(self, protocol):
+        ring_slot = getattr(self, "_ring_slot", None)
+        plain = self.as_subclass(torch.Tensor)
+        if ring_slot is None:  # a tensor derived from a batch: an ordinary tensor
+            return (_identity, (plain,))
+        ring, slot = ring_slot
+        return (_copy_out_of_slot, (plain, ring.busy, slot))
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _copy_out_of_slot(tensor: torch.Tensor, busy: torch.Tensor, slot: int) -> torch.Tensor:
+    out = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+    out.copy_(tensor)
+    busy[slot] = 0  # the worker may now refill the slot
+    return out
+
+
+def empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch; inside a DataLoader worker, in shared memory.
+
+    A worker sends its batches to the main process by pickling them; a tensor not already in
+    shared memory is first copied there (20 MB for 256 cells x 20,000 genes in float32), into
+    freshly allocated pages. Large batches are instead written into a small ring of shared
+    buffers that each worker reuses (see :class:`_SharedRing`); the main process receives a
+    plain tensor of its own.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    global _RINGS, _RINGS_PID
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes < _RING_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    if _RINGS_PID != os.getpid():  # a forked worker does not reuse its parent's rings
+        _RINGS, _RINGS_PID = {}, os.getpid()
+    ring = _RINGS.setdefault(nbytes, _SharedRing(nbytes))
+    slot = ring.claim()
+    if slot is None:
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    out = torch.empty(0, dtype=dtype).set_(ring.slots[slot], 0, shape).as_subclass(_RingBatch)
+    out._ring_slot = (ring, slot)
+    return out
 
 
 class SparseBatch(NamedTuple):

@@ -55,17 +55,28 @@ class _RingBatch(torch.Tensor):
         if ring_slot is None:  # a tensor derived from a batch: an ordinary tensor
             return (_identity, (plain,))
         ring, slot = ring_slot
-        return (_copy_out_of_slot, (plain, ring.busy, slot))
+        return (_copy_out_of_slot, (plain, ring.busy, (os.getpid(), ring.nbytes, slot)))
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _copy_out_of_slot(tensor: torch.Tensor, busy: torch.Tensor, slot: int) -> torch.Tensor:
+# Main process: the slots received last, kept mapped. torch finds a storage that is still
+# alive by its file when the worker sends it again, instead of mapping (and page-faulting) the
+# 20 MB afresh: measured 7 ms per batch without this.
+_RECEIVED: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_RECEIVED_MAX = 32
+
+
+def _copy_out_of_slot(tensor: torch.Tensor, busy: torch.Tensor, key: tuple) -> torch.Tensor:
     out = torch.empty_like(tensor, memory_format=torch.contiguous_format)
     out.copy_(tensor)
-    busy[slot] = 0  # the worker may now refill the slot
+    busy[key[2]] = 0  # the worker may now refill the slot
+    _RECEIVED.pop(key, None)
+    _RECEIVED[key] = (tensor, busy)
+    while len(_RECEIVED) > _RECEIVED_MAX:  # slots of workers that have ended
+        _RECEIVED.pop(next(iter(_RECEIVED)))
     return out
 
 

@@ -273,3 +273,14 @@ def test_backed_anndata_is_not_modified(h5ad_files):
         assert backed.n_obs == before_backed["n"]
     finally:
         backed.file.close()
+
+
+def test_compressed_reads_keep_chunks_of_a_pool_cached(h5ad_files, in_memory):
+    """Backed h5py reads use a chunk cache big enough for a block-shuffle pool, least recently
+    used first (HDF5's default drops fully read chunks first: every chunk here is read whole)."""
+    dataset = AnnDataset(h5ad_files["gzip"])
+    (reader,) = backed_csr_readers(dataset)
+    rows = [5, 6, 7, 30]
+    np.testing.assert_array_equal(dataset[rows].numpy(), expected_matrix(in_memory, rows))
+    _, n_slots, n_bytes, w0 = reader.file.get().id.get_access_plist().get_cache()
+    assert n_bytes >= 32 << 20 and n_slots > n_bytes // (1 << 20) and w0 == 0.0

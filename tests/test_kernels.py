@@ -130,9 +130,16 @@ class _RingFill(Dataset):
     def __getitem__(self, i):
         big = empty_batch((512, 1024), torch.float32)
         big.numpy()[...] = i
-        ring_slot = getattr(big, "_ring_slot", None)
+        state = getattr(big, "_ring_state", None)
         small = empty_batch((2, 3), torch.float16)
-        return {"big": big, "slot": None if ring_slot is None else ring_slot[1], "small": small}
+        for _ in range(6):  # batches used up inside the worker give their slots back
+            empty_batch((512, 1024), torch.float32).numpy()[...] = -1
+        return {
+            "big": big,
+            "slot": None if state is None else state[1],
+            "small": small,
+            "row": big[3],  # a view of the slot travels as a copy of its own
+        }
 
 
 def test_worker_batches_reuse_shared_slots_and_arrive_as_own_tensors():
@@ -144,6 +151,7 @@ def test_worker_batches_reuse_shared_slots_and_arrive_as_own_tensors():
         assert type(batch["big"]) is torch.Tensor
         assert torch.equal(batch["big"], torch.full((512, 1024), float(i)))
         assert batch["small"].shape == (2, 3) and batch["small"].dtype == torch.float16
+        assert torch.equal(batch["row"], torch.full((1024,), float(i)))
     slots = [batch["slot"] for batch in got]
     assert None not in slots  # the ring never ran dry: slots were freed and reused
     assert len(set(slots)) < len(slots)

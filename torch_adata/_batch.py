@@ -4,6 +4,7 @@ and the allocation of dense batches (in shared memory inside DataLoader workers)
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -47,15 +48,28 @@ _RINGS_PID: int | None = None
 
 
 class _RingBatch(torch.Tensor):
-    """A batch living in a ring slot of a worker; unpickles as a plain tensor (a copy)."""
+    """A batch living in a ring slot of a worker; unpickles as a plain tensor (a copy).
+
+    Its slot stays busy until the main process has copied it out; a batch used up inside the
+    worker and never sent frees its slot when it is garbage-collected. Tensors derived from it
+    (views, results of operations) are sent as copies, never as the slot's memory, which the
+    worker will overwrite.
+    """
 
     def __reduce_ex__(self, protocol):
-        ring_slot = getattr(self, "_ring_slot", None)
+        state = getattr(self, "_ring_state", None)
         plain = self.as_subclass(torch.Tensor)
-        if ring_slot is None:  # a tensor derived from a batch: an ordinary tensor
-            return (_identity, (plain,))
-        ring, slot = ring_slot
+        if state is None or state[2]:  # derived from a batch, or sent already: a copy
+            return (_identity, (plain.clone(),))
+        ring, slot, _ = state
+        state[2] = True  # from now on the main process frees the slot
         return (_copy_out_of_slot, (plain, ring.busy, (os.getpid(), ring.nbytes, slot)))
+
+
+def _release_unsent(state: list) -> None:
+    ring, slot, sent = state
+    if not sent:
+        ring.busy[slot] = 0
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -100,13 +114,16 @@ def empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     if _RINGS_PID != os.getpid():  # a forked worker does not reuse its parent's rings
         _RINGS, _RINGS_PID = {}, os.getpid()
-    ring = _RINGS.setdefault(nbytes, _SharedRing(nbytes))
+    ring = _RINGS.get(nbytes)
+    if ring is None:
+        ring = _RINGS[nbytes] = _SharedRing(nbytes)
     slot = ring.claim()
     if slot is None:
         storage = torch.UntypedStorage._new_shared(nbytes)
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
     out = torch.empty(0, dtype=dtype).set_(ring.slots[slot], 0, shape).as_subclass(_RingBatch)
-    out._ring_slot = (ring, slot)
+    out._ring_state = state = [ring, slot, False]  # ring, slot, sent to the main process
+    weakref.finalize(out, _release_unsent, state)
     return out
 
 

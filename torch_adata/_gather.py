@@ -284,9 +284,14 @@ class BackedCSRReader(RowReader):
     """Rows of a CSR matrix stored in an ``.h5ad`` file (``X``, a layer, or an obsm entry).
 
     ``indptr`` is read into memory once per process. Requested rows are de-duplicated and
-    sorted; their stored elements are read through a verified memory map where the file allows
-    it, else as merged contiguous runs with one h5py read per run; the caller's order
-    (duplicates included) is restored by the gather kernel.
+    sorted; where the file stores ``data`` and ``indices`` uncompressed, each run of consecutive
+    rows is read with ``pread`` straight into the batch's arrays (mode ``"direct"``: file
+    positions from the HDF5 layout, checked against h5py at open; the file is never mapped, so
+    memory does not grow with it). Otherwise (compressed, or ``use_mmap=False``) runs are read
+    as whole chunks through h5py with a chunk cache that holds a block-shuffle pool. The
+    caller's order (duplicates included) is restored by the gather kernel.
+
+    ``use_mmap`` keeps its historical name: ``False`` forces the h5py path.
     """
 
     def __init__(

@@ -194,6 +194,7 @@ def _csr_mib(path: Path) -> float:
 def run_suite(args) -> dict:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
+    commit_start = _commit()  # the engine may change while a long run goes on
     args.data_dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     print("data", flush=True)
@@ -325,7 +326,8 @@ def run_suite(args) -> dict:
         "loadavg_end": os.getloadavg(),
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "torch_adata": torch_adata.__file__,
-        "commit": _commit(),
+        "commit": commit_start,
+        "commit_end": _commit(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -359,7 +361,13 @@ def report(suite: dict) -> str:
         f"{csr:,.0f} MiB; batches of {a['batch_size']}, median of {a['repeats']} passes of "
         f"{a['batches']} batches; {suite['machine']}; load average "
         f"{suite['loadavg_start'][0]:.1f} at start, {suite['loadavg_end'][0]:.1f} at end; "
-        f"commit {suite['commit']}; {suite['when']}; suite ran {suite['duration_s'] / 60:.1f} min.",
+        f"commit {suite['commit']}"
+        + (
+            f" (at the end: {suite['commit_end']})"
+            if suite.get("commit_end", suite["commit"]) != suite["commit"]
+            else ""
+        )
+        + f"; {suite['when']}; suite ran {suite['duration_s'] / 60:.1f} min.",
         "",
         "### Loaders (warm page cache)",
         "",

@@ -52,11 +52,11 @@ def plot_suite(suite: dict, path: str | Path) -> Path:
         [64, 128, 256, 512, 1024, 2048], labels=["64", "128", "256", "512", "1k", "2k"]
     )
     speed.grid(True, which="both", alpha=0.3)
-    speed.legend(fontsize=8)
+    speed.legend(fontsize=7, loc="best")
 
     sizes = sorted(suite["sizes"].items(), key=lambda kv: int(kv[0]))
     for field, mode, label, color, line in (
-        ("peak_rss_mib", "backed", "backed, peak RSS (incl. mapped file pages)", "C1", "-"),
+        ("peak_rss_mib", "backed", "backed, peak RSS", "C1", "-"),
         ("peak_anon_mib", "backed", "backed, peak anonymous memory", "C1", "--"),
         ("peak_rss_mib", "memory", "in memory, peak RSS", "C0", "-"),
     ):
@@ -65,9 +65,11 @@ def plot_suite(suite: dict, path: str | Path) -> Path:
         memory.plot(xs, ys, line, color=color, marker="o", label=label)
     xs = [int(c) for c, _ in sizes]
     memory.plot(xs, [row["file_mib"] for _, row in sizes], ":", color="gray", label="file size")
-    empty = suite["results"].get("empty", {}).get("peak_rss_mib")
-    if empty:
-        memory.axhline(empty, color="k", lw=0.8, label="empty process")
+    empty = suite["results"].get("empty", {})
+    if empty.get("peak_rss_mib"):
+        memory.axhline(empty["peak_rss_mib"], color="k", lw=0.8, label="empty process, RSS")
+    if empty.get("anon_mib"):
+        memory.axhline(empty["anon_mib"], color="k", lw=0.8, ls="--", label="empty process, anon")
     memory.set(
         xscale="log",
         yscale="log",

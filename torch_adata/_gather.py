@@ -387,7 +387,8 @@ class BackedCSRReader(RowReader):
         elif st["maps"] is None:
             ends = starts + lengths
             chunks = st["data"].chunks
-            if chunks is None:
+            filtered = chunks is not None and st["data"].id.get_create_plist().get_nfilters() > 0
+            if not filtered:  # uncompressed: read just the rows (and small gaps between them)
                 run_starts, run_ends = _row_runs(uniq, starts, ends, _RUN_GAP)
             else:  # whole chunks: h5py decompresses a chunk whole anyway, so read it once
                 size, chunk = st["data"].size, int(chunks[0])

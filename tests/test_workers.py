@@ -102,7 +102,7 @@ def test_fork_workers_with_h5py_reads_and_a_compressed_file(h5ad_files, in_memor
 
 @pytest.mark.parametrize(
     ("kind", "read"),
-    [(k, r) for k in ("path", "backed", "backed_view") for r in ("mmap", "h5py")]
+    [(k, r) for k in ("path", "backed", "backed_view") for r in ("direct", "h5py")]
     + [("dense_path", "dense")],
 )
 def test_pickle_after_reading_drops_and_reopens_handles(h5ad_files, in_memory, kind, read):
@@ -123,7 +123,7 @@ def test_pickle_after_reading_drops_and_reopens_handles(h5ad_files, in_memory, k
         clone = pickle.loads(pickle.dumps(dataset))
         for reader in backed_csr_readers(clone):
             assert reader._state is None and reader.file._file is None
-            assert reader.use_mmap == (read == "mmap")
+            assert reader.use_mmap == (read == "direct")
         after = clone[rows]
         assert before.keys() == after.keys()
         for key in before:

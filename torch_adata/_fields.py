@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._batch import SparseBatch
+from ._batch import SparseBatch, empty_batch
 from ._gather import RowReader
 
 _TORCH_TO_NUMPY = {
@@ -234,7 +234,9 @@ class MatrixField:
                 torch.from_numpy(p.values),
                 p.n_cols,
             )
-        return torch.from_numpy(self.reader.dense(rows, self._np_dtype))
+        out = empty_batch((len(rows), self.reader.shape[1]), self.dtype)  # shared in a worker
+        self.reader.dense(rows, self._np_dtype, out.numpy())
+        return out
 
     def describe(self) -> str:
         kind = "SparseBatch" if self.sparse else "Tensor"

@@ -3,16 +3,18 @@
 A *reader* wraps one 2-D matrix (dense ndarray, CSR, CSC, or a dense/CSR array inside an
 ``.h5ad`` file) and answers two questions for an array of row positions:
 
-- :meth:`RowReader.dense`: the rows as a dense ``(len(rows), n_cols)`` numpy array, and
+- :meth:`RowReader.dense`: the rows as a dense ``(len(rows), n_cols)`` numpy array (written
+  into ``out`` when given, e.g. a shared-memory batch inside a DataLoader worker), and
 - :meth:`RowReader.csr`: the rows as CSR pieces ``(indptr, indices, values)``,
 
 in the requested order, duplicates included. Sparse rows are never densified beyond the batch.
 
 Backed files are opened lazily, read-only, once per process (so readers pickle and work in
 DataLoader workers under fork and spawn). Where the file stores ``data``/``indices``
-uncompressed (contiguous, or chunked as anndata writes them), they are read through a memory
-map of the file, checked against h5py when opened; otherwise sorted row runs are read with
-few h5py calls.
+uncompressed (contiguous, or chunked as anndata writes them), runs of rows are read with
+``pread`` at their file positions straight into the batch's arrays (positions taken from the
+HDF5 layout and checked against h5py when opened; no memory map, so the process's memory does
+not grow with the file); otherwise sorted row runs are read as whole chunks with few h5py calls.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ from ._kernels import Kernels, get_kernels
 
 # Row runs closer than this many stored elements are read as one h5py call (reading the gap).
 _RUN_GAP = 4096
+
+# HDF5's chunk cache, per dataset read through h5py (compressed files): large enough to hold
+# the chunks of a block-shuffle pool (16 batches x 256 cells from 64-row blocks, ~35 MB of
+# chunks per array for 2,000 values per cell), so each chunk is decompressed once per pool
+# instead of once per batch. Least recently used chunks go first (w0=0): every chunk is read
+# whole, and HDF5's default would evict exactly those first. Memory only fills as chunks are
+# read; files read directly (uncompressed) never use it.
+_CHUNK_CACHE = {"rdcc_nbytes": 64 << 20, "rdcc_nslots": 10007, "rdcc_w0": 0.0}
 
 
 @dataclass
@@ -51,7 +61,8 @@ class RowReader:
     def kernels(self) -> Kernels:
         return get_kernels(self.engine)
 
-    def dense(self, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    def dense(self, rows: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows as a dense array of ``dtype``, written into ``out`` when it is given."""
         raise NotImplementedError
 
     def csr(self, rows: np.ndarray, dtype: np.dtype) -> CSRPieces:
@@ -70,10 +81,13 @@ class _DenseRowsReader(RowReader):
 
     cols: np.ndarray | None
 
-    def _finish(self, block: np.ndarray, dtype) -> np.ndarray:
+    def _finish(self, block: np.ndarray, dtype, out: np.ndarray | None) -> np.ndarray:
         if self.cols is not None:
             block = block[:, self.cols]
-        return np.ascontiguousarray(block, dtype=dtype)
+        if out is None:
+            return np.ascontiguousarray(block, dtype=dtype)
+        out[...] = block
+        return out
 
     def csr(self, rows, dtype):
         m = sp.csr_matrix(self.dense(rows, dtype))
@@ -89,9 +103,10 @@ class DenseReader(_DenseRowsReader):
         n_cols = array.shape[1] if cols is None else len(cols)
         self.shape = (array.shape[0], n_cols)
 
-    def dense(self, rows, dtype):
-        block = np.take(self.array, rows, axis=0)
-        return self._finish(block, dtype)
+    def dense(self, rows, dtype, out=None):
+        if out is not None and self.cols is None and out.dtype == self.array.dtype:
+            return np.take(self.array, rows, axis=0, out=out)
+        return self._finish(np.take(self.array, rows, axis=0), dtype, out)
 
     def describe(self):
         return f"dense {self.array.dtype} array in memory"
@@ -114,8 +129,9 @@ class CSRReader(RowReader):
         self.engine = engine
         self.shape = (matrix.shape[0], matrix.shape[1] if n_cols is None else n_cols)
 
-    def dense(self, rows, dtype):
-        out = np.empty((len(rows), self.shape[1]), dtype=dtype)  # the kernel zeroes it
+    def dense(self, rows, dtype, out=None):
+        if out is None:
+            out = np.empty((len(rows), self.shape[1]), dtype=dtype)  # the kernel zeroes it
         return self.kernels.csr_to_dense(
             self.indptr, self.indices, self.data, rows, self.col_map, out
         )
@@ -148,8 +164,12 @@ class ScipyReader(RowReader):
             block = block[:, self.cols]
         return sp.csr_matrix(block)
 
-    def dense(self, rows, dtype):
-        return self._rows(rows).toarray().astype(dtype, copy=False)
+    def dense(self, rows, dtype, out=None):
+        block = self._rows(rows).toarray()
+        if out is None:
+            return block.astype(dtype, copy=False)
+        out[...] = block
+        return out
 
     def csr(self, rows, dtype):
         m = self._rows(rows)
@@ -177,7 +197,7 @@ class _LazyFile:
         import h5py
 
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path, "r", **_CHUNK_CACHE)
             self._pid = os.getpid()
         return self._file
 
@@ -185,33 +205,31 @@ class _LazyFile:
         return {"path": self.path, "_pid": None, "_file": None}
 
 
-def _memory_map(dataset, path: str):
-    """Map an uncompressed h5py dataset's storage, or return ``None`` where that is not possible.
+def _storage_layout(dataset) -> tuple[np.ndarray, int] | None:
+    """Where an uncompressed h5py dataset's elements lie in its file, or ``None`` if unknown.
 
-    Returns ``(array, chunk_base, chunk_len)``: element ``e`` of the dataset is
-    ``array[chunk_base[e // chunk_len] + e % chunk_len]``. A contiguous dataset is one chunk.
+    Returns ``(chunk_base, chunk_len)``: element ``e`` starts at byte ``chunk_base[e //
+    chunk_len] + (e % chunk_len) * itemsize`` of the file. Contiguous storage is one chunk.
     """
     if dataset.size == 0 or dataset.compression is not None or dataset.dtype.kind not in "iuf":
         return None
-    dcpl = dataset.id.get_create_plist()
-    if dcpl.get_nfilters() > 0:
+    if dataset.dtype.byteorder not in ("=", "|", "<" if np.little_endian else ">"):
+        return None  # stored in the other byte order: let h5py convert it
+    if dataset.id.get_create_plist().get_nfilters() > 0:
         return None
-    itemsize = dataset.dtype.itemsize
-    file_items = os.path.getsize(path) // itemsize
-    mm = np.memmap(path, dtype=dataset.dtype, mode="r", shape=(file_items,))
     if dataset.chunks is None:
         offset = dataset.id.get_offset()
-        if offset is None or offset % itemsize:
+        if offset is None:
             return None
-        return mm, np.array([offset // itemsize], dtype=np.int64), int(dataset.size)
+        return np.array([offset], dtype=np.int64), int(dataset.size)
     chunk_len = int(dataset.chunks[0])
     n_chunks = -(-dataset.size // chunk_len)
     base = np.full(n_chunks, -1, dtype=np.int64)
 
     def visit(info):
-        if info.byte_offset is None or info.byte_offset % itemsize or info.filter_mask:
+        if info.byte_offset is None or info.filter_mask:
             return
-        base[info.chunk_offset[0] // chunk_len] = info.byte_offset // itemsize
+        base[info.chunk_offset[0] // chunk_len] = info.byte_offset
 
     try:
         dataset.id.chunk_iter(visit)
@@ -220,19 +238,36 @@ def _memory_map(dataset, path: str):
             visit(dataset.id.get_chunk_info_by_coord((c * chunk_len,)))
     if (base < 0).any():
         return None
-    return mm, base, chunk_len
+    return base, chunk_len
 
 
-def _verify_map(dataset, mapped, n_checks: int = 64) -> bool:
-    """Compare elements read through the memory map with h5py's reads of the same elements."""
-    mm, base, chunk_len = mapped
+def _verify_layout(dataset, layout, fd: int, kernels: Kernels, n_checks: int = 64) -> bool:
+    """Compare elements read at the computed file positions with h5py's reads of them."""
+    base, chunk_len = layout
     n = dataset.size
     rng = np.random.default_rng(0)
     probe = np.unique(np.concatenate([[0, n - 1], rng.integers(0, n, n_checks)]))
-    probe = probe[(probe >= 0) & (probe < n)]
-    via_map = mm[base[probe // chunk_len] + probe % chunk_len]
+    ones = np.ones(len(probe), dtype=np.int64)
+    direct = np.empty(len(probe), dtype=dataset.dtype)
+    try:
+        kernels.read_ranges(fd, base, chunk_len, probe, ones, np.arange(len(probe)), direct)
+    except OSError:
+        return False
     via_h5 = np.array([dataset[int(e)] for e in probe], dtype=dataset.dtype)
-    return bool(np.array_equal(via_map, via_h5))
+    return bool(np.array_equal(direct, via_h5))
+
+
+class _ReadOnlyDescriptor:
+    """An OS file descriptor opened read-only in one process, closed with this object."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except (OSError, TypeError, AttributeError):  # interpreter shutdown
+            pass
 
 
 def _row_runs(sorted_rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, gap: int):
@@ -249,9 +284,14 @@ class BackedCSRReader(RowReader):
     """Rows of a CSR matrix stored in an ``.h5ad`` file (``X``, a layer, or an obsm entry).
 
     ``indptr`` is read into memory once per process. Requested rows are de-duplicated and
-    sorted; their stored elements are read through a verified memory map where the file allows
-    it, else as merged contiguous runs with one h5py read per run; the caller's order
-    (duplicates included) is restored by the gather kernel.
+    sorted; where the file stores ``data`` and ``indices`` uncompressed, each run of consecutive
+    rows is read with ``pread`` straight into the batch's arrays (mode ``"direct"``: file
+    positions from the HDF5 layout, checked against h5py at open; the file is never mapped, so
+    memory does not grow with it). Otherwise (compressed, or ``use_mmap=False``) runs are read
+    as whole chunks through h5py with a chunk cache that holds a block-shuffle pool. The
+    caller's order (duplicates included) is restored by the gather kernel.
+
+    ``use_mmap`` keeps its historical name: ``False`` forces the h5py path.
     """
 
     def __init__(
@@ -282,16 +322,20 @@ class BackedCSRReader(RowReader):
             return self._state
         group = self.file.get()[self.key]
         data, indices = group["data"], group["indices"]
-        maps = None
-        if self.use_mmap:
-            dmap, imap = _memory_map(data, self.file.path), _memory_map(indices, self.file.path)
-            if dmap is not None and imap is not None:
-                if _verify_map(data, dmap) and _verify_map(indices, imap):
-                    maps = (dmap, imap)
+        layouts, descriptor = None, None
+        if self.use_mmap and hasattr(os, "preadv"):
+            found = (_storage_layout(data), _storage_layout(indices))
+            if found[0] is not None and found[1] is not None:
+                descriptor = _ReadOnlyDescriptor(self.file.path)
+                fd, k = descriptor.fd, self.kernels
+                if _verify_layout(data, found[0], fd, k) and _verify_layout(
+                    indices, found[1], fd, k
+                ):
+                    layouts = found
                 else:  # pragma: no cover - would mean an HDF5 layout we do not understand
                     warnings.warn(
-                        f"{self.file.path}:{self.key}: the memory map disagreed with h5py; "
-                        "reading through h5py instead.",
+                        f"{self.file.path}:{self.key}: reading the file at the positions its "
+                        "HDF5 layout gives disagreed with h5py; reading through h5py instead.",
                         RuntimeWarning,
                         stacklevel=2,
                     )
@@ -300,17 +344,26 @@ class BackedCSRReader(RowReader):
             "indptr": group["indptr"][:].astype(np.int64),
             "data": data,
             "indices": indices,
-            "maps": maps,
+            # (dtype, chunk_base, chunk_len) of data and indices, for direct reads
+            "maps": None
+            if layouts is None
+            else tuple((ds.dtype, *lay) for ds, lay in zip((data, indices), layouts, strict=True)),
+            "descriptor": descriptor if layouts is not None else None,
         }
         return self._state
 
     @property
     def mode(self) -> str:
-        """``"mmap"`` or ``"h5py"``: how stored elements are read in this process."""
-        return "mmap" if self._open()["maps"] is not None else "h5py"
+        """``"direct"`` (``pread`` at file positions verified against h5py) or ``"h5py"``."""
+        return "direct" if self._open()["maps"] is not None else "h5py"
 
     def _read_rows(self, rows: np.ndarray):
-        """Read the stored rows ``rows`` (file positions); return compact CSR pieces and order."""
+        """Read the stored rows ``rows`` (file positions); return compact CSR pieces and order.
+
+        Each maximal run of consecutive rows is read once: straight into the compact arrays
+        (direct mode), or as whole chunks through h5py (compressed/other files), so that a
+        block-shuffled batch costs few reads and decompresses each chunk once.
+        """
         st = self._open()
         uniq, inverse = np.unique(rows, return_inverse=True)
         starts = st["indptr"][uniq]
@@ -321,14 +374,28 @@ class BackedCSRReader(RowReader):
         data = np.empty(nnz, dtype=st["data"].dtype)
         indices = np.empty(nnz, dtype=st["indices"].dtype)
         k = self.kernels
-        if st["maps"] is not None:
-            for (mm, base, chunk_len), out in zip(st["maps"], (data, indices), strict=True):
-                if len(base) == 1:
-                    k.copy_ranges(mm, starts + base[0], lengths, out)
-                else:
-                    k.copy_ranges_chunked(mm, base, chunk_len, starts, lengths, out)
-        else:
-            run_starts, run_ends = _row_runs(uniq, starts, starts + lengths, _RUN_GAP)
+        if st["maps"] is not None and nnz:
+            # rows whose stored values follow each other in the file form one read
+            first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1] + lengths[:-1]])
+            run_starts = starts[first]
+            run_lengths = np.add.reduceat(lengths, first)
+            fd = st["descriptor"].fd
+            for (_, base, chunk_len), out in zip(st["maps"], (data, indices), strict=True):
+                k.read_ranges(
+                    fd, base, chunk_len, run_starts, run_lengths, local_indptr[first], out
+                )
+        elif st["maps"] is None:
+            ends = starts + lengths
+            chunks = st["data"].chunks
+            filtered = chunks is not None and st["data"].id.get_create_plist().get_nfilters() > 0
+            if not filtered:  # uncompressed: read just the rows (and small gaps between them)
+                run_starts, run_ends = _row_runs(uniq, starts, ends, _RUN_GAP)
+            else:  # whole chunks: h5py decompresses a chunk whole anyway, so read it once
+                size, chunk = st["data"].size, int(chunks[0])
+                run_starts, run_ends = _row_runs(uniq, starts, ends, chunk)
+                run_starts = run_starts // chunk * chunk
+                run_ends = np.minimum(-(-run_ends // chunk) * chunk, size)
+                run_starts, run_ends = _row_runs(run_starts, run_starts, run_ends, 0)
             buf_len = run_ends - run_starts
             buf_data = np.empty(int(buf_len.sum()), dtype=data.dtype)
             buf_indices = np.empty(int(buf_len.sum()), dtype=indices.dtype)
@@ -345,9 +412,10 @@ class BackedCSRReader(RowReader):
             k.copy_ranges(buf_indices, src, lengths, indices)
         return local_indptr, indices, data, inverse.astype(np.int64).reshape(-1)
 
-    def dense(self, rows, dtype):
+    def dense(self, rows, dtype, out=None):
         indptr, indices, data, order = self._read_rows(rows)
-        out = np.empty((len(rows), self.shape[1]), dtype=dtype)  # the kernel zeroes it
+        if out is None:
+            out = np.empty((len(rows), self.shape[1]), dtype=dtype)  # the kernel zeroes it
         return self.kernels.csr_to_dense(indptr, indices, data, order, self.col_map, out)
 
     def csr(self, rows, dtype):
@@ -370,7 +438,7 @@ class BackedDenseReader(_DenseRowsReader):
         self.cols = cols
         self.shape = (shape[0], shape[1] if cols is None else len(cols))
 
-    def dense(self, rows, dtype):
+    def dense(self, rows, dtype, out=None):
         ds = self.file.get()[self.key]
         uniq, inverse = np.unique(rows, return_inverse=True)
         block = np.empty((len(uniq), ds.shape[1]), dtype=ds.dtype)
@@ -381,7 +449,7 @@ class BackedDenseReader(_DenseRowsReader):
             ds.read_direct(block, np.s_[s:e], np.s_[o : o + e - s])
             o += e - s
         block = block[inverse.reshape(-1)]
-        return self._finish(block, dtype)
+        return self._finish(block, dtype, out)
 
     def describe(self):
         return f"dense array in {Path(self.file.path).name}:{self.key} (backed)"
@@ -395,8 +463,8 @@ class MappedReader(RowReader):
         self.row_map = row_map
         self.shape = (len(row_map), base.shape[1])
 
-    def dense(self, rows, dtype):
-        return self.base.dense(self.row_map[rows], dtype)
+    def dense(self, rows, dtype, out=None):
+        return self.base.dense(self.row_map[rows], dtype, out)
 
     def csr(self, rows, dtype):
         return self.base.csr(self.row_map[rows], dtype)

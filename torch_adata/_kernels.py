@@ -11,6 +11,11 @@ is input row ``rows[i]``. ``csr_to_dense`` overwrites every element of ``out`` (
 zeroed beforehand). ``col_map`` is either ``None`` (keep every column) or an int64 array of
 length ``n_cols_in`` giving each input column's output column, ``-1`` to drop it (used for
 AnnData views that subset genes).
+
+``read_ranges`` copies element ranges of a dataset stored uncompressed in a file straight into
+an output buffer with ``pread`` (no memory map, so no file pages counted in the process's
+memory): element ``e`` of the dataset sits at byte ``chunk_base[e // chunk_len] +
+(e % chunk_len) * itemsize`` of the file (one chunk for contiguous storage).
 """
 
 from __future__ import annotations
@@ -81,14 +86,38 @@ def _np_csr_to_csr(indptr, indices, data, rows, col_map, out_dtype):
     return out_indptr, cols, vals
 
 
-def _np_copy_ranges(src, starts, lengths, out):
-    out[:] = src[_flat_positions(starts, lengths)]
+def _np_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out):
+    buf = out.view(np.uint8)
+    size = out.itemsize
+    for start, n, o in zip(starts.tolist(), lengths.tolist(), offsets.tolist(), strict=True):
+        end = start + n
+        while start < end:  # one read per chunk the range touches
+            c = start // chunk_len
+            stop = min(end, (c + 1) * chunk_len)
+            _pread_exactly(
+                fd,
+                buf[o * size : (o + stop - start) * size],
+                int(chunk_base[c]) + (start - c * chunk_len) * size,
+            )
+            o += stop - start
+            start = stop
     return out
 
 
-def _np_copy_ranges_chunked(src, chunk_base, chunk_len, starts, lengths, out):
-    pos = _flat_positions(starts, lengths)
-    out[:] = src[chunk_base[pos // chunk_len] + pos % chunk_len]
+def _pread_exactly(fd: int, view: np.ndarray, position: int) -> None:
+    done, want = 0, view.nbytes
+    while done < want:
+        got = os.preadv(fd, [view[done:]], position + done)
+        if got <= 0:
+            raise OSError(
+                f"reading {want} bytes at byte {position} of the file returned {got}: the file "
+                "is shorter than its HDF5 layout says (truncated or changed while open)."
+            )
+        done += got
+
+
+def _np_copy_ranges(src, starts, lengths, out):
+    out[:] = src[_flat_positions(starts, lengths)]
     return out
 
 
@@ -160,23 +189,65 @@ if numba is not None:
         return lengths
 
     @_jit
+    def _nb_csr_fill_all(
+        indptr, indices, data, rows, out_indptr, out_cols, out_vals
+    ):  # pragma: no cover
+        for i in numba.prange(rows.shape[0]):
+            r = rows[i]
+            src = indptr[r]
+            q = out_indptr[i]
+            for j in range(indptr[r + 1] - src):
+                out_cols[q + j] = indices[src + j]
+                out_vals[q + j] = data[src + j]
+
+    # POSIX pread(fd, buffer, count, offset), linked by name (so the kernel stays cacheable);
+    # the buffer address is passed as an integer, which the C calling convention accepts.
+    _libc_pread = None
+    if hasattr(os, "pread"):
+        _libc_pread = numba.types.ExternalFunction(
+            "pread",
+            numba.types.intp(
+                numba.types.intc, numba.types.intp, numba.types.uintp, numba.types.int64
+            ),
+        )
+
+    if _libc_pread is not None:
+        _pread = _libc_pread
+
+        @_jit
+        def _nb_read_ranges(
+            fd, chunk_base, chunk_len, starts, lengths, offsets, out
+        ):  # pragma: no cover
+            size = out.itemsize
+            address = out.ctypes.data
+            failed = 0
+            for k in numba.prange(starts.shape[0]):
+                start = starts[k]
+                end = start + lengths[k]
+                o = offsets[k]
+                while start < end:  # one pread per chunk the range touches
+                    c = start // chunk_len
+                    stop = min(end, (c + 1) * chunk_len)
+                    want = (stop - start) * size
+                    position = chunk_base[c] + (start - c * chunk_len) * size
+                    done = 0
+                    while done < want:
+                        got = _pread(fd, address + o * size + done, want - done, position + done)
+                        if got <= 0:
+                            failed += 1
+                            break
+                        done += got
+                    o += stop - start
+                    start = stop
+            return failed
+
+    @_jit
     def _nb_copy_ranges(src, starts, offsets, lengths, out):  # pragma: no cover
         for k in numba.prange(starts.shape[0]):
             s = starts[k]
             o = offsets[k]
             for j in range(lengths[k]):
                 out[o + j] = src[s + j]
-        return out
-
-    @_jit
-    def _nb_copy_ranges_chunked(
-        src, chunk_base, chunk_len, starts, offsets, lengths, out
-    ):  # pragma: no cover
-        for k in numba.prange(starts.shape[0]):
-            o = offsets[k]
-            for j in range(lengths[k]):
-                e = starts[k] + j
-                out[o + j] = src[chunk_base[e // chunk_len] + e % chunk_len]
         return out
 
 
@@ -195,6 +266,26 @@ def _new_lock() -> None:
 
 os.register_at_fork(after_in_child=_new_lock)
 
+_THREADS_SET_IN: int | None = None  # pid of the worker process whose thread count is set
+
+
+def _worker_threads() -> None:
+    """Inside a DataLoader worker, give the kernels this worker's share of the cores.
+
+    Every worker otherwise starts one numba thread per core: two workers on two cores would
+    run four threads that take turns (measured slower than one thread each).
+    """
+    global _THREADS_SET_IN
+    if _THREADS_SET_IN == os.getpid():
+        return
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    if info is not None:
+        numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS // info.num_workers))
+    _THREADS_SET_IN = os.getpid()
+
+
 # numba has no float16 arithmetic: such outputs are computed in float32 and cast.
 _HALF = np.dtype(np.float16)
 
@@ -204,6 +295,7 @@ def _nb_csr_to_dense_entry(indptr, indices, data, rows, col_map, out):
     if out.dtype == _HALF:
         out = np.empty(out.shape, dtype=np.float32)
     with _LOCK:
+        _worker_threads()
         if col_map is None:
             _nb_csr_to_dense(indptr, indices, data, rows, _EMPTY_MAP, out)
         else:
@@ -214,16 +306,21 @@ def _nb_csr_to_dense_entry(indptr, indices, data, rows, col_map, out):
 
 
 def _nb_csr_to_csr_entry(indptr, indices, data, rows, col_map, out_dtype):
-    cmap = _EMPTY_MAP if col_map is None else col_map
-    lengths = _nb_row_lengths(indptr, indices, rows, cmap)
     out_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out_indptr[1:])
+    if col_map is None:  # every stored value is kept: row lengths straight from indptr
+        np.cumsum(indptr[rows + 1] - indptr[rows], out=out_indptr[1:])
+    else:
+        np.cumsum(_nb_row_lengths(indptr, indices, rows, col_map), out=out_indptr[1:])
     nnz = int(out_indptr[-1])
     out_cols = np.empty(nnz, dtype=np.int64)
     compute = np.float32 if np.dtype(out_dtype) == _HALF else out_dtype
     out_vals = np.empty(nnz, dtype=compute)
     with _LOCK:
-        _nb_csr_fill(indptr, indices, data, rows, cmap, out_indptr, out_cols, out_vals)
+        _worker_threads()
+        if col_map is None:
+            _nb_csr_fill_all(indptr, indices, data, rows, out_indptr, out_cols, out_vals)
+        else:
+            _nb_csr_fill(indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals)
     return out_indptr, out_cols, out_vals.astype(out_dtype, copy=False)
 
 
@@ -231,16 +328,23 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(lengths) - lengths
 
 
+def _nb_read_ranges_entry(fd, chunk_base, chunk_len, starts, lengths, offsets, out):
+    if _libc_pread is None:  # pragma: no cover - platforms without a C pread
+        return _np_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
+    with _LOCK:
+        _worker_threads()
+        failed = _nb_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
+    if failed:
+        raise OSError(
+            f"{failed} reads came back short: the file is shorter than its HDF5 layout says "
+            "(truncated or changed while open)."
+        )
+    return out
+
+
 def _nb_copy_ranges_entry(src, starts, lengths, out):
     with _LOCK:
         return _nb_copy_ranges(src, starts, _offsets(lengths), lengths, out)
-
-
-def _nb_copy_ranges_chunked_entry(src, chunk_base, chunk_len, starts, lengths, out):
-    with _LOCK:
-        return _nb_copy_ranges_chunked(
-            src, chunk_base, chunk_len, starts, _offsets(lengths), lengths, out
-        )
 
 
 # --------------------------------------------------------------------------- selection
@@ -254,17 +358,17 @@ class Kernels:
     csr_to_dense: Callable
     csr_to_csr: Callable
     copy_ranges: Callable
-    copy_ranges_chunked: Callable
+    read_ranges: Callable
 
 
-NUMPY = Kernels("numpy", _np_csr_to_dense, _np_csr_to_csr, _np_copy_ranges, _np_copy_ranges_chunked)
+NUMPY = Kernels("numpy", _np_csr_to_dense, _np_csr_to_csr, _np_copy_ranges, _np_read_ranges)
 NUMBA = (
     Kernels(
         "numba",
         _nb_csr_to_dense_entry,
         _nb_csr_to_csr_entry,
         _nb_copy_ranges_entry,
-        _nb_copy_ranges_chunked_entry,
+        _nb_read_ranges_entry,
     )
     if numba is not None
     else None

@@ -1,0 +1,616 @@
+"""The torch_adata benchmark suite: one command, every table, a JSON file and a plot.
+
+Usage::
+
+    python benchmarks/suite.py --quick          # 20,000 cells, a few minutes
+    python benchmarks/suite.py                  # 100,000 x 20,000, ~2,000 nnz/cell
+    python benchmarks/suite.py --million        # also backed memory at 1,000,000 cells (~16 GB)
+
+Every configuration runs in a fresh process (``measure.py``) so its peak RSS is its own; the
+synthetic files (``generate.py``) are written once into ``--data-dir`` and reused. Sections:
+
+1. loaders: AnnDataset in memory (dense, sparse) and backed (0 and 2 workers), uniform and
+   block-shuffle samplers, next to the per-cell, batched-scipy and anndata-backed baselines,
+   with ratios to them; the empty-process RSS.
+2. disk: backed AnnDataset on a cold (evicted) and a gzip-compressed file, uniform vs block
+   shuffle, with the batch diversity of each sampler.
+3. time-resolved: TimeResolvedAnnDataset population batches, in memory and backed.
+4. batch size sweep: cells/s for batch sizes 64..2048.
+5. memory vs dataset size: peak RSS of backed (and in-memory) AnnDataset.
+
+Results go to ``<out>/suite_<quick|full>.json``, ``.md`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from generate import write_synthetic  # noqa: E402
+from measure import make_sampler  # noqa: E402
+
+SWEEP_SIZES = [64, 128, 256, 512, 1024, 2048]
+DISK_SAMPLERS = {"uniform": "uniform", "block": "block", "block, pool 1": "block:64:1"}
+
+
+# -- running configurations ---------------------------------------------------------------------
+
+
+class Runner:
+    """Run configurations in fresh processes and keep their results."""
+
+    def __init__(self, common: dict, verbose: bool = True) -> None:
+        self.common = common
+        self.verbose = verbose
+        self.results: dict[str, dict] = {}
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO), *filter(None, [env.get("PYTHONPATH")])]
+        )  # measure this checkout's torch_adata, not an installed one
+        self.env = env
+
+    def __call__(self, key: str, **cfg) -> dict:
+        cfg = {**self.common, **cfg}
+        start = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, str(HERE / "measure.py"), json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+        )
+        seconds = time.perf_counter() - start
+        if out.returncode:
+            result = {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+            print(f"  {key}: FAILED ({result['error']})\n{out.stderr[-3000:]}", file=sys.stderr)
+        else:
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["config"] = cfg
+        result["process_s"] = seconds
+        self.results[key] = result
+        if self.verbose and "error" not in result:
+            rate = result.get("cells_per_s")
+            print(
+                f"  {key:<44} {'' if rate is None else f'{rate:>12,.0f} cells/s'} "
+                f"({seconds:.0f} s)",
+                flush=True,
+            )
+        return result
+
+
+# -- batch diversity ----------------------------------------------------------------------------
+
+
+def batch_diversity(labels: np.ndarray, batches: list[np.ndarray]) -> float:
+    """Mean over batches of the total-variation distance of a batch's label frequencies
+    from the global ones (0: every batch looks like the whole data; 1: disjoint)."""
+    k = int(labels.max()) + 1
+    overall = np.bincount(labels, minlength=k) / len(labels)
+    distances = [
+        0.5 * np.abs(np.bincount(labels[b], minlength=k) / len(b) - overall).sum() for b in batches
+    ]
+    return float(np.mean(distances))
+
+
+def diversity_table(path: Path, batch_size: int, seed: int = 0) -> dict:
+    """Diversity of one epoch of each disk sampler, for the file's label order and a random one."""
+    import anndata as ad
+
+    obs = ad.read_h5ad(path, backed="r").obs
+    stored = obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    shuffled = np.random.default_rng(seed).permutation(stored)
+    out = {}
+    for name, spec in DISK_SAMPLERS.items():
+        sampler = make_sampler(len(stored), batch_size, spec, seed)
+        batches = list(sampler)
+        out[name] = {
+            "sampler": repr(sampler),
+            "block_size": getattr(sampler, "block_size", None),
+            "pool_batches": getattr(sampler, "pool_batches", None),
+            "stored_order": batch_diversity(stored, batches),
+            "random_order": batch_diversity(shuffled, batches),
+        }
+    return out
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str = ",.0f", suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return f"{value:{spec}}{suffix}"
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or "cells_per_s" not in a or "cells_per_s" not in b:
+        return "-"
+    return f"{a['cells_per_s'] / b['cells_per_s']:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+LOADER_LABELS = {
+    "per-cell": "per-cell `__getitem__` + default collate",
+    "batched": "batched `X[idx].toarray()`",
+    "anndata-backed": "anndata backed `adata[sorted idx].X`",
+    "AnnDataset": "**AnnDataset**",
+    "AnnDataset sparse": "AnnDataset `sparse=True`",
+    "TimeResolvedAnnDataset": "TimeResolvedAnnDataset populations",
+}
+
+
+# -- the suite ----------------------------------------------------------------------------------
+
+
+def _data(args, cells: int, compression: str | None = None) -> Path:
+    name = f"synthetic_{cells}x{args.genes}_{args.nnz}" + (f"_{compression}" if compression else "")
+    path = args.data_dir / f"{name}.h5ad"
+    if not path.exists():
+        need = cells * args.nnz * 8 * 1.1
+        free = shutil.disk_usage(args.data_dir).free
+        if compression is None and need > free:
+            raise SystemExit(
+                f"{path.name} needs about {need / 2**30:.0f} GiB but {args.data_dir} has "
+                f"{free / 2**30:.0f} GiB free: free space or pass --data-dir elsewhere."
+            )
+        start = time.perf_counter()
+        tmp = path.with_suffix(".partial.h5ad")
+        write_synthetic(tmp, cells, args.genes, args.nnz, compression=compression)
+        tmp.rename(path)
+        os.sync()
+        print(
+            f"  wrote {path.name} ({path.stat().st_size / 2**20:,.0f} MiB) in "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+    return path
+
+
+def _csr_mib(path: Path) -> float:
+    import h5py
+
+    with h5py.File(path) as f:
+        return sum(f["X"][k].size * f["X"][k].dtype.itemsize for k in f["X"]) / 2**20
+
+
+def run_suite(args) -> dict:
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    commit_start = _commit()  # the engine may change while a long run goes on
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("data", flush=True)
+    plain = _data(args, args.cells)
+    gz = _data(args, args.cells, "gzip")
+    csr_mib = _csr_mib(plain)
+    bs, batches, repeats = args.batch_size, args.batches, args.repeats
+    run = Runner({"batch_size": bs, "batches": batches, "repeats": repeats})
+
+    print("1. loaders (warm page cache)", flush=True)
+    P = str(plain)
+    run("empty", loader="empty", path=P)
+    run("per-cell|memory", loader="per-cell", path=P)
+    run("batched|memory", loader="batched", path=P)
+    run("AnnDataset|memory|uniform|0", loader="AnnDataset", path=P)
+    run("AnnDataset sparse|memory|uniform|0", loader="AnnDataset", path=P, sparse=True)
+    run("AnnDataset|memory|block|0", loader="AnnDataset", path=P, sampler="block")
+    run("anndata-backed|backed", loader="anndata-backed", path=P, mode="backed")
+    for sampler in ("uniform", "block"):
+        for workers in (0, 2):
+            run(
+                f"AnnDataset|backed|{sampler}|{workers}",
+                loader="AnnDataset",
+                path=P,
+                mode="backed",
+                sampler=sampler,
+                workers=workers,
+            )
+    run(
+        "AnnDataset|backed|uniform|2p",
+        loader="AnnDataset",
+        path=P,
+        mode="backed",
+        workers=2,
+        persistent=True,
+    )
+
+    print("2. disk: cold and compressed files, uniform vs block shuffle", flush=True)
+    disk_batches = max(4, batches // args.disk_divisor)
+    for fname, path in (("plain", P), ("gzip", str(gz))):
+        for cache in ("warm", "cold"):
+            for name, spec in DISK_SAMPLERS.items():
+                run(
+                    f"disk|{fname}|{cache}|{name}",
+                    loader="AnnDataset",
+                    path=path,
+                    mode="backed",
+                    sampler=spec,
+                    cold=cache == "cold",
+                    batches=batches if fname == "plain" else disk_batches,
+                )
+    run(
+        "disk|gzip|warm|anndata",
+        loader="anndata-backed",
+        path=str(gz),
+        mode="backed",
+        batches=disk_batches,
+    )
+    diversity = diversity_table(plain, bs)
+
+    print("3. time-resolved (population mode)", flush=True)
+    for mode in ("memory", "backed"):
+        run(
+            f"TimeResolvedAnnDataset|{mode}",
+            loader="TimeResolvedAnnDataset",
+            path=P,
+            mode=mode,
+            batch_size=args.cells_per_time,
+        )
+
+    print("4. batch size sweep", flush=True)
+    sweep = {
+        "cells_per_pass": args.sweep_cells,
+        "batch_sizes": SWEEP_SIZES,
+        "repeats": args.sweep_repeats,
+    }
+    run("sweep|AnnDataset|memory", loader="AnnDataset", path=P, **sweep)
+    run("sweep|AnnDataset|backed", loader="AnnDataset", path=P, mode="backed", **sweep)
+    run("sweep|batched|memory", loader="batched", path=P, **sweep)
+    run("sweep|anndata-backed|backed", loader="anndata-backed", path=P, mode="backed", **sweep)
+    run("sweep|per-cell|memory", loader="per-cell", path=P, **sweep)
+
+    print("5. memory vs dataset size", flush=True)
+    sizes = {args.cells: plain}
+    for cells in args.size_cells:
+        sizes[cells] = _data(args, cells)
+    million = None
+    if args.million:
+        million = _data(args, 1_000_000)
+        sizes[1_000_000] = million
+    size_rows = {}
+    for cells, path in sorted(sizes.items()):
+        if cells == args.cells:
+            size_rows[cells] = {
+                "backed": run.results["AnnDataset|backed|uniform|0"],
+                "memory": run.results["AnnDataset|memory|uniform|0"],
+                "file_mib": path.stat().st_size / 2**20,
+            }
+            continue
+        n_batches = min(batches, max(2, cells // bs // 2))
+        row = {"file_mib": path.stat().st_size / 2**20}
+        row["backed"] = run(
+            f"size|{cells}|backed",
+            loader="AnnDataset",
+            path=str(path),
+            mode="backed",
+            batches=n_batches,
+        )
+        if cells <= args.cells:
+            row["memory"] = run(
+                f"size|{cells}|memory", loader="AnnDataset", path=str(path), batches=n_batches
+            )
+        size_rows[cells] = row
+    if million is not None and not args.keep_data:
+        million.unlink()
+        print(f"  deleted {million.name}", flush=True)
+
+    import torch_adata
+
+    return {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "csr_mib": csr_mib,
+        "nnz_per_cell": args.nnz,
+        "results": run.results,
+        "diversity": diversity,
+        "sizes": {str(k): v for k, v in size_rows.items()},
+        "duration_s": time.perf_counter() - t_start,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "torch_adata": torch_adata.__file__,
+        "commit": commit_start,
+        "commit_end": _commit(),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "torch_adata"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return out.stdout.strip() + (" (torch_adata modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def report(suite: dict) -> str:
+    """The markdown report of a suite result."""
+    r = suite["results"]
+    a = suite["args"]
+    csr = suite["csr_mib"]
+    out = [
+        f"{a['cells']:,} cells x {a['genes']:,} genes, ~{a['nnz']:,} non-zeros per cell, CSR "
+        f"{csr:,.0f} MiB; batches of {a['batch_size']}, median of {a['repeats']} passes of "
+        f"{a['batches']} batches; {suite['machine']}; load average "
+        f"{suite['loadavg_start'][0]:.1f} at start, {suite['loadavg_end'][0]:.1f} at end; "
+        f"commit {suite['commit']}"
+        + (
+            f" (at the end: {suite['commit_end']})"
+            if suite.get("commit_end", suite["commit"]) != suite["commit"]
+            else ""
+        )
+        + f"; {suite['when']}; suite ran {suite['duration_s'] / 60:.1f} min.",
+        "",
+        "### Loaders (warm page cache)",
+        "",
+    ]
+    percell = r.get("per-cell|memory")
+    base = {"memory": r.get("batched|memory"), "backed": r.get("anndata-backed|backed")}
+    rows = []
+    order = [
+        ("per-cell|memory", "per-cell", "memory", "uniform", 0),
+        ("batched|memory", "batched", "memory", "uniform", 0),
+        ("AnnDataset|memory|uniform|0", "AnnDataset", "memory", "uniform", 0),
+        ("AnnDataset sparse|memory|uniform|0", "AnnDataset sparse", "memory", "uniform", 0),
+        ("AnnDataset|memory|block|0", "AnnDataset", "memory", "block", 0),
+        ("anndata-backed|backed", "anndata-backed", "backed", "uniform", 0),
+        ("AnnDataset|backed|uniform|0", "AnnDataset", "backed", "uniform", 0),
+        ("AnnDataset|backed|uniform|2", "AnnDataset", "backed", "uniform", 2),
+        ("AnnDataset|backed|uniform|2p", "AnnDataset", "backed", "uniform", "2 persistent"),
+        ("AnnDataset|backed|block|0", "AnnDataset", "backed", "block", 0),
+        ("AnnDataset|backed|block|2", "AnnDataset", "backed", "block", 2),
+    ]
+    for key, loader, mode, sampler, workers in order:
+        res = r.get(key, {})
+        if "error" in res or not res:
+            rows.append([LOADER_LABELS[loader], mode, sampler, str(workers), "failed"] + ["-"] * 8)
+            continue
+        rows.append(
+            [
+                LOADER_LABELS[loader],
+                mode,
+                sampler,
+                str(workers),
+                _fmt(res["cells_per_s"]),
+                _ratio(res, percell),
+                _ratio(res, base[mode]),
+                _fmt(res.get("cells_per_cpu_s")),
+                _fmt(res["first_batch_s"], ".2f", " s"),
+                _fmt(res.get("first_batch_next_s"), ".2f", " s"),
+                _fmt(res["peak_rss_mib"], ",.0f", " MiB"),
+                _fmt(res["peak_anon_mib"], ",.0f", " MiB"),
+                _fmt(res["peak_rss_mib"] / csr, ".2f") if mode == "memory" else "-",
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "loader",
+                "data",
+                "sampler",
+                "workers",
+                "cells/s",
+                "x per-cell",
+                "x batched",
+                "cells/CPU-s",
+                "first batch",
+                "first batch, later passes",
+                "peak RSS",
+                "peak anon (all procs)",
+                "RSS / CSR",
+            ],
+            rows,
+            right_from=3,
+        )
+    )
+    empty = r.get("empty", {})
+    out += [
+        "",
+        "Empty process (python + torch + anndata + torch_adata): "
+        f"{_fmt(empty.get('peak_rss_mib'), ',.0f', ' MiB')} RSS, "
+        f"{_fmt(empty.get('anon_mib'), ',.0f', ' MiB')} anonymous. "
+        "`x batched` compares in-memory rows with batched `X[idx].toarray()` and backed rows "
+        "with anndata's backed read. `first batch`: open + build + first batch in a fresh "
+        "process (imports excluded); `later passes`: the first batch of each later pass "
+        "(workers restart every pass unless persistent). `cells/CPU-s`: cells per CPU second of "
+        "the process and its workers, steadier than wall time on a loaded machine. `peak RSS`: the main process's VmHWM (for backed files it "
+        "counts the memory-mapped file pages touched, which are page cache); `peak anon`: "
+        "allocated memory (RssAnon) of the main process plus its workers, sampled every 10 ms.",
+        "",
+        "### Disk: cold and compressed files, uniform vs block shuffle (backed, 0 workers)",
+        "",
+    ]
+    div = suite["diversity"]
+    rows = []
+    for fname, cache in (("plain", "warm"), ("plain", "cold"), ("gzip", "warm"), ("gzip", "cold")):
+        res = {name: r.get(f"disk|{fname}|{cache}|{name}", {}) for name in DISK_SAMPLERS}
+        uni = res["uniform"]
+        resident = [x for x in (uni.get("resident_after_drop_mib") or []) if x is not None]
+        row = ["uncompressed" if fname == "plain" else "gzip", cache]
+        for name in DISK_SAMPLERS:
+            row.append(_fmt(res[name].get("cells_per_s")))
+            if name != "uniform":
+                row.append(_ratio(res[name], uni))
+        row += [
+            _fmt(uni.get("first_batch_s"), ".2f", " s"),
+            _fmt(max(resident), ",.1f", " MiB") if resident else "-",
+        ]
+        rows.append(row)
+    header = ["file", "page cache"]
+    for name in DISK_SAMPLERS:
+        header.append(f"{name} cells/s")
+        if name != "uniform":
+            header.append(f"{name} / uniform")
+    header += ["first batch (uniform)", "file in cache after eviction"]
+    out.append(_table(header, rows, right_from=2))
+    gz_anndata = r.get("disk|gzip|warm|anndata", {})
+    gz_uni = r.get("disk|gzip|warm|uniform", {})
+    out += [
+        "",
+        f"anndata's own backed read of the gzip file: {_fmt(gz_anndata.get('cells_per_s'))} "
+        f"cells/s (AnnDataset uniform: x{_ratio(gz_uni, gz_anndata)}). Compressed runs read "
+        f"{max(4, a['batches'] // a['disk_divisor'])} batches per pass. Cold: before every pass "
+        "the loader is rebuilt and the file's pages are evicted with "
+        "`posix_fadvise(POSIX_FADV_DONTNEED)` (the last column, from `fincore`, checks it).",
+        "",
+        "Batch diversity: mean over one epoch's batches of the total-variation distance between "
+        "a batch's `cell_type` frequencies and the global ones (0: every batch has the global "
+        "mix; 1: disjoint). 20 types; the file stores cells sorted by type.",
+        "",
+        _table(
+            [
+                "sampler",
+                "block_size",
+                "pool_batches",
+                "cells stored sorted by type (the file)",
+                "cells stored in random order",
+            ],
+            [
+                [
+                    name,
+                    _fmt(d["block_size"], "d"),
+                    _fmt(d["pool_batches"], "d"),
+                    f"{d['stored_order']:.3f}",
+                    f"{d['random_order']:.3f}",
+                ]
+                for name, d in div.items()
+            ],
+        ),
+        "",
+        "### Time-resolved (TimeResolvedAnnDataset, population mode, "
+        f"{a['cells_per_time']} cells per time point x 3 time points per batch)",
+        "",
+    ]
+    rows = []
+    for mode in ("memory", "backed"):
+        res = r.get(f"TimeResolvedAnnDataset|{mode}", {})
+        ref = r.get(f"AnnDataset|{mode}|uniform|0")
+        rows.append(
+            [
+                mode,
+                _fmt(res.get("batches_per_s"), ",.1f"),
+                _fmt(res.get("cells_per_s")),
+                _ratio(res, ref),
+                _fmt(res.get("first_batch_s"), ".2f", " s"),
+                _fmt(res.get("peak_rss_mib"), ",.0f", " MiB"),
+            ]
+        )
+    out.append(
+        _table(
+            ["data", "batches/s", "cells/s", "x AnnDataset uniform", "first batch", "peak RSS"],
+            rows,
+        )
+    )
+    out += ["", "### Batch size sweep (cells/s)", ""]
+    series = [k for k in r if k.startswith("sweep|")]
+    header = ["loader", "data"] + [str(s) for s in SWEEP_SIZES]
+    rows = []
+    for key in series:
+        _, loader, mode = key.split("|")
+        pts = {p["batch_size"]: p["cells_per_s"] for p in r[key].get("points", [])}
+        rows.append([LOADER_LABELS[loader], mode] + [_fmt(pts.get(s)) for s in SWEEP_SIZES])
+    out.append(_table(header, rows, right_from=2))
+    out += ["", "### Memory vs dataset size (AnnDataset, uniform, 0 workers)", ""]
+    rows = []
+    for cells, row in sorted(suite["sizes"].items(), key=lambda kv: int(kv[0])):
+        b, m = row.get("backed", {}), row.get("memory", {})
+        rows.append(
+            [
+                f"{int(cells):,}",
+                _fmt(row["file_mib"], ",.0f", " MiB"),
+                _fmt(b.get("peak_rss_mib"), ",.0f", " MiB"),
+                _fmt(b.get("peak_anon_mib"), ",.0f", " MiB"),
+                _fmt(b.get("cells_per_s")),
+                _fmt(m.get("peak_rss_mib"), ",.0f", " MiB"),
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "cells",
+                "file",
+                "backed peak RSS",
+                "backed peak anon",
+                "backed cells/s",
+                "in-memory peak RSS",
+            ],
+            rows,
+        )
+    )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="20,000 cells, fewer batches and repeats: a few minutes",
+    )
+    parser.add_argument(
+        "--million",
+        action="store_true",
+        help="also measure backed memory at 1,000,000 cells (writes ~16 GB, "
+        "deleted afterwards unless --keep-data)",
+    )
+    parser.add_argument("--keep-data", action="store_true", help="keep the 1M-cell file")
+    parser.add_argument("--cells", type=int, help="cells of the main matrix (default 100,000)")
+    parser.add_argument("--genes", type=int, default=20_000)
+    parser.add_argument("--nnz", type=int, default=2_000, help="mean non-zeros per cell")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, help="batches per pass (default 200)")
+    parser.add_argument("--repeats", type=int, help="timed passes per configuration (default 3)")
+    parser.add_argument("--cells-per-time", type=int, default=128)
+    parser.add_argument("--data-dir", type=Path, default=HERE / "data")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    quick = args.quick
+    args.cells = args.cells or (20_000 if quick else 100_000)
+    args.batches = args.batches or (30 if quick else 200)
+    args.repeats = args.repeats or (2 if quick else 3)
+    args.disk_divisor = 2 if quick else 4
+    args.sweep_cells = 8_192 if quick else 32_768
+    args.sweep_repeats = 1 if quick else 3
+    args.size_cells = [5_000] if quick else [10_000]
+    suite = run_suite(args)
+    text = report(suite)
+    print("\n" + text)
+    stem = args.out / f"suite_{'quick' if quick else 'full'}"
+    stem.with_suffix(".json").write_text(json.dumps(suite, indent=1))
+    stem.with_suffix(".md").write_text(text)
+    from plot import plot_suite
+
+    plot_suite(suite, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json, .md and .png ({suite['duration_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

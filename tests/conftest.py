@@ -197,7 +197,7 @@ def force_h5py(dataset):
     readers = backed_csr_readers(dataset)
     assert readers, "the dataset has no backed CSR field"
     for reader in readers:
-        reader.use_mmap = False
+        reader.direct_reads = False
         reader._state = None
         assert reader.mode == "h5py"
     return dataset

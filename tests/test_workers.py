@@ -123,7 +123,7 @@ def test_pickle_after_reading_drops_and_reopens_handles(h5ad_files, in_memory, k
         clone = pickle.loads(pickle.dumps(dataset))
         for reader in backed_csr_readers(clone):
             assert reader._state is None and reader.file._file is None
-            assert reader.use_mmap == (read == "direct")
+            assert reader.direct_reads == (read == "direct")
         after = clone[rows]
         assert before.keys() == after.keys()
         for key in before:

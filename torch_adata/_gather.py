@@ -287,11 +287,11 @@ class BackedCSRReader(RowReader):
     sorted; where the file stores ``data`` and ``indices`` uncompressed, each run of consecutive
     rows is read with ``pread`` straight into the batch's arrays (mode ``"direct"``: file
     positions from the HDF5 layout, checked against h5py at open; the file is never mapped, so
-    memory does not grow with it). Otherwise (compressed, or ``use_mmap=False``) runs are read
+    memory does not grow with it). Otherwise (compressed, or ``direct_reads=False``) runs are read
     as whole chunks through h5py with a chunk cache that holds a block-shuffle pool. The
     caller's order (duplicates included) is restored by the gather kernel.
 
-    ``use_mmap`` keeps its historical name: ``False`` forces the h5py path.
+    ``direct_reads=False`` forces the h5py path.
     """
 
     def __init__(
@@ -302,13 +302,13 @@ class BackedCSRReader(RowReader):
         col_map: np.ndarray | None = None,
         n_cols: int | None = None,
         engine: str = "auto",
-        use_mmap: bool = True,
+        direct_reads: bool = True,
     ):
         self.file = _LazyFile(path)
         self.key = key
         self.col_map = col_map
         self.engine = engine
-        self.use_mmap = use_mmap
+        self.direct_reads = direct_reads
         self.shape = (shape[0], shape[1] if n_cols is None else n_cols)
         self._state = None
 
@@ -323,7 +323,7 @@ class BackedCSRReader(RowReader):
         group = self.file.get()[self.key]
         data, indices = group["data"], group["indices"]
         layouts, descriptor = None, None
-        if self.use_mmap and hasattr(os, "preadv"):
+        if self.direct_reads and hasattr(os, "preadv"):
             found = (_storage_layout(data), _storage_layout(indices))
             if found[0] is not None and found[1] is not None:
                 descriptor = _ReadOnlyDescriptor(self.file.path)
@@ -511,7 +511,7 @@ def backed_reader(
     shape: tuple[int, int],
     cols: np.ndarray | None = None,
     engine: str = "auto",
-    use_mmap: bool = True,
+    direct_reads: bool = True,
 ) -> RowReader:
     """A reader over the matrix stored at ``key`` of an ``.h5ad`` file.
 
@@ -524,7 +524,7 @@ def backed_reader(
                 f"{key}: a view that repeats variables is not supported in backed mode."
             )
         n_cols = None if cols is None else len(cols)
-        return BackedCSRReader(path, key, shape, _col_map(cols, shape[1]), n_cols, engine, use_mmap)
+        return BackedCSRReader(path, key, shape, _col_map(cols, shape[1]), n_cols, engine, direct_reads)
     if encoding == "csc_matrix":
         raise ValueError(
             f"{path}:{key} is stored as CSC (column-compressed). Reading rows of a backed CSC "

@@ -135,8 +135,20 @@ class AnnDataPredictionWriter(BasePredictionWriter):
 class AnnDataCLI(LightningCLI):
     """``LightningCLI`` with :class:`~torch_adata.AnnDataModule` as the data module.
 
-    The model is given by ``class_path`` (any ``LightningModule``); the config written next to
-    the logs is overwritten on reruns instead of aborting them.
+    The model is any ``LightningModule``, named by ``class_path`` under ``model:``; the data
+    module's arguments go under ``data:``. The config written next to the logs is overwritten
+    on reruns instead of aborting them, the default seed is 0 and the program is called
+    ``torch-adata``.
+
+    Parameters
+    ----------
+    args
+        The arguments, as on the command line (``["fit", "--config", "c.yaml"]``); ``None``
+        reads ``sys.argv[1:]``.
+    **kwargs
+        Passed on to ``LightningCLI``; they replace the defaults above (``model_class``,
+        ``subclass_mode_model``, ``datamodule_class``, ``save_config_kwargs``,
+        ``seed_everything_default``, ``parser_kwargs``).
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any):
@@ -179,7 +191,25 @@ def _model_class_paths(args: Sequence[str], configs: Sequence[str]) -> list[str]
 
 
 def check_class_path(class_path: str) -> type:
-    """Import ``class_path`` (``package.module.Class``); fail with what is wrong and the fix."""
+    """Import a model class path and check that it names a ``LightningModule``.
+
+    Parameters
+    ----------
+    class_path
+        ``package.module.Class``, as in a config's ``model: class_path:``.
+
+    Returns
+    -------
+    type
+        The class.
+
+    Raises
+    ------
+    SystemExit
+        The module does not import (the message names where modules are looked up and the
+        fix), or the class is missing or not a ``LightningModule`` (the message lists the
+        ``LightningModule`` classes the module defines).
+    """
     module_name, _, class_name = class_path.rpartition(".")
     try:
         module = importlib.import_module(module_name)
@@ -208,12 +238,23 @@ def check_class_path(class_path: str) -> type:
 
 
 def run_cli(args: Sequence[str] | None = None) -> AnnDataCLI:
-    """Run the ``torch-adata`` command and return the finished ``AnnDataCLI``.
+    """Run the ``torch-adata`` command and return the finished :class:`AnnDataCLI`.
 
-    ``args`` defaults to ``sys.argv[1:]``. The current directory goes first on ``sys.path`` so
-    model class paths may name modules in it (``examples.classifier.CellTypeClassifier`` from
-    the repository root). A missing config file or a model class path that does not import
-    stops the command with a message that says what is wrong and how to fix it.
+    The current directory goes first on ``sys.path``, so model class paths may name modules in
+    it (``examples.classifier.CellTypeClassifier`` from the repository root). A missing config
+    file or a model class path that does not import stops the command (``SystemExit``) with a
+    message that says what is wrong and how to fix it, before anything runs.
+
+    Parameters
+    ----------
+    args
+        The arguments, as on the command line (``["fit", "--config", "c.yaml"]``); ``None``
+        reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    AnnDataCLI
+        The finished command, with its ``trainer``, ``model`` and ``datamodule``.
     """
     argv = sys.argv[1:] if args is None else list(args)
     for path in _config_paths(argv):
@@ -232,7 +273,13 @@ def run_cli(args: Sequence[str] | None = None) -> AnnDataCLI:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``torch-adata`` console script (see :func:`run_cli`)."""
+    """Entry point of the ``torch-adata`` console script: :func:`run_cli`, returning nothing.
+
+    Parameters
+    ----------
+    args
+        As for :func:`run_cli`.
+    """
     run_cli(args)
 
 

@@ -524,7 +524,9 @@ def backed_reader(
                 f"{key}: a view that repeats variables is not supported in backed mode."
             )
         n_cols = None if cols is None else len(cols)
-        return BackedCSRReader(path, key, shape, _col_map(cols, shape[1]), n_cols, engine, direct_reads)
+        return BackedCSRReader(
+            path, key, shape, _col_map(cols, shape[1]), n_cols, engine, direct_reads
+        )
     if encoding == "csc_matrix":
         raise ValueError(
             f"{path}:{key} is stored as CSC (column-compressed). Reading rows of a backed CSC "

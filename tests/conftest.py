@@ -8,6 +8,9 @@ compare the engine with anndata's own slicing rather than with a re-implementati
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import anndata as ad
 import h5py
@@ -19,6 +22,17 @@ import torch
 
 from torch_adata import AnnDataset, SparseBatch
 from torch_adata._gather import BackedCSRReader, MappedReader
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (the examples folder is not a package) as a fresh module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 N_OBS, N_VARS = 37, 11
 

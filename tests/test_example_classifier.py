@@ -3,7 +3,6 @@ class, writes decoded predictions, probabilities, metrics and a checkpoint."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import load_example
 from torch.utils.data import DataLoader, TensorDataset
 
 from torch_adata import cli
@@ -22,15 +22,8 @@ REPO = Path(__file__).parents[1]
 LABEL = "Cell type annotation"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("classifier", REPO / "examples/classifier.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_fast_dev_run_through_the_python_api(tmp_path):
-    metrics = load_example().run(
+    metrics = load_example("classifier").run(
         tmp_path, n_cells=300, n_genes=200, accelerator="cpu", fast_dev_run=True
     )
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and 0.0 <= metrics["test_macro_f1"] <= 1.0
@@ -63,7 +56,7 @@ def test_classifier_clearly_beats_the_majority_class(tmp_path):
     test accuracy 0.926-0.967 against a majority class of 0.463-0.497 (gap 0.443-0.480),
     macro-F1 0.927-0.966 against the majority predictor's 0.211-0.221. Thresholds: a gap of
     at least 0.30 in accuracy and a macro-F1 of at least 0.75."""
-    example = load_example()
+    example = load_example("classifier")
     args = ["--n-cells", "1500", "--max-epochs", "3", "--seed", "0", "--accelerator", "cpu"]
     metrics = example.main(["--out", str(tmp_path), *args])
     assert metrics["test_accuracy"] >= metrics["majority_class_accuracy"] + 0.30
@@ -91,4 +84,4 @@ def test_sizes_without_a_data_module_are_a_clear_error():
     loader = DataLoader(TensorDataset(torch.zeros(4, 3)), batch_size=2)
     trainer = pl.Trainer(accelerator="cpu", fast_dev_run=True, logger=False)
     with pytest.raises(ValueError, match="reads n_genes/n_classes from an AnnDataModule"):
-        trainer.fit(load_example().CellTypeClassifier(), train_dataloaders=loader)
+        trainer.fit(load_example("classifier").CellTypeClassifier(), train_dataloaders=loader)

@@ -3,13 +3,13 @@ latent space in obsm["X_vae"], scored by kNN label accuracy next to PCA, then sc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
+from conftest import load_example
 
 from torch_adata import cli
 
@@ -18,15 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 REPO = Path(__file__).parents[1]
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("embedding", REPO / "examples/embedding.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_fast_dev_run_through_the_python_api(tmp_path):
-    metrics = load_example().run(
+    metrics = load_example("embedding").run(
         tmp_path, n_cells=300, n_genes=200, accelerator="cpu", fast_dev_run=True
     )
     assert np.isfinite(metrics["test_loss"]) and metrics["test_loss"] > 0
@@ -82,7 +75,7 @@ def test_vae_latent_separates_labels_as_well_as_pca(tmp_path):
     to +0.027 (one test cell is 0.0067). Thresholds: VAE >= PCA - 0.05 and VAE >= 0.80.
     At 1,500 cells x 2,000 genes the difference was -0.007 to +0.020 (VAE 0.919-0.947)."""
     args = ["--n-cells", "1500", "--n-genes", "500", "--max-epochs", "5", "--seed", "0"]
-    metrics = load_example().main(
+    metrics = load_example("embedding").main(
         ["--out", str(tmp_path), *args, "--accelerator", "cpu", "--no-umap"]
     )
     assert metrics["knn_accuracy_vae"] >= metrics["knn_accuracy_pca"] - 0.05
@@ -97,7 +90,7 @@ def test_vae_latent_separates_labels_as_well_as_pca(tmp_path):
 
 def test_script_runs_scanpy_umap_on_the_latent_space(tmp_path):
     args = ["--n-cells", "300", "--n-genes", "200", "--max-epochs", "1", "--n-latent", "4"]
-    load_example().main(["--out", str(tmp_path), *args, "--accelerator", "cpu"])
+    load_example("embedding").main(["--out", str(tmp_path), *args, "--accelerator", "cpu"])
     adata = ad.read_h5ad(tmp_path / "embedding.h5ad")
     assert adata.uns["neighbors"]["params"]["use_rep"] == "X_vae"
     assert adata.obsm["X_umap"].shape == (300, 2) and np.isfinite(adata.obsm["X_umap"]).all()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,20 +12,17 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
+from conftest import load_example
 
 import torch_adata as ta
 
 REPO = Path(__file__).parents[1]
-SCRIPT = REPO / "examples" / "trajectory.py"
 CONFIG = "examples/configs/trajectory.yaml"
 
 
 @pytest.fixture(scope="module")
 def trajectory():
-    spec = importlib.util.spec_from_file_location("trajectory_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("trajectory")
 
 
 def small_run(out: Path, *extra: str) -> list[str]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
 import torch
+from conftest import load_example
 
 from torch_adata import cli
 
@@ -20,13 +20,6 @@ pytestmark = [
 
 REPO = Path(__file__).parents[1]
 SMALL = ["--n-cells", "600", "--n-genes", "300", "--max-epochs", "2", "--accelerator", "auto"]
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_classifier_script_trains_on_cuda(tmp_path):

@@ -144,7 +144,7 @@ def test_chunked_storage_is_memory_mapped_chunk_by_chunk(h5ad_files, in_memory, 
     dataset = AnnDataset(h5ad_files["chunked"], engine=engine)
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"
-    assert len(reader._open()["maps"][0][1]) > 5  # really several chunks
+    assert len(reader._open()["layouts"][0][0]) > 5  # really several chunks
     for rows in ([36, 1, 1, 20], list(range(N_OBS))):
         np.testing.assert_array_equal(dataset[rows].numpy(), expected_matrix(in_memory, rows))
 
@@ -154,7 +154,7 @@ def test_contiguous_storage_is_memory_mapped(h5ad_files, in_memory, engine):
     dataset = AnnDataset(h5ad_files["contiguous"], engine=engine, sparse=True)
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"
-    assert len(reader._open()["maps"][0][1]) == 1  # one block: the contiguous path
+    assert len(reader._open()["layouts"][0][0]) == 1  # one block: the contiguous path
     for rows in ([36, 1, 1, 20], list(range(N_OBS))[::-1]):
         got = dataset[rows].to_dense().numpy()
         np.testing.assert_array_equal(got, expected_matrix(in_memory, rows))

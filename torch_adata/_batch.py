@@ -3,6 +3,7 @@ and the allocation of dense batches (in shared memory inside DataLoader workers)
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from typing import Any, NamedTuple
@@ -114,10 +115,7 @@ def empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if get_worker_info() is None:
         return _private_empty(shape, dtype)
     global _RINGS, _RINGS_PID
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _RING_MIN_BYTES:
         return _private_empty(shape, dtype)
     if _RINGS_PID != os.getpid():  # a forked worker does not reuse its parent's rings

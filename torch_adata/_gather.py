@@ -344,18 +344,20 @@ class BackedCSRReader(RowReader):
             "indptr": group["indptr"][:].astype(np.int64),
             "data": data,
             "indices": indices,
-            # (dtype, chunk_base, chunk_len) of data and indices, for direct reads
-            "maps": None
-            if layouts is None
-            else tuple((ds.dtype, *lay) for ds, lay in zip((data, indices), layouts, strict=True)),
+            # (chunk_base, chunk_len) of data and indices in the file, for direct reads
+            "layouts": layouts,
             "descriptor": descriptor if layouts is not None else None,
+            # h5py path: compressed data is read as whole chunks of this many elements
+            "chunk_len": int(data.chunks[0])
+            if data.chunks is not None and data.id.get_create_plist().get_nfilters() > 0
+            else None,
         }
         return self._state
 
     @property
     def mode(self) -> str:
         """``"direct"`` (``pread`` at file positions verified against h5py) or ``"h5py"``."""
-        return "direct" if self._open()["maps"] is not None else "h5py"
+        return "direct" if self._open()["layouts"] is not None else "h5py"
 
     def _read_rows(self, rows: np.ndarray):
         """Read the stored rows ``rows`` (file positions); return compact CSR pieces and order.
@@ -374,24 +376,23 @@ class BackedCSRReader(RowReader):
         data = np.empty(nnz, dtype=st["data"].dtype)
         indices = np.empty(nnz, dtype=st["indices"].dtype)
         k = self.kernels
-        if st["maps"] is not None and nnz:
+        if st["layouts"] is not None and nnz:
             # rows whose stored values follow each other in the file form one read
             first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1] + lengths[:-1]])
             run_starts = starts[first]
             run_lengths = np.add.reduceat(lengths, first)
             fd = st["descriptor"].fd
-            for (_, base, chunk_len), out in zip(st["maps"], (data, indices), strict=True):
+            for (base, chunk_len), out in zip(st["layouts"], (data, indices), strict=True):
                 k.read_ranges(
                     fd, base, chunk_len, run_starts, run_lengths, local_indptr[first], out
                 )
-        elif st["maps"] is None:
+        elif st["layouts"] is None:
             ends = starts + lengths
-            chunks = st["data"].chunks
-            filtered = chunks is not None and st["data"].id.get_create_plist().get_nfilters() > 0
-            if not filtered:  # uncompressed: read just the rows (and small gaps between them)
+            chunk = st["chunk_len"]
+            if chunk is None:  # uncompressed: read just the rows (and small gaps between them)
                 run_starts, run_ends = _row_runs(uniq, starts, ends, _RUN_GAP)
             else:  # whole chunks: h5py decompresses a chunk whole anyway, so read it once
-                size, chunk = st["data"].size, int(chunks[0])
+                size = st["data"].size
                 run_starts, run_ends = _row_runs(uniq, starts, ends, chunk)
                 run_starts = run_starts // chunk * chunk
                 run_ends = np.minimum(-(-run_ends // chunk) * chunk, size)

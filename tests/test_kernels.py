@@ -142,16 +142,30 @@ class _RingFill(Dataset):
         }
 
 
-def test_worker_batches_reuse_shared_slots_and_arrive_as_own_tensors():
+def test_worker_batches_reuse_shared_slots_while_the_caller_drops_them():
     in_main = empty_batch((512, 1024), torch.float32)
     assert type(in_main) is torch.Tensor and not in_main.is_shared()
     loader = DataLoader(_RingFill(), batch_size=None, num_workers=1, collate_fn=ta.collate)
-    got = list(loader)  # every batch kept: a later one must not overwrite an earlier one
-    for i, batch in enumerate(got):
+    slots = []
+    for i, batch in enumerate(loader):  # each batch is dropped when the next one arrives
         assert type(batch["big"]) is torch.Tensor
         assert torch.equal(batch["big"], torch.full((512, 1024), float(i)))
-        assert batch["small"].shape == (2, 3) and batch["small"].dtype == torch.float16
         assert torch.equal(batch["row"], torch.full((1024,), float(i)))
-    slots = [batch["slot"] for batch in got]
+        assert batch["small"].shape == (2, 3) and batch["small"].dtype == torch.float16
+        slots.append(batch["slot"])
     assert None not in slots  # the ring never ran dry: slots were freed and reused
     assert len(set(slots)) < len(slots)
+
+
+def test_worker_batches_kept_by_the_caller_are_never_overwritten():
+    loader = DataLoader(_RingFill(), batch_size=None, num_workers=1, collate_fn=ta.collate)
+    kept, views = [], []
+    for i, batch in enumerate(loader):
+        if i % 2:
+            kept.append(batch["big"])  # the batch itself kept
+        else:
+            views.append(batch["big"][5:7])  # only a view kept: it holds the slot as well
+    for j, big in enumerate(kept):
+        assert torch.equal(big, torch.full((512, 1024), float(2 * j + 1)))
+    for j, view in enumerate(views):
+        assert torch.equal(view, torch.full((2, 1024), float(2 * j)))

@@ -20,6 +20,7 @@ not grow with the file); otherwise sorted row runs are read as whole chunks with
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +281,15 @@ def _row_runs(sorted_rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, gap
     return starts[run_first], ends[run_last]
 
 
+def _scratch(local: threading.local, n: int, *dtypes: np.dtype) -> list[np.ndarray]:
+    """Arrays of ``n`` elements of each dtype, reused by this thread (grown when too small)."""
+    held = getattr(local, "arrays", None)
+    if held is None or held[0].shape[0] < n:
+        size = max(n, 1) + max(n, 1) // 4  # headroom: batch sizes in non-zeros vary
+        held = local.arrays = [np.empty(size, dtype=dt) for dt in dtypes]
+    return [a[:n] for a in held]
+
+
 class BackedCSRReader(RowReader):
     """Rows of a CSR matrix stored in an ``.h5ad`` file (``X``, a layer, or an obsm entry).
 
@@ -351,6 +361,7 @@ class BackedCSRReader(RowReader):
             "chunk_len": int(data.chunks[0])
             if data.chunks is not None and data.id.get_create_plist().get_nfilters() > 0
             else None,
+            "scratch": threading.local(),
         }
         return self._state
 
@@ -359,12 +370,16 @@ class BackedCSRReader(RowReader):
         """``"direct"`` (``pread`` at file positions verified against h5py) or ``"h5py"``."""
         return "direct" if self._open()["layouts"] is not None else "h5py"
 
-    def _read_rows(self, rows: np.ndarray):
+    def _read_rows(self, rows: np.ndarray, scratch: bool = False):
         """Read the stored rows ``rows`` (file positions); return compact CSR pieces and order.
 
         Each maximal run of consecutive rows is read once: straight into the compact arrays
         (direct mode), or as whole chunks through h5py (compressed/other files), so that a
-        block-shuffled batch costs few reads and decompresses each chunk once.
+        block-shuffled batch costs few reads and decompresses each chunk once. With
+        ``scratch``, the pieces live in buffers this thread reuses for its next call (for a
+        caller that consumes them at once): fresh arrays of a few MB per batch would be
+        page-faulted in anew whenever the allocator has handed their memory back to the system,
+        as it does in DataLoader workers (measured 9.8 vs 5.2 ms per batch of 256 x 2,000).
         """
         st = self._open()
         uniq, inverse = np.unique(rows, return_inverse=True)
@@ -373,8 +388,11 @@ class BackedCSRReader(RowReader):
         local_indptr = np.zeros(len(uniq) + 1, dtype=np.int64)
         np.cumsum(lengths, out=local_indptr[1:])
         nnz = int(local_indptr[-1])
-        data = np.empty(nnz, dtype=st["data"].dtype)
-        indices = np.empty(nnz, dtype=st["indices"].dtype)
+        if scratch:
+            data, indices = _scratch(st["scratch"], nnz, st["data"].dtype, st["indices"].dtype)
+        else:
+            data = np.empty(nnz, dtype=st["data"].dtype)
+            indices = np.empty(nnz, dtype=st["indices"].dtype)
         k = self.kernels
         if st["layouts"] is not None and nnz:
             # rows whose stored values follow each other in the file form one read
@@ -414,7 +432,7 @@ class BackedCSRReader(RowReader):
         return local_indptr, indices, data, inverse.astype(np.int64).reshape(-1)
 
     def dense(self, rows, dtype, out=None):
-        indptr, indices, data, order = self._read_rows(rows)
+        indptr, indices, data, order = self._read_rows(rows, scratch=True)
         if out is None:
             out = np.empty((len(rows), self.shape[1]), dtype=dtype)  # the kernel zeroes it
         return self.kernels.csr_to_dense(indptr, indices, data, order, self.col_map, out)

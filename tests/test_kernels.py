@@ -42,11 +42,12 @@ ROWS = [
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("rows", ROWS, ids=["dups", "all_reversed", "none"])
-def test_csr_to_csr_without_column_map_equals_scipy(csr, engine, rows):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_csr_to_csr_without_column_map_equals_scipy(csr, engine, rows, dtype):
     k = get_kernels(engine)
-    indptr, cols, vals = k.csr_to_csr(csr.indptr, csr.indices, csr.data, rows, None, np.float32)
-    assert indptr.dtype == np.int64 and cols.dtype == np.int64
-    got = sp.csr_matrix((vals, cols, indptr), shape=(len(rows), csr.shape[1]))
+    indptr, cols, vals = k.csr_to_csr(csr.indptr, csr.indices, csr.data, rows, None, dtype)
+    assert indptr.dtype == np.int64 and cols.dtype == np.int64 and vals.dtype == dtype
+    got = sp.csr_matrix((vals.astype(np.float64), cols, indptr), shape=(len(rows), csr.shape[1]))
     np.testing.assert_array_equal(got.toarray(), csr[rows].toarray())
 
 

@@ -7,6 +7,8 @@ duplicate and unsorted rows, empty rows, and file ranges that cross chunk bounda
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -170,3 +172,17 @@ def test_worker_batches_kept_by_the_caller_are_never_overwritten():
         assert torch.equal(big, torch.full((512, 1024), float(2 * j + 1)))
     for j, view in enumerate(views):
         assert torch.equal(view, torch.full((2, 1024), float(2 * j)))
+
+
+def test_building_a_dataset_loads_the_kernels_workers_will_inherit(csr):
+    from torch_adata import _kernels
+
+    ad = pytest.importorskip("anndata")
+    if not _kernels.HAVE_NUMBA:
+        pytest.skip("numba is not installed")
+    _kernels._WARM_IN = None  # as in a process that has not built a dataset yet
+    ta.AnnDataset(ad.AnnData(csr), engine="numba")
+    assert _kernels._WARM_IN == os.getpid()
+    for kernel in (_kernels._nb_csr_to_dense, _kernels._nb_csr_fill_all, _kernels._nb_read_ranges):
+        loaded = {tuple(str(t) for t in sig) for sig in kernel.signatures}
+        assert any("array(float32, 1d, C)" in sig for sig in loaded), kernel

@@ -347,6 +347,35 @@ def _nb_copy_ranges_entry(src, starts, lengths, out):
         return _nb_copy_ranges(src, starts, _offsets(lengths), lengths, out)
 
 
+_WARM_IN: int | None = None  # pid of the process whose numba kernels are loaded
+
+
+def warm_up(engine: str = "auto") -> None:
+    """With the numba engine, load the kernels for float32 values and int32 or int64 column
+    indices into this process, once (other dtypes load, or compile, on first use).
+
+    Loading the first kernel from numba's cache starts LLVM: about 0.4 s. A DataLoader forks
+    new workers every epoch (unless ``persistent_workers``); each would pay it again on its
+    first batch unless the parent process has loaded the kernels before forking.
+    """
+    global _WARM_IN
+    if get_kernels(engine) is not NUMBA or _WARM_IN == os.getpid():
+        return
+    _WARM_IN = os.getpid()
+    indptr = np.zeros(2, dtype=np.int64)
+    rows = np.zeros(1, dtype=np.int64)
+    none = np.empty(0, dtype=np.int64)
+    values = np.empty(0, np.float32)
+    for cols in (np.empty(0, np.int32), np.empty(0, np.int64)):
+        NUMBA.csr_to_dense(indptr, cols, values, rows, None, np.empty((1, 1), np.float32))
+        NUMBA.csr_to_csr(indptr, cols, values, rows, None, np.dtype(np.float32))
+        for array in (values, cols):
+            NUMBA.copy_ranges(array, none, none, np.empty(0, array.dtype))
+            if _libc_pread is not None:
+                with _LOCK:
+                    _nb_read_ranges(-1, indptr, 1, none, none, none, array)
+
+
 # --------------------------------------------------------------------------- selection
 
 

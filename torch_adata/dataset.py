@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._fields import CategoryEncoder, MatrixField, ObsField
+from ._kernels import warm_up
 from ._source import AnnDataSource, FieldKeyError, Source
 
 Batch = torch.Tensor | dict[str, Any]
@@ -137,6 +138,7 @@ class AnnDataset(Dataset):
                 )
         if not self.fields:
             raise ValueError("Nothing to batch: X=False and no obs_keys or obsm_keys were given.")
+        warm_up(engine)  # before any DataLoader forks workers: they then inherit the kernels
 
     def _add(self, name: str, field) -> None:
         if name in self.fields:

@@ -17,6 +17,8 @@ Loaders (``"loader"``):
 ``AnnDataset``
     ``torch_adata.AnnDataset`` through a DataLoader (``sampler=`` batches, ``batch_size=None``,
     ``collate_fn=torch_adata.collate``), dense or ``sparse=True``, with ``workers`` processes.
+    In memory it loads the file with ``AnnDataset(path, backed=False)``; with
+    ``"source": "anndata"`` it wraps an AnnData read by ``ad.read_h5ad(path)`` instead.
 ``TimeResolvedAnnDataset``
     Population mode: ``ds.batch_sampler(cells_per_time=..., seed=...)`` batches.
 
@@ -221,15 +223,17 @@ def build(cfg: dict):
 
         return epoch
 
-    source = path if backed else ad.read_h5ad(path)
+    # in memory: AnnDataset loads the file itself (backed=False reads the batched matrices
+    # straight into memory); "anndata" = an AnnData from ad.read_h5ad, as the baselines use
+    source = ad.read_h5ad(path) if cfg.get("source") == "anndata" else path
     if loader == "AnnDataset":
-        dataset = ta.AnnDataset(source, sparse=bool(cfg.get("sparse", False)))
+        dataset = ta.AnnDataset(source, sparse=bool(cfg.get("sparse", False)), backed=backed)
 
         def plan(batch_size, seed, count):
             return _plan(len(dataset), batch_size, sampler, seed, count)
 
     elif loader == "TimeResolvedAnnDataset":
-        dataset = ta.TimeResolvedAnnDataset(source, time_key="Time point")
+        dataset = ta.TimeResolvedAnnDataset(source, time_key="Time point", backed=backed)
 
         def plan(batch_size, seed, count):
             s = dataset.batch_sampler(cells_per_time=batch_size, seed=seed)

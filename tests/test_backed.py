@@ -236,11 +236,21 @@ def test_backed_anndata_layers_and_obsm(backed, in_memory):
     check_batch(dataset, ref, rows, dataset[rows], layer="counts", obsm_keys=keys)
 
 
-def test_path_with_backed_false_loads_into_memory(h5ad_files, in_memory):
-    dataset = AnnDataset(h5ad_files["csc"], backed=False, obs_keys="cell_type")
-    assert dataset.adata is not None and not dataset.adata.isbacked
-    rows = [2, 2, 9]
-    check_batch(dataset, ad.read_h5ad(h5ad_files["csc"]), rows, dataset[rows])
+@pytest.mark.parametrize("kind", ["csc", "csr", "dense", "gzip", "chunked", "contiguous"])
+def test_path_with_backed_false_loads_the_batched_matrices_into_memory(h5ad_files, kind):
+    path = h5ad_files[kind]
+    dataset = AnnDataset(path, backed=False, obs_keys="cell_type", obsm_keys="X_pca")
+    assert all("in memory" in dataset.fields[k].reader.describe() for k in ("X", "X_pca"))
+    assert dataset.adata is None  # the rest of the file (layers, other obsm, uns) stays on disk
+    rows = [2, 2, 9, 0]
+    check_batch(dataset, ad.read_h5ad(path), rows, dataset[rows], obsm_keys=["X_pca"])
+
+
+def test_path_source_reads_obs_only_when_a_field_needs_it(h5ad_files, in_memory):
+    dataset = AnnDataset(h5ad_files["csr"], backed=False)
+    assert dataset.source._obs is None and len(dataset) == N_OBS
+    assert dataset.n_vars == N_VARS and dataset.source._var_names is None
+    assert dataset.obs_names.equals(in_memory.obs_names)  # read now, on demand
 
 
 def test_path_source_reads_obs_and_names_from_the_file(h5ad_files, in_memory):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import torch_adata as ta
 from torch_adata._batch import empty_batch
-from torch_adata._gather import _ReadOnlyDescriptor, _storage_layout
+from torch_adata._gather import _ReadOnlyDescriptor, _storage_layout, read_whole
 from torch_adata._kernels import get_kernels
 
 ENGINES = ["numba", "numpy"]
@@ -114,6 +114,16 @@ def test_read_ranges_past_the_end_of_the_file_raises(stored, engine):
     one = np.array([0], dtype=np.int64)
     with pytest.raises(OSError, match="shorter than its HDF5 layout"):
         get_kernels(engine).read_ranges(fd.fd, far, chunk_len, one, one + 3, one * 0, out)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("piece", [1, 64, 10**6])
+def test_read_whole_reads_every_piece_into_place(stored, engine, piece):
+    path, values = stored
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(read_whole(f["a"], str(path), engine, piece), values)
+        want = np.arange(500, dtype=np.int32)[::-1]
+        np.testing.assert_array_equal(read_whole(f["b"], str(path), engine, piece), want)
 
 
 def test_compressed_dataset_has_no_direct_layout(tmp_path):

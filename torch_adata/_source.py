@@ -14,8 +14,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
-from ._gather import MappedReader, RowReader, backed_reader, memory_reader
+from ._gather import MappedReader, RowReader, backed_reader, memory_reader, read_whole
 from ._kernels import get_kernels
 
 Source = ad.AnnData | str | os.PathLike
@@ -67,8 +68,9 @@ class AnnDataSource:
         An AnnData (in memory or opened with ``backed="r"``; views allowed) or a path to an
         ``.h5ad`` file.
     backed
-        For a path only: read matrices from the file on demand (``True``, default) or load the
-        whole file into memory (``False``).
+        For a path only: read matrices from the file on demand (``True``, default) or load
+        into memory the matrices a dataset batches (``False``; other layers and obsm entries
+        stay on disk, unlike ``anndata.read_h5ad``).
     engine
         Gather kernels: ``"auto"``, ``"numba"`` or ``"numpy"``.
     """
@@ -81,10 +83,8 @@ class AnnDataSource:
         if isinstance(data, (str, os.PathLike)):
             path = Path(data)
             _check_h5ad(path)
-            if backed:
-                self._init_from_file(path)
-                return
-            data = ad.read_h5ad(path)
+            self._init_from_file(path, load=not backed)
+            return
         if not isinstance(data, ad.AnnData):
             raise TypeError(
                 f"Expected an AnnData or a path to an .h5ad file, got {type(data).__name__}."
@@ -95,10 +95,9 @@ class AnnDataSource:
 
     def _init_from_anndata(self, adata: ad.AnnData) -> None:
         self.adata = adata
-        self.obs = adata.obs
-        self.obs_names = adata.obs_names
-        self.var_names = adata.var_names
-        self.n_obs = adata.n_obs
+        self._obs = adata.obs
+        self._var_names = adata.var_names
+        self.n_obs, self.n_vars = adata.n_obs, adata.n_vars
         if adata.is_view:
             root = adata._adata_ref
             self._root = root
@@ -110,14 +109,18 @@ class AnnDataSource:
         self.layer_keys = list(self._root.layers.keys())
         self.obsm_keys = list(self._root.obsm.keys())
 
-    def _init_from_file(self, path: Path) -> None:
+    def _init_from_file(self, path: Path, load: bool) -> None:
         import h5py
-        from anndata.io import read_elem
 
         self.path = str(path)
+        self._load = load  # matrices into memory when a reader asks for them
         with h5py.File(path, "r") as f:
-            self.obs = read_elem(f["obs"])
-            var = read_elem(f["var"])
+            # obs and var are read when first asked for: a dataset that batches no obs column
+            # never holds them (about 25 MB at 100k cells, ten times that at 1M)
+            self._obs, self._var_names = None, None
+            self.n_obs, self.n_vars = (
+                int(f[group][f[group].attrs["_index"]].shape[0]) for group in ("obs", "var")
+            )
             self._encodings = {}
             for group in ("X", "layers", "obsm"):
                 if group not in f:
@@ -136,10 +139,31 @@ class AnnDataSource:
                     self._encodings[key] = (str(enc), shape)
             self.layer_keys = list(f["layers"].keys()) if "layers" in f else []
             self.obsm_keys = list(f["obsm"].keys()) if "obsm" in f else []
-        self.obs_names = self.obs.index
-        self.var_names = var.index
-        self.n_obs = len(self.obs)
         self._root, self._row_map, self._cols, self._backed_path = None, None, None, self.path
+
+    def _read_frame(self, key: str) -> pd.DataFrame:
+        import h5py
+        from anndata.io import read_elem
+
+        with h5py.File(self.path, "r") as f:
+            return read_elem(f[key])
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """The cells' table (read from the file on first use for a path)."""
+        if self._obs is None:
+            self._obs = self._read_frame("obs")
+        return self._obs
+
+    @property
+    def obs_names(self) -> pd.Index:
+        return self.obs.index
+
+    @property
+    def var_names(self) -> pd.Index:
+        if self._var_names is None:
+            self._var_names = self._read_frame("var").index
+        return self._var_names
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -147,7 +171,7 @@ class AnnDataSource:
             # A backed AnnData (and a view's obs, which refers to it) holds h5py handles, which
             # do not pickle. The readers reopen the file by path; only obs is needed from it.
             state["adata"] = state["_root"] = None
-            state["obs"] = pd.DataFrame(self.obs, copy=True)
+            state["_obs"] = pd.DataFrame(self.obs, copy=True)
         return state
 
     # -- readers ----------------------------------------------------------------------------
@@ -163,17 +187,20 @@ class AnnDataSource:
             raise _missing("obsm key", key, self.obsm_keys, "adata.obsm")
         cols = self._cols if kind in ("X", "layer") else None
         h5_key = {"X": "X", "layer": f"layers/{key}", "obsm": f"obsm/{key}"}[kind]
-        if self.path is not None:  # opened from a path, backed
+        if self.path is not None:  # opened from a path
             if h5_key not in self._encodings:
                 raise ValueError(f"'{self.path}' has no matrix X; nothing to batch.")
             encoding, shape = self._encodings[h5_key]
-            if encoding == "dataframe":  # small: read it and check its columns as in memory
-                import h5py
-                from anndata.io import read_elem
-
-                with h5py.File(self.path, "r") as f:
-                    frame = read_elem(f[h5_key])
-                return _memory_matrix_reader(frame, kind, key, None, self.engine)
+            # a DataFrame is small: read it and check its columns as in memory. With
+            # backed=False only the matrices batched are loaded, not the whole file.
+            if encoding == "dataframe" or self._load:
+                return _memory_matrix_reader(
+                    _read_matrix(self.path, h5_key, encoding, shape, self.engine),
+                    kind,
+                    key,
+                    None,
+                    self.engine,
+                )
             return backed_reader(self.path, h5_key, encoding, shape, cols, self.engine)
         root = self._root
         if kind == "X" and root.isbacked:
@@ -198,6 +225,21 @@ class AnnDataSource:
         if self._row_map is not None:
             reader = MappedReader(reader, self._row_map)
         return reader
+
+
+def _read_matrix(path: str, h5_key: str, encoding: str, shape, engine: str):
+    """A matrix of an .h5ad file in memory: sparse ones array by array (see
+    :func:`~torch_adata._gather.read_whole`), anything else through anndata."""
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        if encoding in ("csr_matrix", "csc_matrix"):
+            group = f[h5_key]
+            arrays = [read_whole(group[k], path, engine) for k in ("data", "indices", "indptr")]
+            kind = sp.csr_matrix if encoding == "csr_matrix" else sp.csc_matrix
+            return kind(tuple(arrays), shape=shape)
+        return read_elem(f[h5_key])
 
 
 def _memory_matrix_reader(matrix, kind: str, key, cols, engine: str) -> RowReader:

@@ -53,7 +53,9 @@ class AnnDataset(Dataset):
         Add an ``"index"`` field: the int64 position of each cell in ``adata``.
     backed
         For a path: read rows from the file on demand (``True``, the default: opening costs
-        nothing whatever the file's size) or load it into memory (``False``). Note that
+        nothing whatever the file's size) or load into memory the matrices this dataset
+        batches (``False``; layers and obsm entries it does not batch stay on disk, unlike
+        with ``anndata.read_h5ad``). Note that
         :class:`~torch_adata.AnnDataModule` defaults to loading a path into memory instead.
     engine
         Gather kernels: ``"auto"`` (numba if installed), ``"numba"`` or ``"numpy"``.
@@ -242,7 +244,7 @@ class AnnDataset(Dataset):
     def adata(self) -> ad.AnnData | None:
         """The AnnData given.
 
-        ``None`` when the dataset was opened from a path (backed), and in a copy of a dataset
+        ``None`` when the dataset was opened from a path, and in a copy of a dataset
         over a backed AnnData unpickled in another process (a DataLoader worker under spawn).
         """
         return self.source.adata
@@ -250,7 +252,7 @@ class AnnDataset(Dataset):
     @property
     def n_vars(self) -> int:
         """Number of genes, the width of ``"X"``."""
-        return len(self.source.var_names)
+        return self.source.n_vars
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} of {len(self)} cells"]

@@ -3,6 +3,8 @@ through h5py runs, compressed and chunked files, dense X; values against anndata
 
 from __future__ import annotations
 
+import os
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -294,3 +296,35 @@ def test_compressed_reads_keep_chunks_of_a_pool_cached(h5ad_files, in_memory):
     np.testing.assert_array_equal(dataset[rows].numpy(), expected_matrix(in_memory, rows))
     _, n_slots, n_bytes, w0 = reader.file.get().id.get_access_plist().get_cache()
     assert n_bytes >= 32 << 20 and n_slots > n_bytes // (1 << 20) and w0 == 0.0
+
+
+def test_forked_workers_reuse_the_layout_unless_the_file_changed(tmp_path, monkeypatch):
+    path = tmp_path / "x.h5ad"
+    first = make_adata("csr")
+    write_h5ad(first, path)
+    dataset = AnnDataset(str(path))  # building it reads the layout (prepare)
+    assert dataset.fields["X"].reader.mode == "direct"
+    rows = [4, 0, 4]
+
+    def fetch():
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            sampler=[rows],
+            batch_size=None,
+            collate_fn=ta.collate,
+            num_workers=1,
+            multiprocessing_context="fork",
+        )
+        return next(iter(loader)).numpy()
+
+    def no_layout_reads(*args):
+        raise AssertionError("the layout was read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(BackedCSRReader, "_read_layout", no_layout_reads)  # inherited by the worker
+        np.testing.assert_array_equal(fetch(), first.X[rows].toarray())
+    second = make_adata("csr")
+    second.X = sp.csr_matrix(np.arange(1.0, second.n_obs * second.n_vars + 1).reshape(second.shape))
+    write_h5ad(second, tmp_path / "new.h5ad")  # other row lengths: the old indptr would be wrong
+    os.replace(tmp_path / "new.h5ad", path)  # another file now: its layout is read anew
+    np.testing.assert_array_equal(fetch(), second.X[rows].toarray())

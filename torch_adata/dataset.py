@@ -140,7 +140,11 @@ class AnnDataset(Dataset):
                 )
         if not self.fields:
             raise ValueError("Nothing to batch: X=False and no obs_keys or obsm_keys were given.")
-        warm_up(engine)  # before any DataLoader forks workers: they then inherit the kernels
+        # before any DataLoader forks workers, which then inherit the kernels and file layouts
+        warm_up(engine)
+        for field in self.fields.values():
+            if isinstance(field, MatrixField):
+                field.reader.prepare()
 
     def _add(self, name: str, field) -> None:
         if name in self.fields:

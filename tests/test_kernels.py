@@ -196,3 +196,30 @@ def test_building_a_dataset_loads_the_kernels_workers_will_inherit(csr):
     for kernel in (_kernels._nb_csr_to_dense, _kernels._nb_csr_fill_all, _kernels._nb_read_ranges):
         loaded = {tuple(str(t) for t in sig) for sig in kernel.signatures}
         assert any("array(float32, 1d, C)" in sig for sig in loaded), kernel
+
+
+class _VariableFill(Dataset):
+    """Item i: a float32 vector of a size that changes with i (~1.2-1.6 MB), filled with i."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        from torch_adata._fields import _sendable
+
+        out = _sendable(np.full(300_000 + 10_000 * i, i, dtype=np.float32))
+        state = getattr(out, "_ring_state", None)
+        return {"values": out, "slot": None if state is None else state[1]}
+
+
+def test_sparse_pieces_of_changing_size_share_one_ring():
+    loader = DataLoader(_VariableFill(), batch_size=None, num_workers=1, collate_fn=ta.collate)
+    slots, kept = [], []
+    for i, batch in enumerate(loader):
+        assert batch["values"].shape == (300_000 + 10_000 * i,)
+        assert bool((batch["values"] == i).all())
+        slots.append(batch["slot"])
+        if i == 2:
+            kept.append(batch["values"])  # held: its slot must not be refilled
+    assert None not in slots and len(set(slots)) < len(slots)
+    assert bool((kept[0] == 2).all())

@@ -159,7 +159,7 @@ def _private_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
-def empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def empty_batch(shape: tuple[int, ...], dtype: torch.dtype, variable: bool = False) -> torch.Tensor:
     """An uninitialised tensor for a batch; inside a DataLoader worker, in shared memory.
 
     A worker sends its batches to the main process by pickling them; a tensor not already in
@@ -167,6 +167,8 @@ def empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     freshly allocated pages, and its file descriptor is handed over on every send. Large
     batches are instead written into a small ring of shared buffers that each worker reuses
     (see :class:`_SharedRing`); the main process receives a tensor over the same memory.
+    ``variable``: the size changes from batch to batch (sparse rows), so slots are rounded up
+    to a power of two and one ring serves every size up to it.
     """
     if get_worker_info() is None:
         return _private_empty(shape, dtype)
@@ -174,6 +176,8 @@ def empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _RING_MIN_BYTES:
         return _private_empty(shape, dtype)
+    if variable:
+        nbytes = 1 << (nbytes - 1).bit_length()
     if _RINGS_PID != os.getpid():  # a forked worker does not reuse its parent's rings
         _RINGS, _RINGS_PID = {}, os.getpid()
     ring = _RINGS.get(nbytes)

@@ -593,7 +593,7 @@ def main() -> None:
     parser.add_argument("--nnz", type=int, default=2_000, help="mean non-zeros per cell")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, help="batches per pass (default 200)")
-    parser.add_argument("--repeats", type=int, help="timed passes per configuration (default 3)")
+    parser.add_argument("--repeats", type=int, help="timed passes per configuration (default 5; 2 with --quick)")
     parser.add_argument("--cells-per-time", type=int, default=128)
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -601,7 +601,7 @@ def main() -> None:
     quick = args.quick
     args.cells = args.cells or (20_000 if quick else 100_000)
     args.batches = args.batches or (30 if quick else 200)
-    args.repeats = args.repeats or (2 if quick else 3)
+    args.repeats = args.repeats or (2 if quick else 5)
     args.disk_divisor = 2 if quick else 4
     args.sweep_cells = 8_192 if quick else 32_768
     args.sweep_repeats = 1 if quick else 3

@@ -428,15 +428,15 @@ def test_predictions_written_back_in_original_order(adata, tmp_path):
 
 def test_workers_cover_train_split_once(adata):
     dm = AnnDataModule(
-        adata,
-        return_index=True,
-        batch_size=20,
-        num_workers=2,
-        multiprocessing_context="fork",
-        persistent_workers=True,
+        adata, return_index=True, batch_size=20, num_workers=2, multiprocessing_context="fork"
     )
     dm.setup()
     loader = dm.train_dataloader()
+    assert loader.persistent_workers  # the default with workers: they start once
+    assert not AnnDataModule(adata, num_workers=2, persistent_workers=False).loader_kwargs[
+        "persistent_workers"
+    ]
+    assert not AnnDataModule(adata).loader_kwargs["persistent_workers"]  # no workers
     for _ in range(2):
         rows = np.concatenate(_rows_of(loader))
         assert np.array_equal(np.sort(rows), dm.splits["train"])

@@ -112,6 +112,9 @@ class AnnDataModule(pl.LightningDataModule):
         The split: see :func:`torch_adata.splits.make_splits`. Predict covers every cell.
     batch_size, shuffle, drop_last, num_workers, persistent_workers, pin_memory
         DataLoader options. Shuffle and drop_last apply to training only.
+        ``persistent_workers`` defaults to ``True`` whenever there are workers: they then
+        start once, not every epoch (each start forks, re-maps the batch buffers and, under
+        ``spawn``, re-reads the file's layout).
     sampler
         Training order of plain datasets: ``"uniform"`` (default) or ``"block"``
         (:class:`~torch_adata.samplers.BlockShuffleSampler`, faster on disk, less diverse).
@@ -165,7 +168,7 @@ class AnnDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         drop_last: bool = False,
         num_workers: int = 0,
-        persistent_workers: bool = False,
+        persistent_workers: bool | None = None,
         pin_memory: bool = False,
         sampler: Literal["uniform", "block"] = "uniform",
         block_size: int = 64,
@@ -212,7 +215,7 @@ class AnnDataModule(pl.LightningDataModule):
         self.loader_kwargs = {
             "num_workers": num_workers,
             "pin_memory": pin_memory,
-            "persistent_workers": persistent_workers and num_workers > 0,
+            "persistent_workers": num_workers > 0 and persistent_workers is not False,
             "multiprocessing_context": multiprocessing_context if num_workers > 0 else None,
         }
         self.batch_size = batch_size

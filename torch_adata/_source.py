@@ -118,9 +118,7 @@ class AnnDataSource:
             # obs and var are read when first asked for: a dataset that batches no obs column
             # never holds them (about 25 MB at 100k cells, ten times that at 1M)
             self._obs, self._var_names = None, None
-            self.n_obs, self.n_vars = (
-                int(f[group][f[group].attrs["_index"]].shape[0]) for group in ("obs", "var")
-            )
+            self.n_obs, self.n_vars = _frame_length(f["obs"]), _frame_length(f["var"])
             self._encodings = {}
             for group in ("X", "layers", "obsm"):
                 if group not in f:
@@ -140,6 +138,10 @@ class AnnDataSource:
             self.layer_keys = list(f["layers"].keys()) if "layers" in f else []
             self.obsm_keys = list(f["obsm"].keys()) if "obsm" in f else []
         self._root, self._row_map, self._cols, self._backed_path = None, None, None, self.path
+        if self.n_obs is None:  # a layout without an index array: read the tables now
+            self.n_obs = len(self.obs)
+        if self.n_vars is None:
+            self.n_vars = len(self.var_names)
 
     def _read_frame(self, key: str) -> pd.DataFrame:
         import h5py
@@ -225,6 +227,14 @@ class AnnDataSource:
         if self._row_map is not None:
             reader = MappedReader(reader, self._row_map)
         return reader
+
+
+def _frame_length(elem) -> int | None:
+    """Rows of an obs/var table in an .h5ad file, from its index array without reading it."""
+    index = elem.attrs.get("_index")
+    if hasattr(elem, "keys") and isinstance(index, str) and index in elem:
+        return int(elem[index].shape[0])
+    return None
 
 
 def _read_matrix(path: str, h5_key: str, encoding: str, shape, engine: str):

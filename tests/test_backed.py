@@ -328,3 +328,21 @@ def test_forked_workers_reuse_the_layout_unless_the_file_changed(tmp_path, monke
     write_h5ad(second, tmp_path / "new.h5ad")  # other row lengths: the old indptr would be wrong
     os.replace(tmp_path / "new.h5ad", path)  # another file now: its layout is read anew
     np.testing.assert_array_equal(fetch(), second.X[rows].toarray())
+
+
+def test_local_batches_announce_their_regions_and_scattered_ones_do_not(wide_file, monkeypatch):
+    import torch_adata._gather as gather
+
+    path, memory = wide_file
+    dataset = AnnDataset(path)
+    reader = dataset.fields["X"].reader
+    assert reader.mode == "direct"
+    monkeypatch.setattr(gather, "_WINDOW", 1000)  # ~4 rows of ~270 stored values per window
+    scattered = [0, 20, 40, 60, 79]  # five runs in five windows: uniform-like, no read-ahead
+    np.testing.assert_array_equal(dataset[scattered].numpy(), memory.X[scattered].toarray())
+    assert not reader._state["read_ahead"]
+    local = list(range(0, 16, 2))  # eight runs in about four windows: block-like
+    np.testing.assert_array_equal(dataset[local].numpy(), memory.X[local].toarray())
+    announced = set(reader._state["read_ahead"])
+    assert 2 <= len(announced) <= 5
+    assert announced == set((reader._state["indptr"][local] // 1000).tolist())

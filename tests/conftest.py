@@ -34,6 +34,20 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
+def cli_args(config: str, root, *extra: str, accelerator: str = "cpu") -> list[str]:
+    """LightningCLI arguments: ``config`` on ``accelerator``, writing under ``root``, then
+    ``extra`` overrides."""
+    return [
+        "--config",
+        config,
+        "--trainer.accelerator",
+        accelerator,
+        "--trainer.default_root_dir",
+        str(root),
+        *extra,
+    ]
+
+
 N_OBS, N_VARS = 37, 11
 
 

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import load_example
+from conftest import cli_args, load_example
 from torch.utils.data import DataLoader, TensorDataset
 
 from torch_adata import cli
@@ -32,21 +32,9 @@ def test_fast_dev_run_through_the_python_api(tmp_path):
 
 def test_fast_dev_run_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    cli.main(
-        [
-            "fit",
-            "--config",
-            "examples/configs/classifier.yaml",
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--data.load_kwargs",
-            "{n_cells: 300, n_genes: 200}",
-        ]
-    )
+    small = ["--data.load_kwargs", "{n_cells: 300, n_genes: 200}"]
+    config = "examples/configs/classifier.yaml"
+    cli.main(["fit", *cli_args(config, tmp_path, "--trainer.fast_dev_run", "true", *small)])
     # fast_dev_run logs nothing and saves no checkpoint: the run itself is the check
     assert not list(tmp_path.rglob("*.ckpt"))
 

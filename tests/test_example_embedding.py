@@ -9,13 +9,15 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-from conftest import load_example
+from conftest import cli_args, load_example
 
 from torch_adata import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 REPO = Path(__file__).parents[1]
+CONFIG = "examples/configs/embedding.yaml"
+SMALL = ["--data.load_kwargs", "{n_cells: 300, n_genes: 200}"]
 
 
 def test_fast_dev_run_through_the_python_api(tmp_path):
@@ -28,38 +30,13 @@ def test_fast_dev_run_through_the_python_api(tmp_path):
 
 def test_fast_dev_run_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    cli.main(
-        [
-            "fit",
-            "--config",
-            "examples/configs/embedding.yaml",
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--data.load_kwargs",
-            "{n_cells: 300, n_genes: 200}",
-        ]
-    )
+    cli.main(["fit", *cli_args(CONFIG, tmp_path, "--trainer.fast_dev_run", "true", *SMALL)])
     assert not list(tmp_path.rglob("*.ckpt"))  # fast_dev_run saves no checkpoint
 
 
 def test_cli_predict_writes_the_latent_space(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    common = [
-        "--config",
-        "examples/configs/embedding.yaml",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--data.load_kwargs",
-        "{n_cells: 300, n_genes: 200}",
-        "--model.init_args.n_latent",
-        "4",
-    ]
+    common = cli_args(CONFIG, tmp_path, *SMALL, "--model.init_args.n_latent", "4")
     cli.main(["fit", *common, "--trainer.max_epochs", "1"])
     (checkpoint,) = tmp_path.rglob("*.ckpt")
     cli.main(["predict", *common, "--ckpt_path", str(checkpoint)])

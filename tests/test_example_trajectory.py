@@ -12,12 +12,13 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
-from conftest import load_example
+from conftest import cli_args, load_example
 
 import torch_adata as ta
 
 REPO = Path(__file__).parents[1]
 CONFIG = "examples/configs/trajectory.yaml"
+SMALL = ["--data.load_kwargs.n_cells", "600", "--data.cells_per_time", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -189,21 +190,7 @@ def test_cli_fit_trains_the_drift_model(trajectory, tmp_path, monkeypatch):
 
     monkeypatch.chdir(REPO)  # where the config's examples.* class path resolves
     fitted = cli.run_cli(
-        [
-            "fit",
-            "--config",
-            CONFIG,
-            "--trainer.fast_dev_run",
-            "true",
-            "--data.load_kwargs.n_cells",
-            "600",
-            "--data.cells_per_time",
-            "32",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.accelerator",
-            "cpu",
-        ]
+        ["fit", *cli_args(CONFIG, tmp_path, *SMALL, "--trainer.fast_dev_run", "true")]
     )
     model, dm = fitted.model, fitted.datamodule
     assert type(model).__name__ == "DriftModel" and model.drift is not None
@@ -227,18 +214,7 @@ def test_cli_predict_from_a_checkpoint_writes_pushed_cells(tmp_path, monkeypatch
     from torch_adata import cli
 
     monkeypatch.chdir(REPO)
-    small = [
-        "--config",
-        CONFIG,
-        "--data.load_kwargs.n_cells",
-        "600",
-        "--data.cells_per_time",
-        "32",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.accelerator",
-        "cpu",
-    ]
+    small = cli_args(CONFIG, tmp_path, *SMALL)
     fitted = cli.run_cli(["fit", *small, "--trainer.max_epochs", "1"])
     checkpoint = fitted.trainer.checkpoint_callback.best_model_path
     cli.run_cli(["predict", *small, "--ckpt_path", checkpoint])

@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import load_example
+from conftest import cli_args, load_example
 
 from torch_adata import cli
 
@@ -40,20 +40,8 @@ def test_embedding_script_trains_on_cuda(tmp_path):
 @pytest.mark.parametrize("name", ["classifier", "embedding"])
 def test_cli_fit_with_accelerator_auto_uses_cuda(name, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    run = cli.run_cli(
-        [
-            "fit",
-            "--config",
-            f"examples/configs/{name}.yaml",
-            "--trainer.accelerator",
-            "auto",
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--data.load_kwargs",
-            "{n_cells: 300, n_genes: 200}",
-        ]
-    )
+    small = ["--trainer.fast_dev_run", "true", "--data.load_kwargs", "{n_cells: 300, n_genes: 200}"]
+    config = f"examples/configs/{name}.yaml"
+    run = cli.run_cli(["fit", *cli_args(config, tmp_path, *small, accelerator="auto")])
     assert run.trainer.strategy.root_device.type == "cuda"
     assert next(run.model.parameters()).device.type == "cuda"

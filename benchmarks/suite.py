@@ -593,7 +593,9 @@ def main() -> None:
     parser.add_argument("--nnz", type=int, default=2_000, help="mean non-zeros per cell")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, help="batches per pass (default 200)")
-    parser.add_argument("--repeats", type=int, help="timed passes per configuration (default 5; 2 with --quick)")
+    parser.add_argument(
+        "--repeats", type=int, help="timed passes per configuration (default 5; 2 with --quick)"
+    )
     parser.add_argument("--cells-per-time", type=int, default=128)
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results")

@@ -13,11 +13,8 @@ import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 import torch_adata as ta
-from torch_adata._batch import empty_batch
 from torch_adata._gather import _ReadOnlyDescriptor, _storage_layout, read_whole
 from torch_adata._kernels import get_kernels
 
@@ -134,56 +131,6 @@ def test_compressed_dataset_has_no_direct_layout(tmp_path):
         assert _storage_layout(f["be"]) is None  # other byte order: h5py converts it
 
 
-class _RingFill(Dataset):
-    """Each item: a 2 MiB batch filled with its index, written where a worker allocates it."""
-
-    def __len__(self):
-        return 12
-
-    def __getitem__(self, i):
-        big = empty_batch((512, 1024), torch.float32)
-        big.numpy()[...] = i
-        state = getattr(big, "_ring_state", None)
-        small = empty_batch((2, 3), torch.float16)
-        for _ in range(6):  # batches used up inside the worker give their slots back
-            empty_batch((512, 1024), torch.float32).numpy()[...] = -1
-        return {
-            "big": big,
-            "slot": None if state is None else state[1],
-            "small": small,
-            "row": big[3],  # a view of the slot travels as a copy of its own
-        }
-
-
-def test_worker_batches_reuse_shared_slots_while_the_caller_drops_them():
-    in_main = empty_batch((512, 1024), torch.float32)
-    assert type(in_main) is torch.Tensor and not in_main.is_shared()
-    loader = DataLoader(_RingFill(), batch_size=None, num_workers=1, collate_fn=ta.collate)
-    slots = []
-    for i, batch in enumerate(loader):  # each batch is dropped when the next one arrives
-        assert type(batch["big"]) is torch.Tensor
-        assert torch.equal(batch["big"], torch.full((512, 1024), float(i)))
-        assert torch.equal(batch["row"], torch.full((1024,), float(i)))
-        assert batch["small"].shape == (2, 3) and batch["small"].dtype == torch.float16
-        slots.append(batch["slot"])
-    assert None not in slots  # the ring never ran dry: slots were freed and reused
-    assert len(set(slots)) < len(slots)
-
-
-def test_worker_batches_kept_by_the_caller_are_never_overwritten():
-    loader = DataLoader(_RingFill(), batch_size=None, num_workers=1, collate_fn=ta.collate)
-    kept, views = [], []
-    for i, batch in enumerate(loader):
-        if i % 2:
-            kept.append(batch["big"])  # the batch itself kept
-        else:
-            views.append(batch["big"][5:7])  # only a view kept: it holds the slot as well
-    for j, big in enumerate(kept):
-        assert torch.equal(big, torch.full((512, 1024), float(2 * j + 1)))
-    for j, view in enumerate(views):
-        assert torch.equal(view, torch.full((2, 1024), float(2 * j)))
-
-
 def test_building_a_dataset_loads_the_kernels_workers_will_inherit(csr):
     from torch_adata import _kernels
 
@@ -196,32 +143,3 @@ def test_building_a_dataset_loads_the_kernels_workers_will_inherit(csr):
     for kernel in (_kernels._nb_csr_to_dense, _kernels._nb_csr_fill_all, _kernels._nb_read_ranges):
         loaded = {tuple(str(t) for t in sig) for sig in kernel.signatures}
         assert any("array(float32, 1d, C)" in sig for sig in loaded), kernel
-
-
-class _VariableFill(Dataset):
-    """Item i: a float32 vector of a size that changes with i (~1.2-1.6 MB), filled with i."""
-
-    def __len__(self):
-        return 10
-
-    def __getitem__(self, i):
-        from torch_adata._fields import _sendable
-
-        out = _sendable(np.full(300_000 + 10_000 * i, i, dtype=np.float32))
-        state = getattr(out, "_ring_state", None)
-        return {"values": out, "slot": None if state is None else state[1]}
-
-
-def test_sparse_pieces_of_changing_size_share_one_ring():
-    loader = DataLoader(_VariableFill(), batch_size=None, num_workers=1, collate_fn=ta.collate)
-    slots, kept = [], []
-    for i, batch in enumerate(loader):
-        assert batch["values"].shape == (300_000 + 10_000 * i,)
-        assert bool((batch["values"] == i).all())
-        slots.append(batch["slot"])
-        if i == 2:
-            kept.append(batch["values"])  # held: its slot must not be refilled
-    used = [slot for slot in slots if slot is not None]
-    # slots were reused (a ring that briefly runs dry falls back to fresh memory: allowed)
-    assert len(used) > len(set(used)) >= 1
-    assert bool((kept[0] == 2).all())  # the kept batch's slot was never refilled

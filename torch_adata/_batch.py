@@ -4,6 +4,7 @@ and the allocation of dense batches (in shared memory inside DataLoader workers)
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import secrets
 import weakref
@@ -19,9 +20,12 @@ _RING_MIN_BYTES = 1 << 20
 # default) batches of a worker in flight and the training loop holds one more; a ring that runs
 # dry (a caller that keeps its batches) falls back to fresh shared memory.
 _RING_SLOTS = 4
+# Ownerless rings (their worker has ended) the main process keeps for the next workers it forks.
+_KEPT_RINGS = 8
 # Rows of a ring's shared flags: BUSY[slot] (the slot holds a batch the main process may still
-# read), MAPPED[slot] (the main process holds the slot's memory), KNOWN[0] (it holds the flags).
-_BUSY, _MAPPED, _KNOWN = 0, 1, 2
+# read), MAPPED[slot] (the main process holds the slot's memory), KNOWN[0] (it holds the flags),
+# OWNER[0] (pid of the worker that writes into the ring).
+_BUSY, _MAPPED, _KNOWN, _OWNER = 0, 1, 2, 3
 
 
 class _SharedRing:
@@ -34,13 +38,19 @@ class _SharedRing:
     its slots are mapped once on each side, the main process's batch *is* the slot's memory (no
     copy), and after the first sends a batch crosses as a few integers. The slot stays busy until
     the main process has dropped every tensor that views it; the worker never writes a busy slot.
+
+    A ring outlives its worker: the main process keeps it, and a worker forked later (the next
+    epoch's, when workers are not persistent) adopts it instead of mapping fresh memory.
     """
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, key=None, flags=None, slots=None):
         self.nbytes = nbytes
-        self.key = (os.getpid(), secrets.token_hex(8))
-        self.flags = torch.zeros((3, _RING_SLOTS), dtype=torch.uint8).share_memory_()
-        self.slots: list[torch.UntypedStorage | None] = [None] * _RING_SLOTS
+        self.key = key or (os.getpid(), secrets.token_hex(8))
+        if flags is None:
+            flags = torch.zeros((4, _RING_SLOTS), dtype=torch.int64).share_memory_()
+        self.flags = flags
+        self.flags[_OWNER, 0] = os.getpid()
+        self.slots: list[torch.UntypedStorage | None] = slots or [None] * _RING_SLOTS
 
     def claim(self) -> int | None:
         """A free slot (now marked busy), or ``None`` when the main process holds all."""
@@ -52,6 +62,33 @@ class _SharedRing:
             self.slots[slot] = torch.UntypedStorage._new_shared(self.nbytes)
         self.flags[_BUSY, slot] = 1
         return slot
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a pid reused by another user's process
+        return True
+    return True
+
+
+def _adopt(nbytes: int) -> _SharedRing | None:
+    """A ring of ``nbytes`` slots that the parent process kept from an ended worker, now owned
+    by this worker; ``None`` when there is none (or this process was not forked from one)."""
+    kept = [(key, ring) for key, ring in _RECEIVED.items() if ring.nbytes == nbytes]
+    if not kept or not _ADOPTION or not _ADOPTION.acquire(timeout=1.0):
+        return None
+    try:  # under the parent's lock: two workers (of one loader or two) never share a ring
+        for key, received in kept:
+            if _alive(int(received.flags[_OWNER, 0])):
+                continue
+            slots = [received.slots.get(i) for i in range(_RING_SLOTS)]
+            return _SharedRing(nbytes, key, received.flags, slots)
+        return None
+    finally:
+        _ADOPTION.release()
 
 
 _RINGS: dict[int, _SharedRing] = {}
@@ -78,7 +115,8 @@ class _RingBatch(torch.Tensor):
         # says it holds them; then only integers do
         flags = None if ring.flags[_KNOWN, 0] else ring.flags
         storage = None if ring.flags[_MAPPED, slot] else ring.slots[slot]
-        return (_receive, (ring.key, slot, tuple(plain.shape), plain.dtype, flags, storage))
+        args = (ring.key, ring.nbytes, slot, tuple(plain.shape), plain.dtype, flags, storage)
+        return (_receive, args)
 
 
 def _release_unsent(state: list) -> None:
@@ -94,33 +132,37 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 class _ReceivedRing:
     """The main process's side of a worker's ring: its flags and the slots' memory."""
 
-    def __init__(self, flags: torch.Tensor):
+    def __init__(self, nbytes: int, flags: torch.Tensor):
+        self.nbytes = nbytes
         self.flags = flags
         self.slots: dict[int, torch.UntypedStorage] = {}
 
 
 _RECEIVED: dict[tuple[int, str], _ReceivedRing] = {}
+# Taken by a forked worker while it adopts a ring from _RECEIVED; made by the main process
+# when it first receives a ring, so that every worker forked afterwards shares it.
+_ADOPTION = None
 
 
-def _forget_ended_workers() -> None:
-    for key in list(_RECEIVED):
-        try:
-            os.kill(key[0], 0)
-        except ProcessLookupError:  # batches still in use keep their memory alive
-            del _RECEIVED[key]
-        except PermissionError:  # pragma: no cover - a pid reused by another user
-            del _RECEIVED[key]
+def _forget_ownerless_rings() -> None:
+    """Drop all but the newest ``_KEPT_RINGS`` rings whose worker has ended (batches still in
+    use keep their memory alive)."""
+    ownerless = [key for key, ring in _RECEIVED.items() if not _alive(int(ring.flags[_OWNER, 0]))]
+    for key in ownerless[: max(0, len(ownerless) - _KEPT_RINGS)]:
+        del _RECEIVED[key]
 
 
 class _SlotLease:
     """Owns a slot while the main process uses it: numpy's array interface over the slot's
     bytes, so that ``torch.from_numpy`` ties the batch's storage to this object; the slot is
-    marked free only when the last tensor viewing that storage is gone."""
+    marked free only when the last tensor viewing that storage is gone (in this process: a
+    forked child's copy of the lease does not free it)."""
 
     def __init__(self, memory: torch.Tensor, flags: torch.Tensor, slot: int):
         self._memory = memory
         self._flags = flags
         self._slot = slot
+        self._pid = os.getpid()
         self.__array_interface__ = {
             "shape": (memory.numel(),),
             "typestr": "|u1",
@@ -129,25 +171,33 @@ class _SlotLease:
         }
 
     def __del__(self):
+        if os.getpid() != self._pid:
+            return
         try:
             self._flags[_BUSY, self._slot] = 0
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
 
 
-def _receive(key, slot, shape, dtype, flags, storage) -> torch.Tensor:
+def _receive(key, nbytes, slot, shape, dtype, flags, storage) -> torch.Tensor:
+    global _ADOPTION
     ring = _RECEIVED.get(key)
     if ring is None:
         if flags is None:  # pragma: no cover - the worker only omits them once told
             raise RuntimeError("torch_adata: a batch arrived from a worker ring never seen.")
-        _forget_ended_workers()
-        ring = _RECEIVED[key] = _ReceivedRing(flags)
+        if _ADOPTION is None:
+            try:
+                _ADOPTION = multiprocessing.Lock()
+            except (ImportError, OSError):  # pragma: no cover - no shared semaphores here
+                _ADOPTION = False
+        _forget_ownerless_rings()
+        ring = _RECEIVED[key] = _ReceivedRing(nbytes, flags)
         flags[_KNOWN, 0] = 1
     if storage is not None:
         ring.slots[slot] = storage
         ring.flags[_MAPPED, slot] = 1
-    nbytes = math.prod(shape) * dtype.itemsize
-    memory = torch.empty(0, dtype=torch.uint8).set_(ring.slots[slot], 0, (nbytes,))
+    size = math.prod(shape) * dtype.itemsize
+    memory = torch.empty(0, dtype=torch.uint8).set_(ring.slots[slot], 0, (size,))
     owned = torch.from_numpy(np.asarray(_SlotLease(memory, ring.flags, slot)))
     return owned.view(dtype).view(shape)
 
@@ -182,7 +232,7 @@ def empty_batch(shape: tuple[int, ...], dtype: torch.dtype, variable: bool = Fal
         _RINGS, _RINGS_PID = {}, os.getpid()
     ring = _RINGS.get(nbytes)
     if ring is None:
-        ring = _RINGS[nbytes] = _SharedRing(nbytes)
+        ring = _RINGS[nbytes] = _adopt(nbytes) or _SharedRing(nbytes)
     slot = ring.claim()
     if slot is None:
         storage = torch.UntypedStorage._new_shared(nbytes)

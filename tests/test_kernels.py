@@ -44,8 +44,9 @@ ROWS = [
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_csr_to_csr_without_column_map_equals_scipy(csr, engine, rows, dtype):
     k = get_kernels(engine)
-    indptr, cols, vals = k.csr_to_csr(csr.indptr, csr.indices, csr.data, rows, None, dtype)
-    assert indptr.dtype == np.int64 and cols.dtype == np.int64 and vals.dtype == dtype
+    n_cols = csr.shape[1]
+    indptr, cols, vals = k.csr_to_csr(csr.indptr, csr.indices, csr.data, rows, None, dtype, n_cols)
+    assert indptr.dtype == np.int32 and cols.dtype == np.int32 and vals.dtype == dtype
     got = sp.csr_matrix((vals.astype(np.float64), cols, indptr), shape=(len(rows), csr.shape[1]))
     np.testing.assert_array_equal(got.toarray(), csr[rows].toarray())
 
@@ -57,10 +58,36 @@ def test_csr_to_csr_with_column_map_drops_and_renumbers(csr, engine):
     col_map[keep] = np.arange(len(keep))
     rows = ROWS[0]
     k = get_kernels(engine)
-    indptr, cols, vals = k.csr_to_csr(csr.indptr, csr.indices, csr.data, rows, col_map, np.float64)
-    assert vals.dtype == np.float64
+    indptr, cols, vals = k.csr_to_csr(
+        csr.indptr, csr.indices, csr.data, rows, col_map, np.float64, len(keep)
+    )
+    assert vals.dtype == np.float64 and cols.dtype == np.int32
     got = sp.csr_matrix((vals, cols, indptr), shape=(len(rows), len(keep))).toarray()
     np.testing.assert_array_equal(got, csr[rows][:, keep].toarray())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("wide", [False, True], ids=["int32_indices", "int64_indices"])
+def test_csr_to_csr_indices_are_int32_only_where_the_columns_fit(csr, engine, wide):
+    indices = csr.indices.astype(np.int64)
+    if wide:  # a matrix wider than int32 can count: its columns need int64
+        indices[::3] += 2**31
+    n_cols = int(indices.max()) + 1
+    rows = ROWS[0]
+    k = get_kernels(engine)
+    indptr, cols, _ = k.csr_to_csr(csr.indptr, indices, csr.data, rows, None, np.float32, n_cols)
+    assert indptr.dtype == cols.dtype == (np.int64 if wide else np.int32)
+    want = np.concatenate([indices[csr.indptr[r] : csr.indptr[r + 1]] for r in rows])
+    np.testing.assert_array_equal(cols, want)
+
+
+def test_index_dtype_widens_for_columns_or_non_zeros_past_int32():
+    from torch_adata._kernels import index_dtype
+
+    assert index_dtype(20_000, 10**6) == np.int32
+    assert index_dtype(2**31 - 1, 2**31 - 1) == np.int32
+    assert index_dtype(2**31, 5) == np.int64
+    assert index_dtype(5, 2**31) == np.int64
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -254,9 +254,10 @@ class SparseBatch(NamedTuple):
     Attributes
     ----------
     indptr
-        int64, shape ``(batch + 1,)``: row ``i`` owns ``values[indptr[i]:indptr[i + 1]]``.
+        Shape ``(batch + 1,)``: row ``i`` owns ``values[indptr[i]:indptr[i + 1]]``.
     indices
-        int64, column of each stored value.
+        Column of each stored value. ``indptr`` and ``indices`` are int32 where the columns and
+        the batch's non-zeros fit (as scipy chooses; half the bytes to send), int64 otherwise.
     values
         The stored values (the field's dtype).
     n_cols

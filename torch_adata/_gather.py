@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ._kernels import Kernels, get_kernels
+from ._kernels import Kernels, get_kernels, index_dtype
 
 # Row runs closer than this many stored elements are read as one h5py call (reading the gap).
 _RUN_GAP = 4096
@@ -51,6 +51,17 @@ class CSRPieces:
     indices: np.ndarray
     values: np.ndarray
     n_cols: int
+
+    @classmethod
+    def from_scipy(cls, matrix, dtype) -> CSRPieces:
+        """The pieces of a scipy CSR matrix, indices as :func:`~torch_adata._kernels.index_dtype`."""
+        index = index_dtype(matrix.shape[1], matrix.nnz)
+        return cls(
+            matrix.indptr.astype(index, copy=False),
+            matrix.indices.astype(index, copy=False),
+            matrix.data.astype(dtype, copy=False),
+            matrix.shape[1],
+        )
 
 
 class RowReader:
@@ -95,8 +106,7 @@ class _DenseRowsReader(RowReader):
         return out
 
     def csr(self, rows, dtype):
-        m = sp.csr_matrix(self.dense(rows, dtype))
-        return CSRPieces(m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data, m.shape[1])
+        return CSRPieces.from_scipy(sp.csr_matrix(self.dense(rows, dtype)), dtype)
 
 
 class DenseReader(_DenseRowsReader):
@@ -143,7 +153,7 @@ class CSRReader(RowReader):
 
     def csr(self, rows, dtype):
         indptr, indices, values = self.kernels.csr_to_csr(
-            self.indptr, self.indices, self.data, rows, self.col_map, np.dtype(dtype)
+            self.indptr, self.indices, self.data, rows, self.col_map, np.dtype(dtype), self.shape[1]
         )
         return CSRPieces(indptr, indices, values, self.shape[1])
 
@@ -179,9 +189,7 @@ class ScipyReader(RowReader):
     def csr(self, rows, dtype):
         m = self._rows(rows)
         m.sort_indices()
-        return CSRPieces(
-            m.indptr.astype(np.int64), m.indices.astype(np.int64), m.data.astype(dtype), m.shape[1]
-        )
+        return CSRPieces.from_scipy(m, dtype)
 
     def describe(self):
         return f"{self.matrix.format.upper()} {self.matrix.dtype} in memory (scipy indexing)"
@@ -531,7 +539,7 @@ class BackedCSRReader(RowReader):
     def csr(self, rows, dtype):
         indptr, indices, data, order = self._read_rows(rows)
         p, i, v = self.kernels.csr_to_csr(
-            indptr, indices, data, order, self.col_map, np.dtype(dtype)
+            indptr, indices, data, order, self.col_map, np.dtype(dtype), self.shape[1]
         )
         return CSRPieces(p, i, v, self.shape[1])
 

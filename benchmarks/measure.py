@@ -29,6 +29,11 @@ live across passes as they do across epochs in training); ``"sampler"`` is ``"un
 ``empty``
     Nothing: the resident memory of python + torch + anndata + torch_adata.
 
+``"paired": [config, ...]``
+    Several of the above in one process, passes alternating (see :func:`run_paired`): the
+    ratios to the first one are measured per round, so a machine that slows down for a while
+    slows the baseline and the loader alike.
+
 Timing: pass 0 builds the loader in this fresh process and reads ``batches`` batches; its first
 batch is the *first batch* time (open, build, compile or load kernels, first read; imports are
 not counted). Passes ``1..repeats`` read ``batches`` other batches each (the sampler's next
@@ -374,5 +379,61 @@ def run(cfg: dict) -> dict:
     return result
 
 
+def run_paired(cfg: dict) -> dict:
+    """Several loaders over one file in this one process, their passes alternating.
+
+    ``cfg["paired"]`` is a list of loader configurations (each merged over the other keys of
+    ``cfg``); the first is the baseline. Every round runs one pass of each, in an order that
+    rotates from round to round, all reading the same batches (same sampler seed), so that a
+    slower stretch of a shared machine slows every loader of a round alike. Round 0 warms up;
+    the ratio of each loader to the baseline is taken per round, and its median reported.
+    Peak memory is not measured here (the loaders share the process).
+    """
+    import anndata  # noqa: F401
+    import torch  # noqa: F401
+
+    import torch_adata  # noqa: F401
+
+    common = {k: v for k, v in cfg.items() if k != "paired"}
+    configs = [{**common, **sub} for sub in cfg["paired"]]
+    repeats, size = int(cfg.get("repeats", 3)), int(cfg.get("batch_size", 256))
+    epochs: list = [None] * len(configs)
+    results = [{"config": c, "cells_per_s_runs": [], "cells_per_cpu_s_runs": []} for c in configs]
+    for repeat in range(repeats + 1):
+        for k in range(len(configs)):
+            i = (k + repeat) % len(configs)
+            config, result = configs[i], results[i]
+            cold = bool(config.get("cold", False))
+            built = 0.0
+            if cold or epochs[i] is None:
+                epochs[i] = None
+                gc.collect()
+                if cold:
+                    drop_page_cache(config["path"])
+                    result.setdefault("resident_after_drop_mib", []).append(
+                        resident_mib(config["path"])
+                    )
+                built = time.perf_counter()
+                epochs[i] = build(config)
+                built = time.perf_counter() - built
+            cells, _, first, seconds, cpu = _pass(
+                epochs[i], size, 1000 * repeat + size, int(config["batches"])
+            )
+            result.setdefault("first_batch_s", built + first)
+            if repeat:
+                result["cells_per_s_runs"].append(cells / seconds)
+                result["cells_per_cpu_s_runs"].append(cells / cpu)
+    base = np.array(results[0]["cells_per_s_runs"])
+    for result in results:
+        runs = np.array(result["cells_per_s_runs"])
+        result["cells_per_s"] = float(np.median(runs))
+        result["cells_per_cpu_s"] = float(np.median(result["cells_per_cpu_s_runs"]))
+        ratios = runs / base
+        result["ratio_runs"] = ratios.tolist()
+        result["ratio"] = float(np.median(ratios))
+    return {"paired": results}
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(json.loads(sys.argv[1]))))
+    config = json.loads(sys.argv[1])
+    print(json.dumps(run_paired(config) if "paired" in config else run(config)))

@@ -12,11 +12,14 @@ synthetic files (``generate.py``) are written once into ``--data-dir`` and reuse
 1. loaders: AnnDataset in memory (dense, sparse) and backed (0 and 2 workers), uniform and
    block-shuffle samplers, next to the per-cell, batched-scipy and anndata-backed baselines,
    with ratios to them; the empty-process RSS.
-2. disk: backed AnnDataset on a cold (evicted) and a gzip-compressed file, uniform vs block
-   shuffle, with the batch diversity of each sampler.
-3. time-resolved: TimeResolvedAnnDataset population batches, in memory and backed.
-4. batch size sweep: cells/s for batch sizes 64..2048.
-5. memory vs dataset size: peak RSS of backed (and in-memory) AnnDataset.
+2. paired ratios: each comparison the engine is held to (dense and sparse vs batched, backed
+   vs anndata's backed read, 2 workers vs 0) runs its loaders in one process, passes
+   alternating, so a machine that slows down for a while slows both sides of a ratio alike.
+3. disk: backed AnnDataset on a cold (evicted) and a gzip-compressed file, uniform vs block
+   shuffle (paired the same way), with the batch diversity of each sampler.
+4. time-resolved: TimeResolvedAnnDataset population batches, in memory and backed.
+5. batch size sweep: cells/s for batch sizes 64..2048.
+6. memory vs dataset size: peak RSS of backed (and in-memory) AnnDataset.
 
 Results go to ``<out>/suite_<quick|full>.json``, ``.md`` and ``.png``.
 """
@@ -80,7 +83,7 @@ class Runner:
         result["config"] = cfg
         result["process_s"] = seconds
         self.results[key] = result
-        if self.verbose and "error" not in result:
+        if self.verbose and "error" not in result and "paired" not in result:
             rate = result.get("cells_per_s")
             print(
                 f"  {key:<44} {'' if rate is None else f'{rate:>12,.0f} cells/s'} "
@@ -88,6 +91,23 @@ class Runner:
                 flush=True,
             )
         return result
+
+    def paired(self, key: str, loaders: dict[str, dict], **cfg) -> dict:
+        """Run ``loaders`` (name -> configuration; the first is the baseline) in one process,
+        passes alternating (``measure.run_paired``); each result gains ``ratio``, the median
+        over rounds of its pass's cells/s over the baseline's pass of the same round."""
+        result = self(key, paired=list(loaders.values()), **cfg)
+        result["names"] = list(loaders)
+        parts = dict(zip(loaders, result.get("paired", [{}] * len(loaders)), strict=True))
+        if self.verbose and "error" not in result:
+            for name, part in parts.items():
+                print(
+                    f"    {name:<42} {part['cells_per_s']:>12,.0f} cells/s  "
+                    f"x{part['ratio']:.2f} (rounds {min(part['ratio_runs']):.2f}-"
+                    f"{max(part['ratio_runs']):.2f})",
+                    flush=True,
+                )
+        return parts
 
 
 # -- batch diversity ----------------------------------------------------------------------------
@@ -234,20 +254,44 @@ def run_suite(args) -> dict:
         persistent=True,
     )
 
-    print("2. disk: cold and compressed files, uniform vs block shuffle", flush=True)
+    print("2. paired ratios (one process per comparison, passes alternating)", flush=True)
+    memory = {"loader": "AnnDataset", "path": P}
+    backed = {**memory, "mode": "backed"}
+    run.paired(
+        "paired|memory",
+        {
+            "batched": {"loader": "batched", "path": P},
+            "dense": memory,
+            "sparse": {**memory, "sparse": True},
+        },
+    )
+    run.paired(
+        "paired|backed",
+        {"anndata-backed": {"loader": "anndata-backed", "path": P, "mode": "backed"}, "0": backed},
+    )
+    run.paired(
+        "paired|workers",
+        {
+            "0": backed,
+            "2": {**backed, "workers": 2},
+            "2 persistent": {**backed, "workers": 2, "persistent": True},
+        },
+    )
+
+    print("3. disk: cold and compressed files, uniform vs block shuffle (paired)", flush=True)
     disk_batches = max(4, batches // args.disk_divisor)
     for fname, path in (("plain", P), ("gzip", str(gz))):
         for cache in ("warm", "cold"):
-            for name, spec in DISK_SAMPLERS.items():
-                run(
-                    f"disk|{fname}|{cache}|{name}",
-                    loader="AnnDataset",
-                    path=path,
-                    mode="backed",
-                    sampler=spec,
-                    cold=cache == "cold",
-                    batches=batches if fname == "plain" else disk_batches,
-                )
+            parts = run.paired(
+                f"paired|disk|{fname}|{cache}",
+                {
+                    name: {**backed, "path": path, "sampler": spec, "cold": cache == "cold"}
+                    for name, spec in DISK_SAMPLERS.items()
+                },
+                batches=batches if fname == "plain" else disk_batches,
+            )
+            for name, part in parts.items():
+                run.results[f"disk|{fname}|{cache}|{name}"] = part
     run(
         "disk|gzip|warm|anndata",
         loader="anndata-backed",
@@ -257,7 +301,7 @@ def run_suite(args) -> dict:
     )
     diversity = diversity_table(plain, bs)
 
-    print("3. time-resolved (population mode)", flush=True)
+    print("4. time-resolved (population mode)", flush=True)
     for mode in ("memory", "backed"):
         run(
             f"TimeResolvedAnnDataset|{mode}",
@@ -267,7 +311,7 @@ def run_suite(args) -> dict:
             batch_size=args.cells_per_time,
         )
 
-    print("4. batch size sweep", flush=True)
+    print("5. batch size sweep", flush=True)
     sweep = {
         "cells_per_pass": args.sweep_cells,
         "batch_sizes": SWEEP_SIZES,
@@ -279,7 +323,7 @@ def run_suite(args) -> dict:
     run("sweep|anndata-backed|backed", loader="anndata-backed", path=P, mode="backed", **sweep)
     run("sweep|per-cell|memory", loader="per-cell", path=P, **sweep)
 
-    print("5. memory vs dataset size", flush=True)
+    print("6. memory vs dataset size", flush=True)
     sizes = {args.cells: plain}
     for cells in args.size_cells:
         sizes[cells] = _data(args, cells)
@@ -351,6 +395,43 @@ def _commit() -> str:
         return out.stdout.strip() + (" (torch_adata modified)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+PAIRED_ROWS = [
+    # (comparison, paired run, baseline, loader, target)
+    ("in memory, dense float32 vs batched `X[idx].toarray()`", "memory", "batched", "dense", 1.7),
+    ("in memory, sparse output vs batched", "memory", "batched", "sparse", 2.8),
+    ("backed, 0 workers vs anndata backed", "backed", "anndata-backed", "0", 5.0),
+    ("backed, 2 workers (restarted every pass) vs 0", "workers", "0", "2", 1.0),
+    ("backed, 2 persistent workers vs 0", "workers", "0", "2 persistent", 1.0),
+    ("cold uncompressed file, block vs uniform", "disk|plain|cold", "uniform", "block", 1.5),
+    ("gzip file, warm, block vs uniform", "disk|gzip|warm", "uniform", "block", 1.5),
+    ("gzip file, cold, block vs uniform", "disk|gzip|cold", "uniform", "block", 1.5),
+]
+
+
+def _paired_table(r: dict) -> str:
+    rows = []
+    for label, key, base, loader, target in PAIRED_ROWS:
+        result = r.get(f"paired|{key}", {})
+        parts = dict(zip(result.get("names", []), result.get("paired", []), strict=False))
+        b, x = parts.get(base), parts.get(loader)
+        if not b or not x:
+            rows.append([label, "-", "-", "failed", "-", f">= {target}", "-"])
+            continue
+        rows.append(
+            [
+                label,
+                _fmt(b["cells_per_s"]),
+                _fmt(x["cells_per_s"]),
+                f"{x['ratio']:.2f}",
+                f"{min(x['ratio_runs']):.2f}-{max(x['ratio_runs']):.2f}",
+                f">= {target}",
+                "yes" if x["ratio"] >= target else "no",
+            ]
+        )
+    header = ["comparison", "baseline cells/s", "cells/s", "ratio", "rounds", "target", "met"]
+    return _table(header, rows)
 
 
 def report(suite: dict) -> str:
@@ -451,6 +532,16 @@ def report(suite: dict) -> str:
         "a file a reader memory-maps, which are page cache); `peak anon`: "
         "allocated memory (RssAnon) of the main process plus its workers, sampled every 10 ms.",
         "",
+        "### Paired ratios (each comparison in one process, passes alternating)",
+        "",
+        "The ratios the engine is held to. Each comparison runs its loaders in one process, one "
+        "pass of each per round in an order that rotates, all reading the same batches; the "
+        "ratio is taken per round and the median reported, with the range over rounds. A "
+        "machine that slows down for a while (this VM's memory bandwidth moves 1.5-2x) slows "
+        "the baseline and the loader of a round alike, which separate processes do not see.",
+        "",
+        _paired_table(r),
+        "",
         "### Disk: cold and compressed files, uniform vs block shuffle (backed, 0 workers)",
         "",
     ]
@@ -464,7 +555,8 @@ def report(suite: dict) -> str:
         for name in DISK_SAMPLERS:
             row.append(_fmt(res[name].get("cells_per_s")))
             if name != "uniform":
-                row.append(_ratio(res[name], uni))
+                paired = res[name].get("ratio")
+                row.append(f"{paired:.2f}" if paired is not None else _ratio(res[name], uni))
         row += [
             _fmt(uni.get("first_batch_s"), ".2f", " s"),
             _fmt(max(resident), ",.1f", " MiB") if resident else "-",

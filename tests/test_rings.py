@@ -74,9 +74,9 @@ class _VariableFill(Dataset):
         return 10
 
     def __getitem__(self, i):
-        from torch_adata._fields import _sendable
+        from torch_adata._batch import BatchArrays
 
-        out = _sendable(np.full(300_000 + 10_000 * i, i, dtype=np.float32))
+        out = BatchArrays().tensor(np.full(300_000 + 10_000 * i, i, dtype=np.float32))
         state = getattr(out, "_ring_state", None)
         return {"values": out, "slot": None if state is None else state[1]}
 
@@ -193,3 +193,73 @@ def test_the_main_process_keeps_only_the_newest_ownerless_rings(monkeypatch):
         keys.append({batch["ring"] for batch in loader}.pop())
     assert keys[0] not in _batch._RECEIVED  # forgotten when the third ring arrived
     assert keys[1] in _batch._RECEIVED and keys[2] in _batch._RECEIVED
+
+
+# -- batches of the main process: recycled buffers ---------------------------------------------
+
+
+def test_a_dropped_batch_buffer_serves_the_next_batch_and_a_kept_one_is_never_reused():
+    first = empty_batch((256, 1024), torch.float32)  # 1 MiB: pooled
+    address = first.data_ptr()
+    first.fill_(1.0)
+    del first
+    second = empty_batch((256, 1024), torch.float32)
+    assert second.data_ptr() == address  # no fresh pages to fault in
+    second.fill_(2.0)
+    view = second[3:5]  # a view keeps the buffer, as the batch itself would
+    del second
+    for _ in range(3):
+        other = empty_batch((256, 1024), torch.float32)
+        assert other.data_ptr() != address
+        other.fill_(-1.0)
+    assert torch.equal(view, torch.full((2, 1024), 2.0))
+
+
+def test_the_pool_keeps_a_bounded_number_of_size_classes():
+    from torch_adata import _batch
+
+    for k in range(3 * _batch._POOL_CLASSES):
+        empty_batch(((1 << 18) + 1024 * k,), torch.float32)  # each dropped at once
+    assert len(_batch._POOL) <= _batch._POOL_CLASSES
+    assert all(len(free) <= _batch._POOL_KEEP for free in _batch._POOL.values())
+
+
+class _KernelOutput(Dataset):
+    """Item i: an array a kernel would write (filled with i), as the batch tensor it became."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        from torch_adata._batch import BatchArrays
+
+        arrays = BatchArrays()
+        values = arrays.empty(300_000, np.dtype(np.float32))
+        values[...] = i
+        tensor = arrays.tensor(values)
+        return {"values": tensor, "in_place": tensor.data_ptr() == values.ctypes.data}
+
+
+def test_batch_arrays_hand_back_the_tensor_a_kernel_wrote_into():
+    # in a worker, the array lives in a ring slot already: no second copy into one
+    loader = DataLoader(_KernelOutput(), batch_size=None, num_workers=1, collate_fn=ta.collate)
+    for i, batch in enumerate(loader):
+        assert batch["in_place"] and bool((batch["values"] == i).all())
+    direct = _KernelOutput()[3]  # and in this process, its recycled buffer
+    assert direct["in_place"] and bool((direct["values"] == 3).all())
+
+
+def test_sparse_batches_a_worker_gathers_straight_into_its_ring_match_anndata():
+    import anndata as ad
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    X = sp.random(512, 8000, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+    dataset = ta.AnnDataset(ad.AnnData(X), sparse=True)
+    batches = [rng.permutation(512)[:256] for _ in range(6)]  # ~1.6 MB of values: ring slots
+    loader = DataLoader(
+        dataset, sampler=batches, batch_size=None, num_workers=1, collate_fn=ta.collate
+    )
+    for rows, batch in zip(batches, loader, strict=True):
+        assert batch.indices.dtype == torch.int32
+        np.testing.assert_array_equal(batch.to_dense().numpy(), X[rows].toarray())

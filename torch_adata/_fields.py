@@ -19,9 +19,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import get_worker_info
 
-from ._batch import SparseBatch, empty_batch
+from ._batch import BatchArrays, SparseBatch, empty_batch
 from ._gather import RowReader
 
 _TORCH_TO_NUMPY = {
@@ -208,19 +207,6 @@ class CategoryEncoder:
         return cls(state["categories"])
 
 
-def _sendable(array: np.ndarray) -> torch.Tensor:
-    """``array`` as a tensor; in a DataLoader worker, a large one is copied into a reused
-    shared-memory slot (see :func:`~torch_adata._batch.empty_batch`) rather than into fresh
-    shared memory when it is sent (sparse batches from 2 workers on a backed file: 81k cells/s
-    instead of 40k)."""
-    tensor = torch.from_numpy(array)
-    if get_worker_info() is None:
-        return tensor
-    out = empty_batch(tuple(tensor.shape), tensor.dtype, variable=True)
-    out.copy_(tensor)
-    return out
-
-
 class MatrixField:
     """Rows of X, a layer or an obsm entry as a dense tensor or a :class:`SparseBatch`."""
 
@@ -241,10 +227,9 @@ class MatrixField:
 
     def take(self, rows: np.ndarray):
         if self.sparse:
-            p = self.reader.csr(rows, self._np_dtype)
-            return SparseBatch(
-                _sendable(p.indptr), _sendable(p.indices), _sendable(p.values), p.n_cols
-            )
+            arrays = BatchArrays()  # the kernel writes straight into the batch's tensors
+            p = self.reader.csr(rows, self._np_dtype, arrays.empty)
+            return SparseBatch(*map(arrays.tensor, (p.indptr, p.indices, p.values)), p.n_cols)
         out = empty_batch((len(rows), self.reader.shape[1]), self.dtype)  # shared in a worker
         self.reader.dense(rows, self._np_dtype, out.numpy())
         return out

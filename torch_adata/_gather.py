@@ -23,6 +23,7 @@ import collections
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,9 @@ class RowReader:
         """The rows as a dense array of ``dtype``, written into ``out`` when it is given."""
         raise NotImplementedError
 
-    def csr(self, rows: np.ndarray, dtype: np.dtype) -> CSRPieces:
+    def csr(self, rows: np.ndarray, dtype: np.dtype, alloc: Callable = np.empty) -> CSRPieces:
+        """The rows as CSR pieces of ``dtype`` values; ``alloc(n, dtype)`` makes the index and
+        value arrays where a reader writes them itself."""
         raise NotImplementedError
 
     def prepare(self) -> None:
@@ -105,7 +108,7 @@ class _DenseRowsReader(RowReader):
         out[...] = block
         return out
 
-    def csr(self, rows, dtype):
+    def csr(self, rows, dtype, alloc=np.empty):
         return CSRPieces.from_scipy(sp.csr_matrix(self.dense(rows, dtype)), dtype)
 
 
@@ -151,9 +154,16 @@ class CSRReader(RowReader):
             self.indptr, self.indices, self.data, rows, self.col_map, out
         )
 
-    def csr(self, rows, dtype):
+    def csr(self, rows, dtype, alloc=np.empty):
         indptr, indices, values = self.kernels.csr_to_csr(
-            self.indptr, self.indices, self.data, rows, self.col_map, np.dtype(dtype), self.shape[1]
+            self.indptr,
+            self.indices,
+            self.data,
+            rows,
+            self.col_map,
+            np.dtype(dtype),
+            self.shape[1],
+            alloc,
         )
         return CSRPieces(indptr, indices, values, self.shape[1])
 
@@ -186,7 +196,7 @@ class ScipyReader(RowReader):
         out[...] = block
         return out
 
-    def csr(self, rows, dtype):
+    def csr(self, rows, dtype, alloc=np.empty):
         m = self._rows(rows)
         m.sort_indices()
         return CSRPieces.from_scipy(m, dtype)
@@ -536,10 +546,10 @@ class BackedCSRReader(RowReader):
             out = np.empty((len(rows), self.shape[1]), dtype=dtype)  # the kernel zeroes it
         return self.kernels.csr_to_dense(indptr, indices, data, order, self.col_map, out)
 
-    def csr(self, rows, dtype):
+    def csr(self, rows, dtype, alloc=np.empty):
         indptr, indices, data, order = self._read_rows(rows)
         p, i, v = self.kernels.csr_to_csr(
-            indptr, indices, data, order, self.col_map, np.dtype(dtype), self.shape[1]
+            indptr, indices, data, order, self.col_map, np.dtype(dtype), self.shape[1], alloc
         )
         return CSRPieces(p, i, v, self.shape[1])
 
@@ -584,8 +594,8 @@ class MappedReader(RowReader):
     def dense(self, rows, dtype, out=None):
         return self.base.dense(self.row_map[rows], dtype, out)
 
-    def csr(self, rows, dtype):
-        return self.base.csr(self.row_map[rows], dtype)
+    def csr(self, rows, dtype, alloc=np.empty):
+        return self.base.csr(self.row_map[rows], dtype, alloc)
 
     def prepare(self):
         self.base.prepare()

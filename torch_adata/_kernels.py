@@ -11,7 +11,8 @@ is input row ``rows[i]``. ``csr_to_dense`` overwrites every element of ``out`` (
 zeroed beforehand). ``col_map`` is either ``None`` (keep every column) or an int64 array of
 length ``n_cols_in`` giving each input column's output column, ``-1`` to drop it (used for
 AnnData views that subset genes). ``csr_to_csr`` returns ``indptr`` and column ``indices``
-as :func:`index_dtype` says: int32 where the output's columns and non-zeros fit, as scipy does.
+as :func:`index_dtype` says: int32 where the output's columns and non-zeros fit, as scipy does;
+its ``alloc(n, dtype)`` (default :func:`numpy.empty`) makes the index and value arrays.
 
 ``read_ranges`` copies element ranges of a dataset stored uncompressed in a file straight into
 an output buffer with ``pread`` (no memory map, so no file pages counted in the process's
@@ -80,7 +81,7 @@ def index_dtype(n_cols: int, nnz: int) -> np.dtype:
     return np.dtype(np.int32 if max(n_cols, nnz) <= _INT32_MAX else np.int64)
 
 
-def _np_csr_to_csr(indptr, indices, data, rows, col_map, out_dtype, n_cols):
+def _np_csr_to_csr(indptr, indices, data, rows, col_map, out_dtype, n_cols, alloc=np.empty):
     starts = indptr[rows].astype(np.int64)
     lengths = indptr[rows + 1].astype(np.int64) - starts
     pos = _flat_positions(starts, lengths)
@@ -95,7 +96,9 @@ def _np_csr_to_csr(indptr, indices, data, rows, col_map, out_dtype, n_cols):
     out_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out_indptr[1:])
     index = index_dtype(n_cols, len(cols))
-    return out_indptr.astype(index, copy=False), cols.astype(index, copy=False), vals
+    out_cols, out_vals = alloc(len(cols), index), alloc(len(vals), np.dtype(out_dtype))
+    out_cols[...], out_vals[...] = cols, vals
+    return out_indptr.astype(index, copy=False), out_cols, out_vals
 
 
 def _np_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out):
@@ -317,7 +320,7 @@ def _nb_csr_to_dense_entry(indptr, indices, data, rows, col_map, out):
     return target
 
 
-def _nb_csr_to_csr_entry(indptr, indices, data, rows, col_map, out_dtype, n_cols):
+def _nb_csr_to_csr_entry(indptr, indices, data, rows, col_map, out_dtype, n_cols, alloc=np.empty):
     out_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     if col_map is None:  # every stored value is kept: row lengths straight from indptr
         np.cumsum(indptr[rows + 1] - indptr[rows], out=out_indptr[1:])
@@ -325,16 +328,20 @@ def _nb_csr_to_csr_entry(indptr, indices, data, rows, col_map, out_dtype, n_cols
         np.cumsum(_nb_row_lengths(indptr, indices, rows, col_map), out=out_indptr[1:])
     nnz = int(out_indptr[-1])
     index = index_dtype(n_cols, nnz)
-    out_cols = np.empty(nnz, dtype=index)
-    compute = np.float32 if np.dtype(out_dtype) == _HALF else out_dtype
-    out_vals = np.empty(nnz, dtype=compute)
+    out_cols = alloc(nnz, index)
+    half = np.dtype(out_dtype) == _HALF  # computed in float32, then cast
+    out_vals = np.empty(nnz, dtype=np.float32) if half else alloc(nnz, np.dtype(out_dtype))
     with _LOCK:
         _worker_threads()
         if col_map is None:
             _nb_csr_fill_all(indptr, indices, data, rows, out_indptr, out_cols, out_vals)
         else:
             _nb_csr_fill(indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals)
-    return out_indptr.astype(index, copy=False), out_cols, out_vals.astype(out_dtype, copy=False)
+    if half:
+        values = alloc(nnz, _HALF)
+        values[...] = out_vals
+        out_vals = values
+    return out_indptr.astype(index, copy=False), out_cols, out_vals
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:

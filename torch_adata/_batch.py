@@ -224,8 +224,8 @@ class _PooledBuffer:
             free.append(self._buffer)
 
 
-def _private_empty(shape: tuple[int, ...], dtype: torch.dtype, variable: bool) -> torch.Tensor:
-    """A batch in this process's memory: buffers of 1 MiB and more are recycled.
+def _pooled(nbytes: int, size: int) -> torch.Tensor:
+    """``nbytes`` uninitialised bytes (uint8) of a recycled buffer of ``size`` bytes.
 
     Fresh memory costs a page fault per 4 KiB page on first write, and glibc hands a freed
     block back to the kernel when the free memory at the top of its heap passes a threshold
@@ -233,11 +233,6 @@ def _private_empty(shape: tuple[int, ...], dtype: torch.dtype, variable: bool) -
     on every batch (measured 128k cells/s against 359k in a process whose heap was not
     trimmed). torch's aligned 20 MB allocations came back as fresh pages each time as well.
     """
-    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    nbytes = math.prod(shape) * np_dtype.itemsize
-    if nbytes < _RING_MIN_BYTES:
-        return torch.from_numpy(np.empty(shape, dtype=np_dtype))
-    size = 1 << (nbytes - 1).bit_length() if variable else nbytes
     free = _POOL.pop(size, None)
     if free is None:
         free = []
@@ -248,8 +243,7 @@ def _private_empty(shape: tuple[int, ...], dtype: torch.dtype, variable: bool) -
                 break
     _POOL[size] = free  # (re)inserted last: the most recently used class
     buffer = free.pop() if free else np.empty(size, dtype=np.uint8)
-    owned = np.asarray(_PooledBuffer(buffer))[:nbytes]
-    return torch.from_numpy(owned.view(np_dtype).reshape(shape))
+    return torch.from_numpy(np.asarray(_PooledBuffer(buffer))[:nbytes])
 
 
 class BatchArrays:
@@ -290,24 +284,24 @@ def empty_batch(shape: tuple[int, ...], dtype: torch.dtype, variable: bool = Fal
     batches are instead written into a small ring of shared buffers that each worker reuses
     (see :class:`_SharedRing`); the main process receives a tensor over the same memory.
     ``variable``: the size changes from batch to batch (sparse rows), so slots are rounded up
-    to a power of two and one ring serves every size up to it.
+    to a power of two and one ring serves every size up to it. Outside a worker, batches of 1
+    MiB and more reuse freed batch buffers (the same rounding applies to their size classes).
     """
-    if get_worker_info() is None:
-        return _private_empty(shape, dtype, variable)
-    global _RINGS, _RINGS_PID
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _RING_MIN_BYTES:
-        return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
-    if variable:
-        nbytes = 1 << (nbytes - 1).bit_length()
+        return torch.empty(shape, dtype=dtype)
+    size = 1 << (nbytes - 1).bit_length() if variable else nbytes
+    if get_worker_info() is None:  # the training process: a recycled buffer
+        return _pooled(nbytes, size).view(dtype).view(shape)
+    global _RINGS, _RINGS_PID
     if _RINGS_PID != os.getpid():  # a forked worker does not reuse its parent's rings
         _RINGS, _RINGS_PID = {}, os.getpid()
-    ring = _RINGS.get(nbytes)
+    ring = _RINGS.get(size)
     if ring is None:
-        ring = _RINGS[nbytes] = _adopt(nbytes) or _SharedRing(nbytes)
+        ring = _RINGS[size] = _adopt(size) or _SharedRing(size)
     slot = ring.claim()
     if slot is None:
-        storage = torch.UntypedStorage._new_shared(nbytes)
+        storage = torch.UntypedStorage._new_shared(size)
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
     out = torch.empty(0, dtype=dtype).set_(ring.slots[slot], 0, shape).as_subclass(_RingBatch)
     out._ring_state = state = [ring, slot, False]  # ring, slot, sent to the main process

@@ -478,16 +478,16 @@ class BackedCSRReader(RowReader):
         """``"direct"`` (``pread`` at file positions verified against h5py) or ``"h5py"``."""
         return "direct" if self._open()["layouts"] is not None else "h5py"
 
-    def _read_rows(self, rows: np.ndarray, scratch: bool = False):
+    def _read_rows(self, rows: np.ndarray):
         """Read the stored rows ``rows`` (file positions); return compact CSR pieces and order.
 
         Each maximal run of consecutive rows is read once: straight into the compact arrays
         (direct mode), or as whole chunks through h5py (compressed/other files), so that a
-        block-shuffled batch costs few reads and decompresses each chunk once. With
-        ``scratch``, the pieces live in buffers this thread reuses for its next call (for a
-        caller that consumes them at once): fresh arrays of a few MB per batch would be
-        page-faulted in anew whenever the allocator has handed their memory back to the system,
-        as it does in DataLoader workers (measured 9.8 vs 5.2 ms per batch of 256 x 2,000).
+        block-shuffled batch costs few reads and decompresses each chunk once. The pieces live
+        in buffers this thread reuses for its next call (both callers copy them out at once):
+        fresh arrays of a few MB per batch would be page-faulted in anew whenever the allocator
+        has handed their memory back to the system, as it does in DataLoader workers (measured
+        9.8 vs 5.2 ms per batch of 256 x 2,000).
         """
         st = self._open()
         uniq, inverse = np.unique(rows, return_inverse=True)
@@ -496,11 +496,7 @@ class BackedCSRReader(RowReader):
         local_indptr = np.zeros(len(uniq) + 1, dtype=np.int64)
         np.cumsum(lengths, out=local_indptr[1:])
         nnz = int(local_indptr[-1])
-        if scratch:
-            data, indices = _scratch(st["scratch"], nnz, st["data"].dtype, st["indices"].dtype)
-        else:
-            data = np.empty(nnz, dtype=st["data"].dtype)
-            indices = np.empty(nnz, dtype=st["indices"].dtype)
+        data, indices = _scratch(st["scratch"], nnz, st["data"].dtype, st["indices"].dtype)
         k = self.kernels
         if st["layouts"] is not None and nnz:
             # rows whose stored values follow each other in the file form one read
@@ -541,7 +537,7 @@ class BackedCSRReader(RowReader):
         return local_indptr, indices, data, inverse.astype(np.int64).reshape(-1)
 
     def dense(self, rows, dtype, out=None):
-        indptr, indices, data, order = self._read_rows(rows, scratch=True)
+        indptr, indices, data, order = self._read_rows(rows)
         if out is None:
             out = np.empty((len(rows), self.shape[1]), dtype=dtype)  # the kernel zeroes it
         return self.kernels.csr_to_dense(indptr, indices, data, order, self.col_map, out)

@@ -29,7 +29,7 @@ live across passes as they do across epochs in training); ``"sampler"`` is ``"un
 ``empty``
     Nothing: the resident memory of python + torch + anndata + torch_adata.
 
-``"paired": [config, ...]``
+``"paired": {name: config, ...}``
     Several of the above in one process, passes alternating (see :func:`run_paired`): the
     ratios to the first one are measured per round, so a machine that slows down for a while
     slows the baseline and the loader alike.
@@ -311,6 +311,23 @@ def _pass(epoch, batch_size: int, seed: int, count: int) -> tuple[int, int, floa
     return cells, batches, first, wall, _cpu_seconds() - cpu
 
 
+def _build_fresh(cfg: dict, resident: list, paused: threading.Event | None = None):
+    """Build ``cfg``'s loader; a cold one first evicts the file from the page cache and notes
+    what stayed there in ``resident`` (``paused`` is set meanwhile: ``fincore`` is a forked
+    helper, whose memory the sampler must not count). Returns the loader and seconds taken."""
+    gc.collect()
+    if cfg.get("cold", False):
+        drop_page_cache(cfg["path"])
+        if paused is not None:
+            paused.set()
+        resident.append(resident_mib(cfg["path"]))
+        if paused is not None:
+            paused.clear()
+    start = time.perf_counter()
+    epoch = build(cfg)
+    return epoch, time.perf_counter() - start
+
+
 def run(cfg: dict) -> dict:
     """Measure ``cfg`` (see the module docstring) and return its results as a dict."""
     import anndata  # noqa: F401  (the empty process holds what every loader imports)
@@ -324,7 +341,7 @@ def run(cfg: dict) -> dict:
         result["peak_rss_mib"] = status["VmHWM"] / 1024
         result["anon_mib"] = status["RssAnon"] / 1024
         return result
-    cold, path = bool(cfg.get("cold", False)), cfg["path"]
+    cold = bool(cfg.get("cold", False))
     sizes = cfg.get("batch_sizes") or [cfg.get("batch_size", 256)]
     cells_per_pass = cfg.get("cells_per_pass")
     repeats = int(cfg.get("repeats", 3))
@@ -336,19 +353,10 @@ def run(cfg: dict) -> dict:
             count = max(2, cells_per_pass // size) if cells_per_pass else int(cfg["batches"])
             rates, firsts = [], []
             for repeat in range(repeats + 1):
+                built = 0.0
                 if cold or epoch is None:
-                    epoch = None
-                    gc.collect()
-                    if cold:
-                        drop_page_cache(path)
-                        anon.paused.set()
-                        resident.append(resident_mib(path))
-                        anon.paused.clear()
-                    built = time.perf_counter()
-                    epoch = build(cfg)
-                    built = time.perf_counter() - built
-                else:
-                    built = 0.0
+                    epoch = None  # the old loader goes (and unmaps the file) before the new one
+                    epoch, built = _build_fresh(cfg, resident, anon.paused)
                 # every pass reads other cells: epoch `repeat` of the sampler, per batch size
                 cells, batches, first, seconds, cpu = _pass(
                     epoch, size, 1000 * repeat + size, count
@@ -382,8 +390,8 @@ def run(cfg: dict) -> dict:
 def run_paired(cfg: dict) -> dict:
     """Several loaders over one file in this one process, their passes alternating.
 
-    ``cfg["paired"]`` is a list of loader configurations (each merged over the other keys of
-    ``cfg``); the first is the baseline. Every round runs one pass of each, in an order that
+    ``cfg["paired"]`` maps names to loader configurations (each merged over the other keys of
+    ``cfg``); the first is the baseline. Returns ``{"paired": {name: result}}``. Every round runs one pass of each, in an order that
     rotates from round to round, all reading the same batches (same sampler seed), so that a
     slower stretch of a shared machine slows every loader of a round alike. Round 0 warms up;
     the ratio of each loader to the baseline is taken per round, and its median reported.
@@ -395,7 +403,8 @@ def run_paired(cfg: dict) -> dict:
     import torch_adata  # noqa: F401
 
     common = {k: v for k, v in cfg.items() if k != "paired"}
-    configs = [{**common, **sub} for sub in cfg["paired"]]
+    names = list(cfg["paired"])
+    configs = [{**common, **cfg["paired"][name]} for name in names]
     repeats, size = int(cfg.get("repeats", 3)), int(cfg.get("batch_size", 256))
     epochs: list = [None] * len(configs)
     results = [{"config": c, "cells_per_s_runs": [], "cells_per_cpu_s_runs": []} for c in configs]
@@ -403,19 +412,11 @@ def run_paired(cfg: dict) -> dict:
         for k in range(len(configs)):
             i = (k + repeat) % len(configs)
             config, result = configs[i], results[i]
-            cold = bool(config.get("cold", False))
             built = 0.0
-            if cold or epochs[i] is None:
+            if config.get("cold", False) or epochs[i] is None:
                 epochs[i] = None
-                gc.collect()
-                if cold:
-                    drop_page_cache(config["path"])
-                    result.setdefault("resident_after_drop_mib", []).append(
-                        resident_mib(config["path"])
-                    )
-                built = time.perf_counter()
-                epochs[i] = build(config)
-                built = time.perf_counter() - built
+                resident = result.setdefault("resident_after_drop_mib", [])
+                epochs[i], built = _build_fresh(config, resident)
             cells, _, first, seconds, cpu = _pass(
                 epochs[i], size, 1000 * repeat + size, int(config["batches"])
             )
@@ -431,7 +432,7 @@ def run_paired(cfg: dict) -> dict:
         ratios = runs / base
         result["ratio_runs"] = ratios.tolist()
         result["ratio"] = float(np.median(ratios))
-    return {"paired": results}
+    return {"paired": dict(zip(names, results, strict=True))}
 
 
 if __name__ == "__main__":

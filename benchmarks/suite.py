@@ -96,10 +96,8 @@ class Runner:
         """Run ``loaders`` (name -> configuration; the first is the baseline) in one process,
         passes alternating (``measure.run_paired``); each result gains ``ratio``, the median
         over rounds of its pass's cells/s over the baseline's pass of the same round."""
-        result = self(key, paired=list(loaders.values()), **cfg)
-        result["names"] = list(loaders)
-        parts = dict(zip(loaders, result.get("paired", [{}] * len(loaders)), strict=True))
-        if self.verbose and "error" not in result:
+        parts = self(key, paired=loaders, **cfg).get("paired", {})
+        if self.verbose:
             for name, part in parts.items():
                 print(
                     f"    {name:<42} {part['cells_per_s']:>12,.0f} cells/s  "
@@ -282,7 +280,7 @@ def run_suite(args) -> dict:
     disk_batches = max(4, batches // args.disk_divisor)
     for fname, path in (("plain", P), ("gzip", str(gz))):
         for cache in ("warm", "cold"):
-            parts = run.paired(
+            run.paired(
                 f"paired|disk|{fname}|{cache}",
                 {
                     name: {**backed, "path": path, "sampler": spec, "cold": cache == "cold"}
@@ -290,8 +288,6 @@ def run_suite(args) -> dict:
                 },
                 batches=batches if fname == "plain" else disk_batches,
             )
-            for name, part in parts.items():
-                run.results[f"disk|{fname}|{cache}|{name}"] = part
     run(
         "disk|gzip|warm|anndata",
         loader="anndata-backed",
@@ -413,8 +409,7 @@ PAIRED_ROWS = [
 def _paired_table(r: dict) -> str:
     rows = []
     for label, key, base, loader, target in PAIRED_ROWS:
-        result = r.get(f"paired|{key}", {})
-        parts = dict(zip(result.get("names", []), result.get("paired", []), strict=False))
+        parts = r.get(f"paired|{key}", {}).get("paired", {})
         b, x = parts.get(base), parts.get(loader)
         if not b or not x:
             rows.append([label, "-", "-", "failed", "-", f">= {target}", "-"])
@@ -548,15 +543,15 @@ def report(suite: dict) -> str:
     div = suite["diversity"]
     rows = []
     for fname, cache in (("plain", "warm"), ("plain", "cold"), ("gzip", "warm"), ("gzip", "cold")):
-        res = {name: r.get(f"disk|{fname}|{cache}|{name}", {}) for name in DISK_SAMPLERS}
+        parts = r.get(f"paired|disk|{fname}|{cache}", {}).get("paired", {})
+        res = {name: parts.get(name, {}) for name in DISK_SAMPLERS}
         uni = res["uniform"]
         resident = [x for x in (uni.get("resident_after_drop_mib") or []) if x is not None]
         row = ["uncompressed" if fname == "plain" else "gzip", cache]
         for name in DISK_SAMPLERS:
             row.append(_fmt(res[name].get("cells_per_s")))
             if name != "uniform":
-                paired = res[name].get("ratio")
-                row.append(f"{paired:.2f}" if paired is not None else _ratio(res[name], uni))
+                row.append(_fmt(res[name].get("ratio"), ".2f"))
         row += [
             _fmt(uni.get("first_batch_s"), ".2f", " s"),
             _fmt(max(resident), ",.1f", " MiB") if resident else "-",
@@ -570,7 +565,7 @@ def report(suite: dict) -> str:
     header += ["first batch (uniform)", "file in cache after eviction"]
     out.append(_table(header, rows, right_from=2))
     gz_anndata = r.get("disk|gzip|warm|anndata", {})
-    gz_uni = r.get("disk|gzip|warm|uniform", {})
+    gz_uni = r.get("paired|disk|gzip|warm", {}).get("paired", {}).get("uniform", {})
     out += [
         "",
         f"anndata's own backed read of the gzip file: {_fmt(gz_anndata.get('cells_per_s'))} "

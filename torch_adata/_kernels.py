@@ -85,8 +85,7 @@ def _np_csr_to_csr(indptr, indices, data, rows, col_map, out_dtype, n_cols, allo
     starts = indptr[rows].astype(np.int64)
     lengths = indptr[rows + 1].astype(np.int64) - starts
     pos = _flat_positions(starts, lengths)
-    cols = indices[pos].astype(np.int64)
-    vals = data[pos].astype(out_dtype, copy=False)
+    cols, vals = indices[pos], data[pos]  # cast once, into the arrays ``alloc`` makes
     if col_map is not None:
         cols = col_map[cols]
         keep = cols >= 0

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ._counts import check_counts
 from ._fields import CategoryEncoder, MatrixField, ObsField
 from ._kernels import warm_up
 from ._source import AnnDataSource, FieldKeyError, Source
@@ -27,6 +28,10 @@ class AnnDataset(Dataset):
         read through their parent, without copying the matrix) or a path to an ``.h5ad`` file.
     layer
         Batch ``adata.layers[layer]`` instead of ``adata.X`` (the batch key stays ``"X"``).
+        ``layer="raw"`` batches ``adata.raw.X`` when there is no layer named ``"raw"``.
+    use_raw
+        Batch ``adata.raw.X`` (as scanpy spells it; often the counts or log-normalised data
+        kept before scaling), with ``adata.raw.var_names`` as the genes.
     obs_keys
         ``obs`` columns to add to each batch.
     obsm_keys
@@ -43,8 +48,8 @@ class AnnDataset(Dataset):
         Category encoders to reuse (for example ``other_dataset.encoders``), keyed by obs column;
         columns without one get an encoder fitted on the whole column.
     na
-        What a missing value in a categorical column does: ``"raise"`` (default) or ``"code"``
-        (encoded as -1).
+        What a missing value in an obs column does: ``"raise"`` (default, naming the column,
+        the count and the fixes) or ``"code"`` (a label is encoded as -1, a float stays NaN).
     sparse
         Return the expression field as a :class:`~torch_adata.SparseBatch` (CSR tensors that
         cross worker processes) to densify on the target device with
@@ -85,6 +90,7 @@ class AnnDataset(Dataset):
         adata: Source,
         *,
         layer: str | None = None,
+        use_raw: bool = False,
         obs_keys: Sequence[str] | str = (),
         obsm_keys: Sequence[str] | str = (),
         X: bool = True,
@@ -106,11 +112,22 @@ class AnnDataset(Dataset):
         obs_keys = [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
         obsm_keys = [obsm_keys] if isinstance(obsm_keys, str) else list(obsm_keys)
         self.fields: dict[str, MatrixField | ObsField] = {}
+        if layer == "raw" and "raw" not in self.source.layer_keys:
+            layer, use_raw = None, True
+        if use_raw and layer is not None:
+            raise ValueError(
+                f"Pass either layer={layer!r} or use_raw=True: both name the matrix to batch."
+            )
+        self.use_raw = bool(use_raw)
+        self.layer = layer
         if X:
-            reader = self.source.matrix_reader("layer" if layer else "X", layer)
+            kind = "raw" if use_raw else "layer" if layer else "X"
+            reader = self.source.matrix_reader(kind, layer)
             self._add("X", MatrixField("X", reader, dtype, sparse))
-        elif layer is not None or sparse:
-            raise ValueError("layer= and sparse= apply to the expression field; they need X=True.")
+        elif layer is not None or sparse or use_raw:
+            raise ValueError(
+                "layer=, use_raw= and sparse= apply to the expression field; they need X=True."
+            )
         encoders = dict(encoders or {})
         obs_dtypes = dict(obs_dtypes or {})
         for key in obs_keys:
@@ -202,6 +219,41 @@ class AnnDataset(Dataset):
     def _rows(self, index) -> np.ndarray:
         return positions(index, len(self))
 
+    def check_counts(
+        self, *, integer: bool = True, needed_by: str = "This model", n_rows: int = 2000
+    ) -> None:
+        """Raise a clear error unless ``"X"`` holds non-negative (integer) counts.
+
+        Reads ``n_rows`` cells spread over the dataset. The message names the layers or
+        ``.raw`` of the AnnData that would pass (see :func:`~torch_adata.check_counts`).
+
+        Parameters
+        ----------
+        integer
+            Require whole numbers (a count likelihood); ``False`` only requires finite
+            non-negative values (before ``log1p``).
+        needed_by
+            Who needs counts, for the message.
+        n_rows
+            Number of cells read for the check.
+        """
+        if "X" not in self.fields:
+            raise ValueError("check_counts: this dataset has no expression field (X=False).")
+        rows = np.unique(np.linspace(0, len(self) - 1, min(n_rows, len(self))).astype(np.int64))
+        sample = self.fields["X"].reader.dense(rows, np.dtype(np.float64))
+        current = "use_raw=True" if self.use_raw else f"layer={self.layer!r}" if self.layer else "X"
+        name = {"use_raw=True": "adata.raw.X", "X": "adata.X"}.get(
+            current, f"adata.layers[{self.layer!r}]"
+        )
+        check_counts(
+            sample,
+            integer=integer,
+            name=name,
+            needed_by=needed_by,
+            source=self.source,
+            current=current if current != "X" else "adata.X",
+        )
+
     # -- labels and introspection -----------------------------------------------------------
 
     @property
@@ -236,8 +288,8 @@ class AnnDataset(Dataset):
 
     @property
     def var_names(self):
-        """The genes' names (``adata.var_names``), the columns of ``"X"``."""
-        return self.source.var_names
+        """The genes' names, the columns of ``"X"`` (``adata.raw.var_names`` with ``use_raw``)."""
+        return self.source.raw_var_names if self.use_raw else self.source.var_names
 
     @property
     def obs(self):
@@ -256,7 +308,7 @@ class AnnDataset(Dataset):
     @property
     def n_vars(self) -> int:
         """Number of genes, the width of ``"X"``."""
-        return self.source.n_vars
+        return len(self.source.raw_var_names) if self.use_raw else self.source.n_vars
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} of {len(self)} cells"]

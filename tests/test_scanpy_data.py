@@ -1,0 +1,182 @@
+"""Data processed the usual scanpy way (issue 19), on scanpy's bundled real data.
+
+``pbmc68k_reduced``: scaled ``X`` (negative values), log-normalised data in ``.raw``,
+``bulk_labels``, ``X_pca``. Every row of the issue's table is a test here: inputs a model
+cannot use fail early with a message naming the matrix that fits.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import load_example
+
+import torch_adata as ta
+from torch_adata import AnnDataset
+from torch_adata.datasets import preprocess
+
+pytestmark = pytest.mark.filterwarnings("ignore:Observation names are not unique")
+
+
+@pytest.fixture(scope="session")
+def pbmc_file(tmp_path_factory) -> str:
+    import scanpy as sc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = sc.datasets.pbmc68k_reduced()
+    path = tmp_path_factory.mktemp("scanpy") / "pbmc68k_reduced.h5ad"
+    adata.write_h5ad(path)
+    return str(path)
+
+
+@pytest.fixture
+def pbmc(pbmc_file) -> ad.AnnData:
+    return ad.read_h5ad(pbmc_file)
+
+
+def raw_rows(adata: ad.AnnData, rows) -> np.ndarray:
+    matrix = adata.raw.X
+    return (matrix[rows].toarray() if sp.issparse(matrix) else matrix[rows]).astype(np.float32)
+
+
+def trainer(tmp_path) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+
+
+# --------------------------------------------------------------------------- counts checks
+
+
+def test_classifier_on_scaled_x_fails_before_training_and_names_raw(pbmc, tmp_path):
+    classifier = load_example("classifier")
+    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], batch_size=128)
+    model = classifier.CellTypeClassifier(label_key="bulk_labels")
+    with pytest.raises(
+        ValueError,
+        match=r"CellTypeClassifier \(log1p of its input\) needs non-negative values.*adata\.X "
+        r"has negative values \(min -2\.03\).*These hold .*: use_raw=True",
+    ):
+        trainer(tmp_path).fit(model, datamodule=dm)
+    # the advice works: the log-normalised data of .raw train with a finite loss
+    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], layer="raw", batch_size=128)
+    fit = trainer(tmp_path)
+    fit.fit(classifier.CellTypeClassifier(label_key="bulk_labels"), datamodule=dm)
+    assert np.isfinite(float(fit.callback_metrics["train_loss"]))
+
+
+def test_classifier_label_key_that_is_not_batched_lists_the_columns(pbmc, tmp_path):
+    classifier = load_example("classifier")
+    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], layer="raw")
+    with pytest.raises(
+        ValueError,
+        match=r"label_key 'cell_type' is not a categorical obs field.*\['bulk_labels'\].*"
+        r"obs columns: \[.*'louvain'\]",
+    ):
+        trainer(tmp_path).fit(classifier.CellTypeClassifier(label_key="cell_type"), datamodule=dm)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({}, r"adata\.X has negative values"),
+        ({"layer": "raw"}, r"adata\.raw\.X has non-integer values \(e\.g\. [\d.]+; max 6\.49\)"),
+    ],
+    ids=["scaled_X", "log_normalised_raw"],
+)
+def test_vae_needs_counts_and_says_so(pbmc, tmp_path, kwargs, problem):
+    embedding = load_example("embedding")
+    dm = ta.AnnDataModule(pbmc, batch_size=128, **kwargs)
+    with pytest.raises(
+        ValueError,
+        match=r"CountVAE \(a count model\) needs non-negative integer counts, but "
+        + problem
+        + r".*None of the AnnData's other matrices .*layers\['counts'\] = adata\.X\.copy\(\)",
+    ):
+        trainer(tmp_path).fit(embedding.CountVAE(), datamodule=dm)
+
+
+def test_vae_check_suggests_a_counts_layer(pbmc):
+    counts = pbmc.raw.to_adata()
+    counts.layers["counts"] = sp.csr_matrix(np.round(np.expm1(counts.X.toarray())))
+    with pytest.raises(ValueError, match=r"These hold non-negative integer counts: layer='counts'"):
+        AnnDataset(counts).check_counts(needed_by="CountVAE")
+    AnnDataset(counts, layer="counts").check_counts(needed_by="CountVAE")  # passes
+
+
+def test_preprocess_on_scaled_data_names_raw_instead_of_a_scikit_learn_nan(pbmc):
+    match = (
+        r"preprocess\(\) .*needs non-negative values .*adata\.X has negative values.*"
+        r"preprocess\(adata\.raw\.to_adata\(\)\).*log1p=False"
+    )
+    with pytest.raises(ValueError, match=match):
+        preprocess(pbmc, n_pcs=20)
+    with pytest.raises(ValueError, match=match):
+        ta.AnnDataModule(pbmc, preprocess={"n_pcs": 20}).setup("fit")
+    done = preprocess(pbmc.raw.to_adata(), n_pcs=20)
+    assert done.obsm["X_pca"].shape == (700, 20) and np.isfinite(done.obsm["X_pca"]).all()
+
+
+def test_check_counts_on_tensors_and_sparse_batches():
+    ta.check_counts(torch.tensor([[0.0, 3.0], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"has 1 NaN or infinite values"):
+        ta.check_counts(torch.tensor([[0.0, float("nan")]]), integer=False)
+    with pytest.raises(ValueError, match=r"the data has non-integer values \(e\.g\. 0\.5"):
+        ta.check_counts(sp.csr_matrix(np.array([[0.0, 0.5]])))
+
+
+# --------------------------------------------------------------------------- adata.raw
+
+
+@pytest.mark.parametrize("how", ["memory", "path", "path_loaded", "backed", "view"])
+@pytest.mark.parametrize("kwargs", [{"use_raw": True}, {"layer": "raw"}])
+def test_raw_is_batched_with_its_own_genes(pbmc, pbmc_file, how, kwargs):
+    source = {
+        "memory": pbmc,
+        "path": pbmc_file,
+        "path_loaded": pbmc_file,
+        "backed": ad.read_h5ad(pbmc_file, backed="r") if how == "backed" else None,
+        "view": pbmc[100:300],
+    }[how]
+    dataset = AnnDataset(source, backed=how != "path_loaded", sparse=True, **kwargs)
+    ref = pbmc[100:300] if how == "view" else pbmc
+    rows = np.array([5, 0, 150, 42])
+    np.testing.assert_array_equal(ta.densify(dataset[rows]).numpy(), raw_rows(ref, rows))
+    assert list(dataset.var_names) == list(pbmc.raw.var_names)
+    assert dataset.n_vars == pbmc.raw.n_vars
+
+
+def test_raw_and_a_layer_are_exclusive_and_raw_must_exist(pbmc):
+    with pytest.raises(ValueError, match=r"Pass either layer='x' or use_raw=True"):
+        AnnDataset(pbmc, layer="x", use_raw=True)
+    del pbmc.raw
+    with pytest.raises(KeyError, match=r"The AnnData has no \.raw .*Its layers: none"):
+        AnnDataset(pbmc, use_raw=True)
+
+
+# --------------------------------------------------------------------------- obs NaN
+
+
+def test_float_obs_column_with_nan_follows_the_na_rule(pbmc):
+    pbmc.obs.loc[pbmc.obs_names[[3, 7]], "percent_mito"] = np.nan
+    with pytest.raises(
+        ValueError, match=r"obs column 'percent_mito' has 2 missing \(NaN\) values out of 700"
+    ):
+        AnnDataset(pbmc, obs_keys="percent_mito")
+    with pytest.raises(ValueError, match=r"'percent_mito' has 2 missing"):
+        ta.AnnDataModule(pbmc, obs_keys=["percent_mito"]).setup("fit")
+    values = AnnDataset(pbmc, obs_keys="percent_mito", na="code")[:]["percent_mito"]
+    assert torch.isnan(values[[3, 7]]).all() and not torch.isnan(values[:3]).any()

@@ -12,6 +12,7 @@ import warnings
 import anndata as ad
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -180,3 +181,102 @@ def test_float_obs_column_with_nan_follows_the_na_rule(pbmc):
         ta.AnnDataModule(pbmc, obs_keys=["percent_mito"]).setup("fit")
     values = AnnDataset(pbmc, obs_keys="percent_mito", na="code")[:]["percent_mito"]
     assert torch.isnan(values[[3, 7]]).all() and not torch.isnan(values[:3]).any()
+
+
+# --------------------------------------------------------------------------- time points
+
+DAYS = ["day 0", "day 2", "day 4", "day 10"]
+
+
+@pytest.fixture
+def krumsiek() -> ad.AnnData:
+    """scanpy's krumsiek11 time course with a time column of day labels (160 cells a day)."""
+    import scanpy as sc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = sc.datasets.krumsiek11()
+    adata.obs_names_make_unique()
+    adata.obs["day"] = np.repeat(DAYS, adata.n_obs // 4)
+    return adata
+
+
+def time_dataset(adata, **kwargs) -> ta.TimeResolvedAnnDataset:
+    return ta.TimeResolvedAnnDataset(adata, time_key="day", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda day: pd.Categorical(day, categories=DAYS, ordered=True),
+        lambda day: pd.Categorical(day),  # unordered: the labels are the times
+        lambda day: np.asarray(day, dtype=object),
+    ],
+    ids=["ordered_categorical", "categorical", "strings"],
+)
+def test_day_labels_become_their_days(krumsiek, make):
+    krumsiek.obs["day"] = make(krumsiek.obs["day"].to_numpy())
+    dataset = time_dataset(krumsiek)
+    assert dataset.time_points.tolist() == [0.0, 2.0, 4.0, 10.0]
+    rows = np.array([0, 200, 400, 639])
+    expected = [float(label.split()[1]) for label in krumsiek.obs["day"].to_numpy()[rows]]
+    assert dataset[rows]["t"].tolist() == expected
+    assert dataset[rows]["t_eval"].tolist() == [0.0, 2.0, 4.0, 10.0]
+
+
+def test_an_order_that_disagrees_with_the_labels_warns_and_the_days_win(krumsiek):
+    # `.cat.as_ordered()` on the labels orders them as strings: "day 10" before "day 2"
+    krumsiek.obs["day"] = krumsiek.obs["day"].astype("category").cat.as_ordered()
+    with pytest.warns(UserWarning, match=r"disagrees with the times in its labels.*time_ranks"):
+        dataset = time_dataset(krumsiek)
+    assert dataset.time_points.tolist() == [0.0, 2.0, 4.0, 10.0]
+
+
+def test_ranks_only_when_asked(krumsiek):
+    krumsiek.obs["day"] = pd.Categorical(krumsiek.obs["day"], categories=DAYS, ordered=True)
+    assert time_dataset(krumsiek, time_ranks=True).time_points.tolist() == [0.0, 1.0, 2.0, 3.0]
+    dm = ta.AnnDataModule(krumsiek, time_key="day", time_kwargs={"time_ranks": True})
+    dm.setup("fit")
+    assert dm.dataset.time_points.tolist() == [0.0, 1.0, 2.0, 3.0]
+    krumsiek.obs["day"] = krumsiek.obs["day"].astype(str)
+    with pytest.raises(TypeError, match=r"time_ranks=True needs obs column 'day' to be an ordered"):
+        time_dataset(krumsiek, time_ranks=True)
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [(["D0", "D2", "D4", "D10"], [0, 2, 4, 10]), (["0h", "12h", "24h", "48h"], [0, 12, 24, 48])],
+)
+def test_other_spellings_of_times(krumsiek, labels, expected):
+    krumsiek.obs["day"] = np.repeat(labels, krumsiek.n_obs // 4)
+    assert time_dataset(krumsiek).time_points.tolist() == expected
+
+
+def test_mixed_units_are_not_guessed(krumsiek):
+    krumsiek.obs["day"] = np.repeat(["12h", "1d", "2d", "36h"], krumsiek.n_obs // 4)
+    with pytest.raises(TypeError, match=r"'day' has values that are not times"):
+        time_dataset(krumsiek)
+
+
+def test_labels_that_are_not_times_get_advice_in_the_right_order(krumsiek):
+    # a label without a number: no guess, but the advice lists "day 2" before "day 10"
+    krumsiek.obs["day"] = np.repeat(["final", "day 10", "day 0", "day 2"], krumsiek.n_obs // 4)
+    with pytest.raises(
+        TypeError,
+        match=r"values that are not times.*categories=\['day 0', 'day 2', 'day 10', 'final'\], "
+        r"ordered=True",
+    ):
+        time_dataset(krumsiek)
+    krumsiek.obs["day"] = krumsiek.obs["day"].astype("category")
+    with pytest.raises(
+        TypeError,
+        match=r"no order.*reorder_categories\(\['day 0', 'day 2', 'day 10', 'final'\], ordered=True",
+    ):
+        time_dataset(krumsiek)
+    # an ordered categorical of words is its order
+    krumsiek.obs["day"] = pd.Categorical(
+        np.repeat(["early", "mid", "late", "end"], krumsiek.n_obs // 4),
+        categories=["early", "mid", "late", "end"],
+        ordered=True,
+    )
+    assert time_dataset(krumsiek).time_points.tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -280,3 +280,40 @@ def test_labels_that_are_not_times_get_advice_in_the_right_order(krumsiek):
         ordered=True,
     )
     assert time_dataset(krumsiek).time_points.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_stratified_split_keeps_its_size_and_warns_about_small_classes(pbmc):
+    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], stratify_key="bulk_labels")
+    with pytest.warns(
+        UserWarning,
+        match=r"'bulk_labels': 1 of 10 classes have fewer than the 10 cells a split of 0\.1 "
+        r"needs.*CD4\+/CD45RA\+/CD25- Naive T \(8\)",
+    ):
+        dm.setup("fit")
+    sizes = {name: len(dm.splits[name]) for name in ("train", "val", "test")}
+    assert sizes == {"train": 560, "val": 70, "test": 70}
+    labels = pbmc.obs["bulk_labels"].to_numpy()
+    val_share = pd.Series(labels[dm.splits["val"]]).value_counts()
+    assert val_share["Dendritic"] == 24 and val_share["CD14+ Monocyte"] == 13  # 10% of each
+
+
+def test_a_many_valued_column_keeps_the_split_sizes(pbmc):
+    # bulk label x louvain cluster: 80 classes, most of them small (the val split used to
+    # shrink from 70 cells to a dozen)
+    pbmc.obs["group"] = pbmc.obs["bulk_labels"].astype(str) + "/" + pbmc.obs["louvain"].astype(str)
+    with pytest.warns(UserWarning, match=r"'group': \d+ of \d+ classes have fewer than"):
+        splits = ta.splits.make_splits(pbmc.obs, stratify_key="group")
+    assert (len(splits["val"]), len(splits["test"])) == (70, 70)
+
+
+def test_a_continuous_column_cannot_be_stratified(pbmc):
+    dm = ta.AnnDataModule(pbmc, stratify_key="percent_mito")
+    with pytest.raises(
+        ValueError,
+        match=r"stratify_key 'percent_mito' cannot be stratified: it has 696 distinct values "
+        r"among 700 cells.*pd\.qcut\(adata\.obs\['percent_mito'\], 5\)",
+    ):
+        dm.setup("fit")

@@ -218,7 +218,7 @@ def test_x_false_with_nothing_else(adata):
 @pytest.mark.parametrize("kwargs", [{"layer": "counts"}, {"sparse": True}, {"use_raw": True}])
 def test_x_options_without_x(adata, kwargs):
     with pytest.raises(
-        ValueError, match=r"layer=, use_raw= and sparse= apply to the expression field"
+        ValueError, match=r"layer=, use_raw=, var_names= and sparse= apply to the expression field"
     ):
         AnnDataset(adata, X=False, obs_keys="size", **kwargs)
 

@@ -47,9 +47,9 @@ def raw_rows(adata: ad.AnnData, rows) -> np.ndarray:
     return (matrix[rows].toarray() if sp.issparse(matrix) else matrix[rows]).astype(np.float32)
 
 
-def trainer(tmp_path) -> pl.Trainer:
+def trainer(tmp_path, max_epochs: int = 1) -> pl.Trainer:
     return pl.Trainer(
-        max_epochs=1,
+        max_epochs=max_epochs,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -317,3 +317,98 @@ def test_a_continuous_column_cannot_be_stratified(pbmc):
         r"among 700 cells.*pd\.qcut\(adata\.obs\['percent_mito'\], 5\)",
     ):
         dm.setup("fit")
+
+
+# --------------------------------------------------------------------------- gene alignment
+
+
+@pytest.fixture
+def shuffled(pbmc, tmp_path) -> tuple[ad.AnnData, str]:
+    """pbmc68k_reduced with its genes (X and .raw) in another order, in memory and on disk."""
+    order = np.random.default_rng(0).permutation(pbmc.n_vars)
+    other = pbmc[:, order].copy()
+    other.raw = pbmc.raw.to_adata()[:, order].copy()
+    other.X = sp.csr_matrix(other.X)  # sparse on disk, to read CSR rows from the file
+    path = tmp_path / "shuffled.h5ad"
+    other.write_h5ad(path)
+    return other, str(path)
+
+
+@pytest.mark.parametrize("how", ["memory", "path", "path_loaded", "backed", "view"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_reordered_genes_are_put_back_in_the_reference_order(pbmc, shuffled, how, sparse):
+    other, path = shuffled
+    source = {
+        "memory": other,
+        "path": path,
+        "path_loaded": path,
+        "backed": ad.read_h5ad(path, backed="r") if how == "backed" else None,
+        "view": other[10:],
+    }[how]
+    dataset = AnnDataset(
+        source, var_names=pbmc.var_names, sparse=sparse, backed=how != "path_loaded"
+    )
+    assert list(dataset.var_names) == list(pbmc.var_names) and dataset.n_vars == pbmc.n_vars
+    rows = np.array([0, 7, 3, 200])
+    offset = 10 if how == "view" else 0
+    got = dataset[rows]
+    got = ta.densify(got) if sparse else got
+    np.testing.assert_allclose(got.numpy(), pbmc.X[rows + offset], rtol=1e-6)
+    assert dataset.gene_alignment.n_extra == 0 and len(dataset.gene_alignment.missing) == 0
+
+
+def test_reordered_raw_genes(pbmc, shuffled):
+    _, path = shuffled
+    dataset = AnnDataset(path, use_raw=True, var_names=pbmc.raw.var_names, sparse=True)
+    rows = np.array([4, 1, 650])
+    np.testing.assert_array_equal(ta.densify(dataset[rows]).numpy(), raw_rows(pbmc, rows))
+
+
+def test_a_gene_subset_raises_or_is_zero_filled_when_asked(pbmc, tmp_path):
+    keep = np.r_[0:300, 315:765]  # 15 genes missing
+    subset = pbmc[:, keep[::-1]].copy()  # and reversed
+    path = tmp_path / "subset.h5ad"
+    subset.write_h5ad(path)
+    with pytest.raises(
+        ValueError,
+        match=r"15 of the 765 genes the model was trained on are missing from the data "
+        r"\(e\.g\. \['.*'\]; 750 found\).*fill_missing=True",
+    ):
+        AnnDataset(path, var_names=pbmc.var_names)
+    with pytest.warns(UserWarning, match=r"15 of the 765 reference genes are missing"):
+        dataset = AnnDataset(path, var_names=pbmc.var_names, fill_missing=True)
+    assert list(dataset.gene_alignment.missing) == list(pbmc.var_names[300:315])
+    rows = np.array([5, 9])
+    got, want = dataset[rows].numpy(), pbmc.X[rows].copy()
+    want[:, 300:315] = 0
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_extra_genes_are_dropped_and_duplicates_refused(pbmc):
+    dataset = AnnDataset(pbmc, var_names=pbmc.var_names[::3])
+    assert dataset.gene_alignment.n_extra == pbmc.n_vars - len(pbmc.var_names[::3])
+    np.testing.assert_array_equal(dataset[[1]].numpy(), pbmc.X[[1]][:, ::3])
+    twice = pbmc.copy()
+    twice.var_names = [*pbmc.var_names[:-1], pbmc.var_names[0]]
+    with pytest.raises(ValueError, match=r"several columns for the genes \['HES4'\]"):
+        AnnDataset(twice, var_names=pbmc.var_names[:5])
+
+
+def test_a_model_predicts_the_same_on_reordered_genes_once_aligned(pbmc, shuffled, tmp_path):
+    classifier = load_example("classifier")
+    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], layer="raw", batch_size=128)
+    model = classifier.CellTypeClassifier(label_key="bulk_labels", lr=1e-2)
+    trainer(tmp_path, max_epochs=15).fit(model, datamodule=dm)
+    model.eval()
+    genes = dm.dataset.var_names  # what a checkpoint records
+    labels = torch.from_numpy(dm.dataset.encoders["bulk_labels"].encode(pbmc.obs["bulk_labels"]))
+    _, path = shuffled
+    with torch.no_grad():
+        reference = model(AnnDataset(pbmc, use_raw=True)[:])
+        aligned = model(AnnDataset(path, use_raw=True, var_names=genes)[:])
+        unaligned = model(AnnDataset(path, use_raw=True)[:])
+    torch.testing.assert_close(aligned, reference)
+    accuracy = (reference.argmax(1) == labels).float().mean()
+    assert accuracy > 0.7
+    # without alignment the same model silently lost most of its accuracy
+    assert (unaligned.argmax(1) == labels).float().mean() < accuracy - 0.3

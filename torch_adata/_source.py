@@ -200,12 +200,16 @@ class AnnDataSource:
 
     # -- readers ----------------------------------------------------------------------------
 
-    def matrix_reader(self, kind: str, key: str | None = None) -> RowReader:
+    def matrix_reader(
+        self, kind: str, key: str | None = None, columns: np.ndarray | None = None
+    ) -> RowReader:
         """A reader for ``X`` (kind ``"X"``), ``adata.raw.X`` (``"raw"``), a layer
         (``"layer"``) or an obsm entry (``"obsm"``).
 
         Raises a ``KeyError`` that lists the existing keys when ``key`` is unknown.
         obsm entries are read into memory once (they are small), also from a backed file.
+        ``columns`` selects and orders the columns of X, raw or a layer (positions among the
+        AnnData's variables, or the raw ones), e.g. to align genes.
         """
         if kind == "raw" and not self.has_raw:
             raise self.no_raw()
@@ -214,6 +218,8 @@ class AnnDataSource:
         if kind == "obsm" and key not in self.obsm_keys:
             raise _missing("obsm key", key, self.obsm_keys, "adata.obsm")
         cols = self._cols if kind in ("X", "layer") else None
+        if columns is not None and kind != "obsm":
+            cols = columns if cols is None else cols[columns]
         h5_key = {"X": "X", "raw": "raw/X", "layer": f"layers/{key}", "obsm": f"obsm/{key}"}[kind]
         if self.path is not None:  # opened from a path
             if h5_key not in self._encodings:
@@ -227,7 +233,7 @@ class AnnDataSource:
                     _read_matrix(self.path, h5_key, encoding, shape, self.engine),
                     kind,
                     key,
-                    None,
+                    cols,
                     self.engine,
                 )
             return backed_reader(self.path, h5_key, encoding, shape, cols, self.engine)

@@ -14,6 +14,7 @@ from ._counts import check_counts
 from ._fields import CategoryEncoder, MatrixField, ObsField
 from ._kernels import warm_up
 from ._source import AnnDataSource, FieldKeyError, Source
+from .genes import FilledReader, GeneAlignment, align_genes
 
 Batch = torch.Tensor | dict[str, Any]
 
@@ -32,6 +33,13 @@ class AnnDataset(Dataset):
     use_raw
         Batch ``adata.raw.X`` (as scanpy spells it; often the counts or log-normalised data
         kept before scaling), with ``adata.raw.var_names`` as the genes.
+    var_names
+        Genes to batch, in this order (e.g. those a model was trained on): the AnnData's
+        genes are matched by name (:func:`~torch_adata.genes.align_genes`), reordered, extra
+        ones dropped. The alignment is in :attr:`gene_alignment`.
+    fill_missing
+        With ``var_names``: fill genes the AnnData lacks with zeros (a warning gives their
+        number) instead of raising.
     obs_keys
         ``obs`` columns to add to each batch.
     obsm_keys
@@ -91,6 +99,8 @@ class AnnDataset(Dataset):
         *,
         layer: str | None = None,
         use_raw: bool = False,
+        var_names: Sequence[str] | None = None,
+        fill_missing: bool = False,
         obs_keys: Sequence[str] | str = (),
         obsm_keys: Sequence[str] | str = (),
         X: bool = True,
@@ -120,13 +130,24 @@ class AnnDataset(Dataset):
             )
         self.use_raw = bool(use_raw)
         self.layer = layer
+        self.gene_alignment: GeneAlignment | None = None
         if X:
             kind = "raw" if use_raw else "layer" if layer else "X"
-            reader = self.source.matrix_reader(kind, layer)
+            columns, n_cols = None, None
+            if var_names is not None:
+                data_genes = self.source.raw_var_names if use_raw else self.source.var_names
+                alignment = align_genes(var_names, data_genes, fill_missing=fill_missing)
+                self.gene_alignment = alignment
+                if not alignment.identity:
+                    columns, n_cols = alignment.columns, len(alignment.reference)
+            reader = self.source.matrix_reader(kind, layer, columns=columns)
+            if n_cols is not None and len(columns) < n_cols:
+                reader = FilledReader(reader, self.gene_alignment.targets, n_cols)
             self._add("X", MatrixField("X", reader, dtype, sparse))
-        elif layer is not None or sparse or use_raw:
+        elif layer is not None or sparse or use_raw or var_names is not None:
             raise ValueError(
-                "layer=, use_raw= and sparse= apply to the expression field; they need X=True."
+                "layer=, use_raw=, var_names= and sparse= apply to the expression field; they "
+                "need X=True."
             )
         encoders = dict(encoders or {})
         obs_dtypes = dict(obs_dtypes or {})
@@ -288,7 +309,10 @@ class AnnDataset(Dataset):
 
     @property
     def var_names(self):
-        """The genes' names, the columns of ``"X"`` (``adata.raw.var_names`` with ``use_raw``)."""
+        """The genes' names, the columns of ``"X"``: ``adata.var_names``,
+        ``adata.raw.var_names`` with ``use_raw``, or the ``var_names`` given."""
+        if self.gene_alignment is not None:
+            return self.gene_alignment.reference
         return self.source.raw_var_names if self.use_raw else self.source.var_names
 
     @property
@@ -308,6 +332,8 @@ class AnnDataset(Dataset):
     @property
     def n_vars(self) -> int:
         """Number of genes, the width of ``"X"``."""
+        if self.gene_alignment is not None:
+            return len(self.gene_alignment.reference)
         return len(self.source.raw_var_names) if self.use_raw else self.source.n_vars
 
     def __repr__(self) -> str:

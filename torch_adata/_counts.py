@@ -21,6 +21,7 @@ __all__ = ["check_counts"]
 
 _MAX_VALUES = 1_000_000  # values sampled by a check: enough to tell counts from the rest
 _ADVICE_ROWS = 256  # rows of each other matrix read to suggest one
+RAW_OPTION = "use_raw=True (or layer='raw')"
 
 
 def _values(data) -> np.ndarray:
@@ -69,7 +70,7 @@ def _candidates(
     rows = np.arange(n, dtype=np.int64)
     options = [(f"layer={key!r}", "layer", key) for key in source.layer_keys]
     if source.has_raw:
-        options.append(("use_raw=True", "raw", None))
+        options.append((RAW_OPTION, "raw", None))
     if skip != "X":
         options.append(("adata.X", "X", None))
     for option, kind, key in options:
@@ -113,8 +114,8 @@ def check_counts(
         The AnnData the data came from: its layers and ``.raw`` that pass the check are
         suggested in the message.
     current
-        The option that selected ``data`` (``"layer='scaled'"``, ``"use_raw=True"`` or
-        ``"X"``), left out of the suggestions.
+        The option that selected ``data`` (``"layer='scaled'"``, ``"adata.X"``, or
+        ``"use_raw=True (or layer='raw')"``), left out of the suggestions.
 
     Raises
     ------

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._counts import check_counts
+from ._counts import RAW_OPTION, check_counts
 from ._fields import CategoryEncoder, MatrixField, ObsField
 from ._kernels import warm_up
 from ._source import AnnDataSource, FieldKeyError, Source
@@ -262,17 +262,19 @@ class AnnDataset(Dataset):
             raise ValueError("check_counts: this dataset has no expression field (X=False).")
         rows = np.unique(np.linspace(0, len(self) - 1, min(n_rows, len(self))).astype(np.int64))
         sample = self.fields["X"].reader.dense(rows, np.dtype(np.float64))
-        current = "use_raw=True" if self.use_raw else f"layer={self.layer!r}" if self.layer else "X"
-        name = {"use_raw=True": "adata.raw.X", "X": "adata.X"}.get(
-            current, f"adata.layers[{self.layer!r}]"
-        )
+        if self.use_raw:
+            current, name = RAW_OPTION, "adata.raw.X"
+        elif self.layer:
+            current, name = f"layer={self.layer!r}", f"adata.layers[{self.layer!r}]"
+        else:
+            current, name = "adata.X", "adata.X"
         check_counts(
             sample,
             integer=integer,
             name=name,
             needed_by=needed_by,
             source=self.source,
-            current=current if current != "X" else "adata.X",
+            current=current,
         )
 
     # -- labels and introspection -----------------------------------------------------------

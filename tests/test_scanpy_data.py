@@ -412,3 +412,21 @@ def test_a_model_predicts_the_same_on_reordered_genes_once_aligned(pbmc, shuffle
     assert accuracy > 0.7
     # without alignment the same model silently lost most of its accuracy
     assert (unaligned.argmax(1) == labels).float().mean() < accuracy - 0.3
+
+
+def test_raw_and_zero_filled_genes_through_worker_processes(pbmc, tmp_path):
+    subset = pbmc.raw.to_adata()[:, ::-1][:, 10:].copy()  # reversed, 10 genes missing
+    subset.X = sp.csr_matrix(subset.X)
+    path = tmp_path / "raw_subset.h5ad"
+    subset.write_h5ad(path)
+    with pytest.warns(UserWarning, match=r"10 of the 765 reference genes are missing"):
+        dataset = AnnDataset(
+            path, var_names=pbmc.raw.var_names, fill_missing=True, sparse=True, obsm_keys=[]
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=100, num_workers=2, collate_fn=ta.collate, persistent_workers=False
+    )
+    got = torch.cat([ta.densify(batch) for batch in loader]).numpy()
+    want = raw_rows(pbmc, np.arange(pbmc.n_obs))
+    want[:, -10:] = 0  # the last genes of .raw were dropped from the reversed copy
+    np.testing.assert_array_equal(got, want)

@@ -22,9 +22,9 @@ __all__ = ["GeneAlignment", "align_genes"]
 
 
 class GeneAlignment:
-    """How the genes of some data map onto reference genes (see :func:`align_genes`).
+    """How the genes of some data map onto reference genes (made by :func:`align_genes`).
 
-    Attributes
+    Parameters
     ----------
     reference
         The reference genes, in the order batches give them.

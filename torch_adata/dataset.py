@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._counts import RAW_OPTION, check_counts
+from ._counts import RAW_OPTION, check_counts, reader_values
 from ._fields import CategoryEncoder, MatrixField, ObsField
 from ._kernels import warm_up
 from ._source import AnnDataSource, FieldKeyError, Source
@@ -245,8 +245,9 @@ class AnnDataset(Dataset):
     ) -> None:
         """Raise a clear error unless ``"X"`` holds non-negative (integer) counts.
 
-        Reads ``n_rows`` cells spread over the dataset. The message names the layers or
-        ``.raw`` of the AnnData that would pass (see :func:`~torch_adata.check_counts`).
+        Reads up to ``n_rows`` cells spread over the dataset (at most two million non-zero
+        values). The message names the layers or ``.raw`` of the AnnData that would pass
+        (see :func:`~torch_adata.check_counts`).
 
         Parameters
         ----------
@@ -261,7 +262,7 @@ class AnnDataset(Dataset):
         if "X" not in self.fields:
             raise ValueError("check_counts: this dataset has no expression field (X=False).")
         rows = np.unique(np.linspace(0, len(self) - 1, min(n_rows, len(self))).astype(np.int64))
-        sample = self.fields["X"].reader.dense(rows, np.dtype(np.float64))
+        sample = reader_values(self.fields["X"].reader, rows)  # the non-zeros, in pieces
         if self.use_raw:
             current, name = RAW_OPTION, "adata.raw.X"
         elif self.layer:

@@ -430,3 +430,13 @@ def test_raw_and_zero_filled_genes_through_worker_processes(pbmc, tmp_path):
     want = raw_rows(pbmc, np.arange(pbmc.n_obs))
     want[:, -10:] = 0  # the last genes of .raw were dropped from the reversed copy
     np.testing.assert_array_equal(got, want)
+
+
+def test_backed_obsm_is_read_once_into_memory(pbmc, pbmc_file):
+    dataset = AnnDataset(pbmc_file, obsm_keys=["X_pca"], obs_keys=["bulk_labels"])
+    assert "in memory" in dataset.fields["X_pca"].reader.describe()
+    assert "backed" in dataset.fields["X"].reader.describe()  # X itself stays on disk
+    rows = np.array([699, 3, 3, 250])
+    batch = dataset[rows]
+    np.testing.assert_array_equal(batch["X_pca"].numpy(), pbmc.obsm["X_pca"][rows])
+    np.testing.assert_array_equal(batch["X"].numpy(), pbmc.X[rows])

@@ -94,9 +94,22 @@ class CellTypeClassifier(pl.LightningModule):
                     "datamodule= to the trainer, or give n_genes and n_classes."
                 )
             dataset = self.trainer.datamodule.dataset
+            label_key = self.hparams.label_key
+            if label_key not in dataset.encoders:
+                raise ValueError(
+                    f"CellTypeClassifier: label_key {label_key!r} is not a categorical obs "
+                    f"field of the data module (its categorical fields: {list(dataset.encoders)}"
+                    f"; the AnnData's obs columns: {list(dataset.obs.columns)}). Set "
+                    "model.label_key to one of them and add it to data.obs_keys."
+                )
             self.hparams.n_genes = dataset.n_vars
-            self.hparams.n_classes = len(dataset.encoders[self.hparams.label_key])
+            self.hparams.n_classes = len(dataset.encoders[label_key])
             self._build()
+        if isinstance(self.trainer.datamodule, ta.AnnDataModule):
+            # log1p of negative (scaled) values is NaN: fail now, not after epochs of NaN loss
+            self.trainer.datamodule.dataset.check_counts(
+                integer=False, needed_by="CellTypeClassifier (log1p of its input)"
+            )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         return ta.densify(batch)  # sparse rows -> dense, on the device

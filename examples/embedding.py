@@ -92,6 +92,9 @@ class CountVAE(pl.LightningModule):
                 )
             self.hparams.n_genes = self.trainer.datamodule.dataset.n_vars
             self._build()
+        if isinstance(self.trainer.datamodule, ta.AnnDataModule):
+            # a count likelihood on scaled or log data fails deep in torch.distributions
+            self.trainer.datamodule.dataset.check_counts(needed_by="CountVAE (a count model)")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         return ta.densify(batch)  # sparse rows -> dense, on the device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -202,12 +203,14 @@ def test_writer_places_rows_in_anndata_order_and_checks_its_arguments(tmp_path):
         predict_with(wrong, ConstantPredictor(as_dict=True), tmp_path, dm)
 
 
-def test_writer_copies_a_backed_file(tmp_path):
+def test_writer_copies_a_backed_file_and_says_where(tmp_path, caplog):
     source = tmp_path / "cells.h5ad"
     ta.datasets.simulated(n_cells=120, n_genes=40).write_h5ad(source)
     dm = ta.AnnDataModule(source, backed=True, obs_keys=[LABEL], batch_size=50)
     out = tmp_path / "out.h5ad"
-    predict_with(AnnDataPredictionWriter(out, key="X_two"), ConstantPredictor(), tmp_path, dm)
+    with caplog.at_level(logging.INFO):
+        predict_with(AnnDataPredictionWriter(out, key="X_two"), ConstantPredictor(), tmp_path, dm)
+    assert f"torch-adata: predictions of 120 cells written to {out}" in caplog.text
     written, original = ad.read_h5ad(out), ad.read_h5ad(source)
     codes = dm.dataset.encoders[LABEL].encode(original.obs[LABEL])
     np.testing.assert_array_equal(written.obsm["X_two"][:, 0], codes)
@@ -232,3 +235,59 @@ def test_console_script_runs_in_a_subprocess(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=1` reached" in done.stderr + done.stdout
+
+
+def console_script() -> str:
+    """The torch-adata script installed beside this interpreter, else one on PATH."""
+    script = shutil.which("torch-adata", path=str(Path(sys.executable).parent)) or shutil.which(
+        "torch-adata"
+    )
+    if script is None:
+        pytest.skip("the torch-adata console script is not installed (pip install -e .)")
+    return script
+
+
+def test_version(capsys):
+    cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"torch-adata {ta.__version__}"
+    done = subprocess.run(
+        [console_script(), "--version"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"torch-adata {ta.__version__}"
+
+
+def test_console_script_without_jsonargparse_says_how_to_install_it(tmp_path):
+    # a core install: jsonargparse cannot be imported (a sitecustomize blocks it)
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['jsonargparse'] = None\n")
+    done = subprocess.run(
+        [console_script(), "fit", "--config", CLASSIFIER],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "torch-adata: the command line needs jsonargparse, from the `cli` extra" in done.stderr
+    assert "pip install 'torch-adata[cli]'" in done.stderr
+    # the Python API still imports and the class says the same
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch_adata.cli as c\ntry:\n    c.AnnDataCLI([])\n"
+            "except ModuleNotFoundError as e:\n    print(e)",
+        ],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "pip install 'torch-adata[cli]'" in check.stdout, check.stderr[-3000:]

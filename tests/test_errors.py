@@ -32,7 +32,11 @@ def dataset(adata):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"layer": "raw"}, r"Unknown layer 'raw'\. adata\.layers has: \['counts', 'scaled'\]"),
+        ({"layer": "count"}, r"Unknown layer 'count'\. adata\.layers has: \['counts', 'scaled'\]"),
+        (
+            {"layer": "raw"},
+            r"The AnnData has no \.raw .*Its layers: \['counts', 'scaled'\]; batch one with layer=",
+        ),
         (
             {"obs_keys": ["cell_type", "celltype"]},
             r"Unknown obs column 'celltype'\. adata\.obs has: \[.*'cell_type'.*'batch'\]",
@@ -42,7 +46,7 @@ def dataset(adata):
             r"Unknown obsm key 'X_umap'\. adata\.obsm has: \['X_pca', 'frame', 'sp'\]",
         ),
     ],
-    ids=["layer", "obs", "obsm"],
+    ids=["layer", "raw", "obs", "obsm"],
 )
 def test_unknown_keys_list_what_exists(adata, h5ad_files, kwargs, match, as_path):
     source = h5ad_files["csr"] if as_path else adata
@@ -52,8 +56,8 @@ def test_unknown_keys_list_what_exists(adata, h5ad_files, kwargs, match, as_path
 
 def test_key_error_message_is_readable(adata):
     with pytest.raises(KeyError) as info:
-        AnnDataset(adata, layer="raw")
-    assert str(info.value).startswith("Unknown layer 'raw'")  # not a quoted repr
+        AnnDataset(adata, layer="raww")
+    assert str(info.value).startswith("Unknown layer 'raww'")  # not a quoted repr
 
 
 def test_decode_of_a_field_that_is_not_categorical(dataset):
@@ -100,7 +104,8 @@ def test_non_numeric_obsm_in_a_file(adata, tmp_path):
     write_h5ad(bad, path)
     with pytest.raises(TypeError, match=r"obsm 'frame_str' is a DataFrame with non-numeric"):
         AnnDataset(path, obsm_keys="frame_str")
-    with pytest.raises(ValueError, match=r"obsm/strings has encoding 'string-array'; only dense"):
+    # obsm entries are read into memory once, and checked there
+    with pytest.raises(TypeError, match=r"obsm 'strings' has dtype object, which is not numeric"):
         AnnDataset(path, obsm_keys="strings")
     # entries that are not asked for do not matter
     assert AnnDataset(path, obsm_keys="X_pca")[[0]]["X_pca"].shape == (1, 3)
@@ -148,7 +153,9 @@ def test_obs_columns_that_cannot_become_tensors(adata, values, error, match):
 
 def test_float_nan_with_an_integer_override(adata):
     bad = with_obs(adata, "size", np.where(np.arange(N_OBS) < 2, np.nan, 1.0))
-    AnnDataset(bad, obs_keys="size")  # float NaN stays NaN in a float tensor
+    with pytest.raises(ValueError, match=r"'size' has 2 missing \(NaN\) values out of 37"):
+        AnnDataset(bad, obs_keys="size")
+    AnnDataset(bad, obs_keys="size", na="code")  # float NaN stays NaN in a float tensor
     with pytest.raises(ValueError, match=r"'size' has 2 missing values out of 37"):
         AnnDataset(bad, obs_keys="size", obs_dtypes={"size": torch.int64})
 
@@ -208,9 +215,11 @@ def test_x_false_with_nothing_else(adata):
         AnnDataset(adata, X=False)
 
 
-@pytest.mark.parametrize("kwargs", [{"layer": "counts"}, {"sparse": True}])
+@pytest.mark.parametrize("kwargs", [{"layer": "counts"}, {"sparse": True}, {"use_raw": True}])
 def test_x_options_without_x(adata, kwargs):
-    with pytest.raises(ValueError, match=r"layer= and sparse= apply to the expression field"):
+    with pytest.raises(
+        ValueError, match=r"layer=, use_raw=, var_names= and sparse= apply to the expression field"
+    ):
         AnnDataset(adata, X=False, obs_keys="size", **kwargs)
 
 

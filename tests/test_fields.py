@@ -24,7 +24,6 @@ from torch_adata._fields import ObsField, numpy_dtype
     [
         (np.array([1.25, -2.5]), None, torch.float32),
         (np.array([1.25, -2.5], dtype=np.float32), None, torch.float32),
-        (np.array([1.25, np.nan]), None, torch.float32),
         (np.array([3, 4], dtype=np.int64), None, torch.int64),
         (np.array([3, 4], dtype=np.int32), None, torch.int64),
         (np.array([3, 4], dtype=np.uint8), None, torch.int64),
@@ -47,8 +46,10 @@ def test_obs_column_dtypes(values, dtype, want):
     np.testing.assert_array_equal(got.double().numpy(), expected)
 
 
-def test_obs_float_keeps_its_nan():
-    field = ObsField.from_column("c", pd.Series([1.0, np.nan]))
+def test_obs_float_nan_follows_the_na_rule():
+    with pytest.raises(ValueError, match=r"'c' has 1 missing \(NaN\) values out of 2.*na='code'"):
+        ObsField.from_column("c", pd.Series([1.0, np.nan]))
+    field = ObsField.from_column("c", pd.Series([1.0, np.nan]), na="code")
     assert torch.isnan(field.take(np.array([1]))).all()
 
 

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from ._batch import SparseBatch, collate, densify
+from ._counts import check_counts
 from ._fields import CategoryEncoder, UnknownCategoryError
 from .dataset import AnnDataset
 
@@ -23,6 +24,7 @@ __all__ = [
     "SparseBatch",
     "TimeResolvedAnnDataset",
     "UnknownCategoryError",
+    "check_counts",
     "collate",
     "datasets",
     "densify",

@@ -261,7 +261,8 @@ class ObsField:
     ) -> ObsField:
         """Convert a column: numeric -> float32, integer -> int64, bool -> bool, labels -> codes.
 
-        ``dtype`` overrides the default for numeric and bool columns.
+        ``dtype`` overrides the default for numeric and bool columns. Missing values raise
+        unless ``na="code"``: labels then become code -1, floats stay NaN.
         """
         kind = _column_kind(name, column)
         if kind == "category":
@@ -280,6 +281,14 @@ class ObsField:
                 raise ValueError(
                     f"obs column {name!r} has {n} missing values out of {len(column)}; a "
                     f"{kind} column cannot hold them. Fill or drop those cells first."
+                )
+            if na == "raise":
+                raise ValueError(
+                    f"obs column {name!r} has {n} missing (NaN) values out of {len(column)}; "
+                    "they would reach the model as NaN. Fix: drop those cells "
+                    f"(`adata = adata[adata.obs[{name!r}].notna()]`), fill them "
+                    f"(`adata.obs[{name!r}] = adata.obs[{name!r}].fillna(0)`), or pass "
+                    "na='code' to keep them as NaN in the batch."
                 )
         default = {"float": torch.float32, "int": torch.int64, "bool": torch.bool}[kind]
         target = numpy_dtype(dtype or default)

@@ -108,6 +108,9 @@ class AnnDataSource:
         self._backed_path = str(self._root.filename) if self._root.isbacked else None
         self.layer_keys = list(self._root.layers.keys())
         self.obsm_keys = list(self._root.obsm.keys())
+        raw = self._root.raw
+        self.has_raw = raw is not None
+        self._raw_var_names = raw.var_names if raw is not None else None
 
     def _init_from_file(self, path: Path, load: bool) -> None:
         import h5py
@@ -120,12 +123,12 @@ class AnnDataSource:
             self._obs, self._var_names = None, None
             self.n_obs, self.n_vars = _frame_length(f["obs"]), _frame_length(f["var"])
             self._encodings = {}
-            for group in ("X", "layers", "obsm"):
+            for group in ("X", "raw/X", "layers", "obsm"):
                 if group not in f:
                     continue
-                items = [("X", f["X"])] if group == "X" else list(f[group].items())
+                items = [(group, f[group])] if group.endswith("X") else list(f[group].items())
                 for name, elem in items:
-                    key = "X" if group == "X" else f"{group}/{name}"
+                    key = name if group.endswith("X") else f"{group}/{name}"
                     enc = elem.attrs.get("encoding-type", "array")
                     # groups without a shape attribute (an obsm DataFrame) have no .shape
                     shape = (
@@ -137,6 +140,8 @@ class AnnDataSource:
                     self._encodings[key] = (str(enc), shape)
             self.layer_keys = list(f["layers"].keys()) if "layers" in f else []
             self.obsm_keys = list(f["obsm"].keys()) if "obsm" in f else []
+            self.has_raw = "raw/X" in f
+        self._raw_var_names = None  # read from raw/var when first asked for
         self._root, self._row_map, self._cols, self._backed_path = None, None, None, self.path
         if self.n_obs is None:  # a layout without an index array: read the tables now
             self.n_obs = len(self.obs)
@@ -167,6 +172,23 @@ class AnnDataSource:
             self._var_names = self._read_frame("var").index
         return self._var_names
 
+    @property
+    def raw_var_names(self) -> pd.Index:
+        """The genes of ``adata.raw`` (the columns of its ``X``)."""
+        if not self.has_raw:
+            raise self.no_raw()
+        if self._raw_var_names is None:
+            self._raw_var_names = self._read_frame("raw/var").index
+        return self._raw_var_names
+
+    def no_raw(self) -> FieldKeyError:
+        """The error for asking for ``adata.raw`` when there is none."""
+        return FieldKeyError(
+            "The AnnData has no .raw (adata.raw is None), so use_raw=True / layer='raw' has "
+            f"nothing to read. Its layers: {sorted(self.layer_keys) or 'none'}; batch one "
+            "with layer='<name>', or X (the default)."
+        )
+
     def __getstate__(self):
         state = self.__dict__.copy()
         if self.path is None and self._backed_path is not None:
@@ -178,43 +200,56 @@ class AnnDataSource:
 
     # -- readers ----------------------------------------------------------------------------
 
-    def matrix_reader(self, kind: str, key: str | None = None) -> RowReader:
-        """A reader for ``X`` (kind ``"X"``), a layer (``"layer"``) or an obsm entry (``"obsm"``).
+    def matrix_reader(
+        self, kind: str, key: str | None = None, columns: np.ndarray | None = None
+    ) -> RowReader:
+        """A reader for ``X`` (kind ``"X"``), ``adata.raw.X`` (``"raw"``), a layer
+        (``"layer"``) or an obsm entry (``"obsm"``).
 
         Raises a ``KeyError`` that lists the existing keys when ``key`` is unknown.
+        obsm entries are read into memory once (they are small), also from a backed file.
+        ``columns`` selects and orders the columns of X, raw or a layer (positions among the
+        AnnData's variables, or the raw ones), e.g. to align genes.
         """
+        if kind == "raw" and not self.has_raw:
+            raise self.no_raw()
         if kind == "layer" and key not in self.layer_keys:
             raise _missing("layer", key, self.layer_keys, "adata.layers")
         if kind == "obsm" and key not in self.obsm_keys:
             raise _missing("obsm key", key, self.obsm_keys, "adata.obsm")
         cols = self._cols if kind in ("X", "layer") else None
-        h5_key = {"X": "X", "layer": f"layers/{key}", "obsm": f"obsm/{key}"}[kind]
+        if columns is not None and kind != "obsm":
+            cols = columns if cols is None else cols[columns]
+        h5_key = {"X": "X", "raw": "raw/X", "layer": f"layers/{key}", "obsm": f"obsm/{key}"}[kind]
         if self.path is not None:  # opened from a path
             if h5_key not in self._encodings:
                 raise ValueError(f"'{self.path}' has no matrix X; nothing to batch.")
             encoding, shape = self._encodings[h5_key]
-            # a DataFrame is small: read it and check its columns as in memory. With
+            # obsm entries are small (a few to a few hundred columns): read once rather than
+            # from disk every batch, and a DataFrame's columns are checked as in memory. With
             # backed=False only the matrices batched are loaded, not the whole file.
-            if encoding == "dataframe" or self._load:
+            if kind == "obsm" or self._load:
                 return _memory_matrix_reader(
                     _read_matrix(self.path, h5_key, encoding, shape, self.engine),
                     kind,
                     key,
-                    None,
+                    cols,
                     self.engine,
                 )
             return backed_reader(self.path, h5_key, encoding, shape, cols, self.engine)
         root = self._root
-        if kind == "X" and root.isbacked:
+        if kind in ("X", "raw") and root.isbacked:
             import h5py
 
             with h5py.File(self._backed_path, "r") as f:
-                elem = f["X"]
+                elem = f[h5_key]
                 encoding = str(elem.attrs.get("encoding-type", "array"))
-            reader = backed_reader(self._backed_path, "X", encoding, root.shape, cols, self.engine)
+            shape = root.shape if kind == "X" else (root.n_obs, len(root.raw.var_names))
+            reader = backed_reader(self._backed_path, h5_key, encoding, shape, cols, self.engine)
         else:
             matrix = {
                 "X": lambda: root.X,
+                "raw": lambda: root.raw.X,
                 "layer": lambda: root.layers[key],
                 "obsm": lambda: root.obsm[key],
             }[kind]()

@@ -13,7 +13,9 @@ Class paths are resolved from the current directory too (the directory is put fi
 works from the repository root although ``examples/`` is not installed.
 
 ``predict`` writes the predictions back into the AnnData and saves an ``.h5ad`` when the trainer
-has an :class:`AnnDataPredictionWriter` callback (the example configs add one).
+has an :class:`AnnDataPredictionWriter` callback (the example configs add one); it logs where.
+``torch-adata --version`` prints the version. The command needs ``jsonargparse`` (the ``cli``
+extra); without it, it says how to install it.
 """
 
 from __future__ import annotations
@@ -30,9 +32,34 @@ import lightning.pytorch as pl
 import pandas as pd
 import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from .datamodule import AnnDataModule
+
+try:  # jsonargparse (the `cli` extra) is imported here when it is installed
+    from lightning.pytorch.cli import LightningCLI
+except ImportError:  # installed but not importable: the command says so (_missing_jsonargparse)
+    LightningCLI = object  # type: ignore[assignment,misc]
+
+
+def _missing_jsonargparse() -> str | None:
+    """Why the command line cannot run (jsonargparse missing or too old), or None."""
+    try:
+        import jsonargparse  # noqa: F401
+        from lightning.pytorch.cli import _JSONARGPARSE_SIGNATURES_AVAILABLE as available
+    except ImportError as err:
+        reason = f"jsonargparse cannot be imported ({err})"
+    else:
+        if available:
+            return None
+        reason = str(available)
+    return (
+        f"torch-adata: the command line needs jsonargparse, from the `cli` extra: {reason}. "
+        "Install it with `pip install 'torch-adata[cli]'` (or `pip install "
+        "'jsonargparse[signatures]>=4.27'`). The Python API (AnnDataset, AnnDataModule) works "
+        "without it."
+    )
+
 
 __all__ = ["AnnDataCLI", "AnnDataPredictionWriter", "check_class_path", "main", "run_cli"]
 
@@ -130,6 +157,7 @@ class AnnDataPredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         adata.write_h5ad(path)
         self.written_path = path
+        rank_zero_info(f"torch-adata: predictions of {adata.n_obs} cells written to {path}")
 
 
 class AnnDataCLI(LightningCLI):
@@ -152,6 +180,9 @@ class AnnDataCLI(LightningCLI):
     """
 
     def __init__(self, args: Sequence[str] | None = None, **kwargs: Any):
+        missing = _missing_jsonargparse()
+        if missing is not None:
+            raise ModuleNotFoundError(missing)
         kwargs.setdefault("model_class", pl.LightningModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("datamodule_class", AnnDataModule)
@@ -257,6 +288,9 @@ def run_cli(args: Sequence[str] | None = None) -> AnnDataCLI:
         The finished command, with its ``trainer``, ``model`` and ``datamodule``.
     """
     argv = sys.argv[1:] if args is None else list(args)
+    missing = _missing_jsonargparse()
+    if missing is not None:
+        raise SystemExit(missing)
     for path in _config_paths(argv):
         if not Path(path).is_file():
             raise SystemExit(
@@ -275,11 +309,19 @@ def run_cli(args: Sequence[str] | None = None) -> AnnDataCLI:
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``torch-adata`` console script: :func:`run_cli`, returning nothing.
 
+    ``torch-adata --version`` prints the version of torch_adata and exits.
+
     Parameters
     ----------
     args
         As for :func:`run_cli`.
     """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"torch-adata {__version__}")
+        return
     run_cli(args)
 
 

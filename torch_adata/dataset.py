@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ._counts import RAW_OPTION, check_counts, reader_values
 from ._fields import CategoryEncoder, MatrixField, ObsField
 from ._kernels import warm_up
 from ._source import AnnDataSource, FieldKeyError, Source
+from .genes import FilledReader, GeneAlignment, align_genes
 
 Batch = torch.Tensor | dict[str, Any]
 
@@ -27,6 +29,17 @@ class AnnDataset(Dataset):
         read through their parent, without copying the matrix) or a path to an ``.h5ad`` file.
     layer
         Batch ``adata.layers[layer]`` instead of ``adata.X`` (the batch key stays ``"X"``).
+        ``layer="raw"`` batches ``adata.raw.X`` when there is no layer named ``"raw"``.
+    use_raw
+        Batch ``adata.raw.X`` (as scanpy spells it; often the counts or log-normalised data
+        kept before scaling), with ``adata.raw.var_names`` as the genes.
+    var_names
+        Genes to batch, in this order (e.g. those a model was trained on): the AnnData's
+        genes are matched by name (:func:`~torch_adata.genes.align_genes`), reordered, extra
+        ones dropped. The alignment is in :attr:`gene_alignment`.
+    fill_missing
+        With ``var_names``: fill genes the AnnData lacks with zeros (a warning gives their
+        number) instead of raising.
     obs_keys
         ``obs`` columns to add to each batch.
     obsm_keys
@@ -43,8 +56,8 @@ class AnnDataset(Dataset):
         Category encoders to reuse (for example ``other_dataset.encoders``), keyed by obs column;
         columns without one get an encoder fitted on the whole column.
     na
-        What a missing value in a categorical column does: ``"raise"`` (default) or ``"code"``
-        (encoded as -1).
+        What a missing value in an obs column does: ``"raise"`` (default, naming the column,
+        the count and the fixes) or ``"code"`` (a label is encoded as -1, a float stays NaN).
     sparse
         Return the expression field as a :class:`~torch_adata.SparseBatch` (CSR tensors that
         cross worker processes) to densify on the target device with
@@ -85,6 +98,9 @@ class AnnDataset(Dataset):
         adata: Source,
         *,
         layer: str | None = None,
+        use_raw: bool = False,
+        var_names: Sequence[str] | None = None,
+        fill_missing: bool = False,
         obs_keys: Sequence[str] | str = (),
         obsm_keys: Sequence[str] | str = (),
         X: bool = True,
@@ -106,11 +122,33 @@ class AnnDataset(Dataset):
         obs_keys = [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
         obsm_keys = [obsm_keys] if isinstance(obsm_keys, str) else list(obsm_keys)
         self.fields: dict[str, MatrixField | ObsField] = {}
+        if layer == "raw" and "raw" not in self.source.layer_keys:
+            layer, use_raw = None, True
+        if use_raw and layer is not None:
+            raise ValueError(
+                f"Pass either layer={layer!r} or use_raw=True: both name the matrix to batch."
+            )
+        self.use_raw = bool(use_raw)
+        self.layer = layer
+        self.gene_alignment: GeneAlignment | None = None
         if X:
-            reader = self.source.matrix_reader("layer" if layer else "X", layer)
+            kind = "raw" if use_raw else "layer" if layer else "X"
+            columns, n_cols = None, None
+            if var_names is not None:
+                data_genes = self.source.raw_var_names if use_raw else self.source.var_names
+                alignment = align_genes(var_names, data_genes, fill_missing=fill_missing)
+                self.gene_alignment = alignment
+                if not alignment.identity:
+                    columns, n_cols = alignment.columns, len(alignment.reference)
+            reader = self.source.matrix_reader(kind, layer, columns=columns)
+            if n_cols is not None and len(columns) < n_cols:
+                reader = FilledReader(reader, self.gene_alignment.targets, n_cols)
             self._add("X", MatrixField("X", reader, dtype, sparse))
-        elif layer is not None or sparse:
-            raise ValueError("layer= and sparse= apply to the expression field; they need X=True.")
+        elif layer is not None or sparse or use_raw or var_names is not None:
+            raise ValueError(
+                "layer=, use_raw=, var_names= and sparse= apply to the expression field; they "
+                "need X=True."
+            )
         encoders = dict(encoders or {})
         obs_dtypes = dict(obs_dtypes or {})
         for key in obs_keys:
@@ -202,6 +240,44 @@ class AnnDataset(Dataset):
     def _rows(self, index) -> np.ndarray:
         return positions(index, len(self))
 
+    def check_counts(
+        self, *, integer: bool = True, needed_by: str = "This model", n_rows: int = 2000
+    ) -> None:
+        """Raise a clear error unless ``"X"`` holds non-negative (integer) counts.
+
+        Reads up to ``n_rows`` cells spread over the dataset (at most two million non-zero
+        values). The message names the layers or ``.raw`` of the AnnData that would pass
+        (see :func:`~torch_adata.check_counts`).
+
+        Parameters
+        ----------
+        integer
+            Require whole numbers (a count likelihood); ``False`` only requires finite
+            non-negative values (before ``log1p``).
+        needed_by
+            Who needs counts, for the message.
+        n_rows
+            Number of cells read for the check.
+        """
+        if "X" not in self.fields:
+            raise ValueError("check_counts: this dataset has no expression field (X=False).")
+        rows = np.unique(np.linspace(0, len(self) - 1, min(n_rows, len(self))).astype(np.int64))
+        sample = reader_values(self.fields["X"].reader, rows)  # the non-zeros, in pieces
+        if self.use_raw:
+            current, name = RAW_OPTION, "adata.raw.X"
+        elif self.layer:
+            current, name = f"layer={self.layer!r}", f"adata.layers[{self.layer!r}]"
+        else:
+            current, name = "adata.X", "adata.X"
+        check_counts(
+            sample,
+            integer=integer,
+            name=name,
+            needed_by=needed_by,
+            source=self.source,
+            current=current,
+        )
+
     # -- labels and introspection -----------------------------------------------------------
 
     @property
@@ -236,8 +312,11 @@ class AnnDataset(Dataset):
 
     @property
     def var_names(self):
-        """The genes' names (``adata.var_names``), the columns of ``"X"``."""
-        return self.source.var_names
+        """The genes' names, the columns of ``"X"``: ``adata.var_names``,
+        ``adata.raw.var_names`` with ``use_raw``, or the ``var_names`` given."""
+        if self.gene_alignment is not None:
+            return self.gene_alignment.reference
+        return self.source.raw_var_names if self.use_raw else self.source.var_names
 
     @property
     def obs(self):
@@ -256,7 +335,9 @@ class AnnDataset(Dataset):
     @property
     def n_vars(self) -> int:
         """Number of genes, the width of ``"X"``."""
-        return self.source.n_vars
+        if self.gene_alignment is not None:
+            return len(self.gene_alignment.reference)
+        return len(self.source.raw_var_names) if self.use_raw else self.source.n_vars
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} of {len(self)} cells"]

@@ -8,6 +8,7 @@ with the one a resumed run would draw. Splits are sorted int64 arrays of AnnData
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -36,18 +37,72 @@ def _random_split(rows: np.ndarray, n_val: int, n_test: int, rng: np.random.Gene
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
 
 
-def _stratified_split(rows, labels, val_size, test_size, rng):
-    """Split each class separately with the same fractions (largest-remainder rounding)."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in SPLIT_NAMES}
+def _largest_remainder(total: int, quotas: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """Whole numbers summing to ``total`` (if the caps allow), each near its quota and at most
+    its cap: floors first, then one more for the largest fractional parts."""
+    counts = np.minimum(np.floor(quotas).astype(np.int64), caps)
+    order = np.argsort(-(quotas - np.floor(quotas)), kind="stable")
+    left = total - int(counts.sum())
+    while left > 0:
+        grown = False
+        for c in order:
+            if left > 0 and counts[c] < caps[c]:
+                counts[c] += 1
+                left -= 1
+                grown = True
+        if not grown:
+            break
+    return counts
+
+
+def _stratified_split(rows, labels, val_size, test_size, rng, key: str = "column"):
+    """Split each class separately with the same fractions.
+
+    The split sizes are those of an unstratified split (``round(val_size * n)``), shared out
+    between classes by largest remainder, so no split shrinks when classes are small. A column
+    whose classes are mostly too small to be shared (a continuous one) raises; a few small
+    classes warn, with the numbers.
+    """
+    if not (isinstance(val_size, float) and isinstance(test_size, float)):
+        raise TypeError("stratified splits take val_size and test_size as fractions.")
+    n = len(rows)
     codes, uniques = pd.factorize(labels, use_na_sentinel=False)
+    sizes = np.bincount(codes, minlength=len(uniques)).astype(np.int64)
+    fractions = [f for f in (val_size, test_size) if f > 0]
+    if fractions:
+        need = int(np.ceil(1.0 / min(fractions) - 1e-9))  # cells for one in the smallest split
+        small = sizes < need
+        in_small = int(sizes[small].sum())
+        if in_small > n / 2:
+            raise ValueError(
+                f"stratify_key {key!r} cannot be stratified: it has {len(uniques)} distinct "
+                f"values among {n} cells, and {int(small.sum())} of them (holding {in_small} "
+                f"cells) have fewer than the {need} cells a split of "
+                f"{min(fractions):g} needs to get one. It looks continuous or too fine: "
+                "stratify on a categorical column, or bin this one first, e.g. "
+                f"`adata.obs['{key}_bins'] = pd.qcut(adata.obs[{key!r}], 5)`."
+            )
+        if small.any():
+            shown = ", ".join(
+                f"{uniques[c]!s} ({sizes[c]})"
+                for c in np.flatnonzero(small)[np.argsort(sizes[small])][:10]
+            )
+            warnings.warn(
+                f"stratify_key {key!r}: {int(small.sum())} of {len(uniques)} classes have "
+                f"fewer than the {need} cells a split of {min(fractions):g} needs to hold one "
+                f"in proportion: {shown}. Their cells go to train, val and test by rounding "
+                "(the split sizes are kept), so those classes may miss from val or test.",
+                UserWarning,
+                stacklevel=3,
+            )
+    n_val = _count(val_size, n, "val_size")
+    n_test = _count(test_size, n, "test_size")
+    val_counts = _largest_remainder(n_val, sizes * val_size, sizes)
+    test_counts = _largest_remainder(n_test, sizes * test_size, sizes - val_counts)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in SPLIT_NAMES}
     for c in range(len(uniques)):
         members = rows[codes == c]
-        m = len(members)
-        n_val = _count(val_size, m, "val_size") if isinstance(val_size, float) else None
-        n_test = _count(test_size, m, "test_size") if isinstance(test_size, float) else None
-        if n_val is None or n_test is None:
-            raise TypeError("stratified splits take val_size and test_size as fractions.")
-        train, val, test = _random_split(members, n_val, n_test, rng)
+        train, val, test = _random_split(members, int(val_counts[c]), int(test_counts[c]), rng)
         for name, part in zip(SPLIT_NAMES, (train, val, test), strict=True):
             parts[name].append(part)
     return tuple(
@@ -94,7 +149,9 @@ def make_splits(
     val_size, test_size
         Fractions of the cells that are not held out (float in [0, 1)) or numbers of cells.
     stratify_key
-        obs column whose class proportions every split keeps (fractions only).
+        obs column whose class proportions every split keeps (fractions only). The split
+        sizes are those without stratification. A column whose classes are mostly smaller
+        than a split needs (continuous, or too fine) raises; a few such classes warn.
     holdout
         ``{obs column: values}``: cells with any of these values go to ``holdout_split``
         entirely (a time point, a well, a donor), before the random split of the rest.
@@ -128,7 +185,9 @@ def make_splits(
                     f"stratify_key {stratify_key!r} is not in obs; obs has: {list(obs.columns)}."
                 )
             labels = obs[stratify_key].to_numpy()[rows]
-            train, val, test = _stratified_split(rows, labels, val_size, test_size, rng)
+            train, val, test = _stratified_split(
+                rows, labels, val_size, test_size, rng, stratify_key
+            )
         else:
             n_val = _count(val_size, len(rows), "val_size")
             n_test = _count(test_size, len(rows), "test_size")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -18,33 +19,95 @@ from .dataset import AnnDataset
 Mode = Literal["populations", "initial", "lineage"]
 
 
-def _time_values(column: pd.Series, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell float time values and the sorted distinct time points of an obs column."""
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        parsed = pd.to_numeric(pd.Series(column.cat.categories), errors="coerce")
-        if parsed.isna().any():
-            if not column.cat.ordered:
-                raise TypeError(
-                    f"obs column {key!r} is categorical with non-numeric labels "
-                    f"{list(column.cat.categories[:5])} and no order. Make it numeric "
-                    "(e.g. days) or an ordered categorical (`.cat.as_ordered()`)."
+# one number in a label, with the same words around it in every label: "day 2", "D10", "12h"
+_TIME_LABEL = re.compile(r"^\s*([^\d\s+.-]*?)\s*([-+]?\d+(?:\.\d*)?|[-+]?\.\d+)\s*([^\d\s]*?)\s*$")
+
+
+def _parse_times(labels) -> np.ndarray | None:
+    """The numbers in labels such as ``"day 2"``, ``"D10"`` or ``"12h"``, or None when that is
+    ambiguous: a label without exactly one number, different words around the numbers (``"12h"``
+    next to ``"2d"``), or two labels with the same number."""
+    values, units = [], set()
+    for label in labels:
+        match = _TIME_LABEL.match(str(label))
+        if match is None:
+            return None
+        values.append(float(match[2]))
+        units.add((match[1].lower(), match[3].lower()))
+    if len(units) > 1 or len(set(values)) != len(values):
+        return None
+    return np.asarray(values, dtype=np.float64)
+
+
+def _natural_order(labels) -> list:
+    """Labels sorted with their numbers compared as numbers ("day 2" before "day 10")."""
+
+    def key(label):
+        parts = re.split(r"(\d+(?:\.\d+)?)", str(label))
+        return [(0, float(p), "") if i % 2 else (1, 0.0, p.lower()) for i, p in enumerate(parts)]
+
+    return sorted(labels, key=key)
+
+
+def _time_values(column: pd.Series, key: str, ranks: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell float time values and the sorted distinct time points of an obs column.
+
+    Numbers are used as they are; labels with one number each and the same unit (``"day 2"``,
+    ``"D10"``, ``"12h"``) become that number, categorical or not; an ordered categorical whose
+    labels do not parse (or any, with ``ranks``) becomes its category ranks 0, 1, 2...
+    """
+    categorical = isinstance(column.dtype, pd.CategoricalDtype)
+    if ranks:
+        if not (categorical and column.cat.ordered):
+            raise TypeError(
+                f"time_ranks=True needs obs column {key!r} to be an ordered categorical (the "
+                f"order is the time); it is {column.dtype}. Drop time_ranks to use its values."
+            )
+        values = column.cat.codes.to_numpy().astype(np.float64)
+        values[column.isna().to_numpy()] = np.nan
+    elif categorical:
+        categories = column.cat.categories
+        parsed = _parse_times(categories)
+        if parsed is not None:
+            codes = column.cat.codes.to_numpy()
+            values = np.where(codes < 0, np.nan, parsed[np.maximum(codes, 0)])
+            if column.cat.ordered and (np.diff(parsed) <= 0).any():
+                warnings.warn(
+                    f"obs column {key!r} is an ordered categorical whose order "
+                    f"{list(categories)} disagrees with the times in its labels "
+                    f"{parsed.tolist()}; the times are used. Pass time_ranks=True to use the "
+                    "order (as evenly spaced ranks) instead.",
+                    UserWarning,
+                    stacklevel=3,
                 )
+        elif column.cat.ordered:
             values = column.cat.codes.to_numpy().astype(np.float64)  # order = time
             values[column.isna().to_numpy()] = np.nan
         else:
-            values = column.astype(object).map(float).to_numpy(dtype=np.float64)
+            order = _natural_order(categories)
+            raise TypeError(
+                f"obs column {key!r} is categorical with labels that are not times "
+                f"{list(categories[:5])} and no order. Make it numeric (e.g. days), or give "
+                f"its order: `adata.obs[{key!r}] = adata.obs[{key!r}].cat.reorder_categories("
+                f"{order[:10]}{'...' if len(order) > 10 else ''}, ordered=True)` (the "
+                "categories, in time order; time points then count as evenly spaced)."
+            )
     elif pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column):
         values = column.to_numpy(dtype=np.float64, na_value=np.nan)
     else:
-        parsed = pd.to_numeric(column, errors="coerce")
-        bad = parsed.isna() & column.notna()
-        if bad.any():
+        labels = pd.unique(column.dropna())
+        parsed = _parse_times(labels)
+        if parsed is None:
+            order = _natural_order(pd.unique(column.dropna().astype(str)))
             raise TypeError(
-                f"obs column {key!r} has values that are not times: "
-                f"{list(pd.unique(column[bad].astype(str))[:5])}. Use numbers (e.g. days), "
-                "strings that parse as numbers, or an ordered categorical."
+                f"obs column {key!r} has values that are not times: {order[:5]}. Use numbers "
+                "(e.g. days), labels with one number and the same unit each ('day 2', 'D10', "
+                "'12h'), or an ordered categorical in time order: "
+                f"`adata.obs[{key!r}] = pd.Categorical(adata.obs[{key!r}], categories="
+                f"{order[:10]}{'...' if len(order) > 10 else ''}, ordered=True)`."
             )
-        values = parsed.to_numpy(dtype=np.float64)
+        lookup = dict(zip(labels, parsed, strict=True))
+        values = column.map(lookup).to_numpy(dtype=np.float64, na_value=np.nan)
     nan = np.isnan(values)
     if nan.any():
         raise ValueError(
@@ -132,8 +195,10 @@ class TimeResolvedAnnDataset(AnnDataset):
     adata
         AnnData (in memory, backed, or a view) or a path to an ``.h5ad`` file.
     time_key
-        obs column with the time of each cell: numbers, strings that parse as numbers, or an
-        ordered categorical (then the category order is the time, 0, 1, 2...).
+        obs column with the time of each cell: numbers; labels with one number each and the
+        same unit (``"day 2"``, ``"D10"``, ``"12h"``; categorical or strings), which become
+        that number; or an ordered categorical whose labels are not times (then the category
+        order is the time, 0, 1, 2...).
     mode
         The default sampling mode (see above).
     clone_key
@@ -149,6 +214,9 @@ class TimeResolvedAnnDataset(AnnDataset):
         there are any. Either way their ids are in :attr:`single_time_clones`.
     start_time
         The start time point of ``mode="initial"`` (default: the earliest).
+    time_ranks
+        Use the category order of an ordered categorical ``time_key`` as evenly spaced time
+        points 0, 1, 2... even when its labels hold times.
     **kwargs
         Fields and options of :class:`~torch_adata.AnnDataset` (``layer``, ``obs_keys``,
         ``obsm_keys``, ``X``, ``dtype``, ``sparse``, ``backed``, ...).
@@ -182,6 +250,7 @@ class TimeResolvedAnnDataset(AnnDataset):
         multi_clone: Literal["raise", "drop", "first"] = "raise",
         drop_single_time_clones: bool | None = None,
         start_time: float | None = None,
+        time_ranks: bool = False,
         **kwargs,
     ):
         super().__init__(adata, **kwargs)
@@ -194,7 +263,7 @@ class TimeResolvedAnnDataset(AnnDataset):
             raise ValueError(f"mode must be 'populations', 'initial' or 'lineage', got {mode!r}.")
         self.time_key = time_key
         self.mode = mode
-        values, self.time_points = _time_values(obs[time_key], time_key)
+        values, self.time_points = _time_values(obs[time_key], time_key, time_ranks)
         self.time_index = np.searchsorted(self.time_points, values).astype(np.int64)
         self._t = values.astype(np.float32)
         self.start_time = self.time_points[0] if start_time is None else float(start_time)

@@ -33,6 +33,8 @@ def preprocess(
 
     1. ``log1p`` of ``X`` unless it already looks log-transformed (``uns["log1p"]`` is set, or
        ``X`` is non-integer with maximum <= 20). Pass ``log1p=False`` to skip it outright.
+       Unless ``log1p=False``, ``X`` must be non-negative (counts or log-normalised data, not
+       scaled data): otherwise a ``ValueError`` names the layers or ``.raw`` that are.
     2. The ``n_top_genes`` most variable genes (``scanpy.pp.highly_variable_genes``, flavour
        ``"seurat"``), flagged in ``var["highly_variable"]``. All genes are kept in ``X``.
     3. On those genes only: standard scaling to zero mean and unit variance per gene (if
@@ -73,7 +75,8 @@ def preprocess(
     ImportError
         If scanpy is not installed (``pip install torch-adata[examples]``).
     ValueError
-        For backed AnnData or an impossible ``n_pcs``.
+        For backed AnnData, an impossible ``n_pcs``, or negative/NaN values in ``X`` with
+        ``log1p=True``.
     """
     try:
         import scanpy as sc
@@ -88,6 +91,24 @@ def preprocess(
     if copy:
         adata = adata.copy()
 
+    if log1p:
+        from .._counts import check_counts
+
+        try:
+            check_counts(
+                adata.X,
+                integer=False,
+                name="adata.X",
+                needed_by="preprocess() (log1p, variable genes)",
+                source=adata,
+                current="adata.X",
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"{err} For AnnData from .raw: `preprocess(adata.raw.to_adata())`. If X is "
+                "transformed on purpose, pass log1p=False (in AnnDataModule: "
+                "preprocess={..., 'log1p': False})."
+            ) from None
     applied_log1p = log1p and not _looks_log_transformed(adata)
     if applied_log1p:
         sc.pp.log1p(adata)

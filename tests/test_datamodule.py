@@ -478,8 +478,9 @@ def test_registry_name_source():
     )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    # 480 train cells in near-equal batches of at most 64: 8 batches of 60
-    assert batch["X"].shape == (60, 50)
+    # 480 train cells in batches of 64: 7 of 64 and a last one of 32
+    assert batch["X"].shape == (64, 50)
+    assert [len(b["X"]) for b in dm.train_dataloader()] == [64] * 7 + [32]
     assert dm.adata.n_obs == len(dm.dataset)
 
 

@@ -127,10 +127,10 @@ class AnnDataModule(pl.LightningDataModule):
 
     Notes
     -----
-    Distributed training: every sampler is a ``DistributedSampler`` (Lightning keeps it). Each
-    epoch, every cell of the train split is seen exactly once across ranks, and every rank gets
-    the same number of batches: batches are cut a little smaller rather than padded with repeats
-    (``drop_last=True`` drops the remainder instead, for fixed batch sizes).
+    Batches have ``batch_size`` cells, except the last of an epoch (of each rank under DDP),
+    unless ``drop_last``. Distributed training: every sampler is a ``DistributedSampler``
+    (Lightning keeps it), and every rank gets the same number of batches; the exact rule,
+    including the rare case where a few cells repeat, is in :mod:`torch_adata.samplers`.
     """
 
     def __init__(

@@ -162,9 +162,8 @@ def run(
     dm = ta.AnnDataModule(
         "simulated",
         load_kwargs={"n_cells": n_cells, "n_genes": n_genes, "seed": seed},
-        obs_keys=[LABEL],
-        sparse=True,
-        stratify_key=LABEL,
+        fields=ta.Fields(obs_keys=[LABEL], sparse=True),
+        split=ta.Split(val_size=0.1, test_size=0.1, stratify_key=LABEL),
         batch_size=128,
         seed=seed,
     )

@@ -60,7 +60,7 @@ class CountVAE(pl.LightningModule):
 
     Notes
     -----
-    Batches must hold raw (integer) counts: ``AnnDataModule(layer="counts")``. Predictions are
+    Batches must hold raw (integer) counts: ``AnnDataModule(fields=Fields(layer="counts"))``. Predictions are
     the latent means, ``(cells, n_latent)``.
     """
 
@@ -181,9 +181,8 @@ def run(
     dm = ta.AnnDataModule(
         "simulated",
         load_kwargs={"n_cells": n_cells, "n_genes": n_genes, "seed": seed},
-        layer="counts",
-        sparse=True,
-        stratify_key=LABEL,
+        fields=ta.Fields(layer="counts", sparse=True),
+        split=ta.Split(val_size=0.1, test_size=0.1, stratify_key=LABEL),
         batch_size=128,
         seed=seed,
     )

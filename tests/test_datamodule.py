@@ -13,10 +13,16 @@ import torch
 from torch_adata import (
     AnnDataModule,
     CategoryEncoder,
+    Fields,
+    Loader,
+    Split,
     TimeResolvedAnnDataset,
+    TimeSampling,
     UnknownCategoryError,
 )
 from torch_adata.splits import fingerprint, make_splits
+
+TENTHS = Split(val_size=0.1, test_size=0.1)  # validation and test splits of 10% each
 
 
 @pytest.fixture
@@ -42,7 +48,13 @@ def _rows_of(loader):
 
 
 def test_split_loaders_cover_their_split_once(adata):
-    dm = AnnDataModule(adata, return_index=True, batch_size=32, seed=5)
+    dm = AnnDataModule(
+        adata,
+        fields=Fields(return_index=True),
+        split=TENTHS,
+        batch_size=32,
+        seed=5,
+    )
     dm.setup("fit")
     expected = make_splits(adata.obs, seed=5)
     for name in ("train", "val", "test", "predict"):
@@ -59,9 +71,8 @@ def test_split_loaders_cover_their_split_once(adata):
 def test_batch_values_match_anndata(adata):
     dm = AnnDataModule(
         adata,
-        obs_keys=["Cell type annotation"],
-        obsm_keys=["X_pca"],
-        return_index=True,
+        fields=Fields(obs_keys=["Cell type annotation"], obsm_keys=["X_pca"], return_index=True),
+        split=TENTHS,
         batch_size=50,
     )
     dm.setup()
@@ -75,7 +86,9 @@ def test_batch_values_match_anndata(adata):
 
 def test_never_mutates_the_users_anndata(adata):
     before = adata.copy()
-    dm = AnnDataModule(adata, obs_keys=["Cell type annotation"], stratify_key="Well")
+    dm = AnnDataModule(
+        adata, fields=Fields(obs_keys=["Cell type annotation"]), split=Split(stratify_key="Well")
+    )
     dm.setup()
     for _ in dm.train_dataloader():
         pass
@@ -89,7 +102,14 @@ def test_path_sources_backed_and_in_memory(adata, tmp_path):
     adata.write_h5ad(path)
     batches = []
     for backed in (True, False):
-        dm = AnnDataModule(str(path), backed=backed, return_index=True, batch_size=64, seed=1)
+        dm = AnnDataModule(
+            str(path),
+            fields=Fields(return_index=True),
+            split=TENTHS,
+            batch_size=64,
+            seed=1,
+            backed=backed,
+        )
         dm.setup()
         batches.append(next(iter(dm.train_dataloader())))
     for key in ("X", "index"):
@@ -97,10 +117,10 @@ def test_path_sources_backed_and_in_memory(adata, tmp_path):
 
 
 def test_state_dict_restores_the_split(adata):
-    dm = AnnDataModule(adata, seed=1)
+    dm = AnnDataModule(adata, split=TENTHS, seed=1)
     dm.setup()
     state = dm.state_dict()
-    other = AnnDataModule(adata, seed=2)
+    other = AnnDataModule(adata, split=TENTHS, seed=2)
     other.setup()
     assert not np.array_equal(other.splits["train"], dm.splits["train"])
     other.load_state_dict(state)
@@ -138,12 +158,14 @@ def _trainer(tmp_path, **kw):
 
 
 def test_checkpoint_resume_sees_the_same_split(adata, tmp_path):
-    dm = AnnDataModule(adata, seed=11, batch_size=64)
+    dm = AnnDataModule(adata, split=TENTHS, batch_size=64, seed=11)
     trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     trainer.fit(_Linear(), datamodule=dm)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
-    resumed = AnnDataModule(adata, seed=99, batch_size=64)  # a different seed would re-split
+    resumed = AnnDataModule(
+        adata, split=TENTHS, batch_size=64, seed=99
+    )  # a different seed would re-split
     _trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(
         _Linear(), datamodule=resumed, ckpt_path=ckpt
     )
@@ -152,7 +174,7 @@ def test_checkpoint_resume_sees_the_same_split(adata, tmp_path):
 
 
 def _fit_and_checkpoint(adata, tmp_path, **kw):
-    dm = AnnDataModule(adata, seed=11, batch_size=64, **kw)
+    dm = AnnDataModule(adata, split=TENTHS, batch_size=64, seed=11, **kw)
     trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     trainer.fit(_Linear(), datamodule=dm)
     ckpt = tmp_path / "trained.ckpt"
@@ -166,7 +188,7 @@ def test_checkpoint_split_restored_on_the_same_cells_read_from_a_file(adata, tmp
     assert saved["data"] == {"n_obs": 300, **fingerprint(adata.obs_names)}
     path = tmp_path / "same.h5ad"
     adata.write_h5ad(path)
-    resumed = AnnDataModule(str(path), seed=99, batch_size=64)
+    resumed = AnnDataModule(str(path), split=TENTHS, batch_size=64, seed=99)
     _trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(
         _Linear(), datamodule=resumed, ckpt_path=ckpt
     )
@@ -187,7 +209,12 @@ def test_predict_on_new_data_with_a_checkpoint_covers_every_cell(adata, tmp_path
     other = _more_cells(adata) if new == "more" else adata[50:200].copy()
     path = tmp_path / "new.h5ad"
     other.write_h5ad(path)
-    dm = AnnDataModule(str(path), return_index=True, batch_size=64)
+    dm = AnnDataModule(
+        str(path),
+        fields=Fields(return_index=True),
+        split=TENTHS,
+        batch_size=64,
+    )
     outputs = _trainer(tmp_path).predict(_EchoRows(), datamodule=dm, ckpt_path=ckpt)
     rows = torch.cat([o["index"] for o in outputs]).numpy()
     np.testing.assert_array_equal(rows, np.arange(other.n_obs))
@@ -207,7 +234,7 @@ def test_resuming_fit_on_other_cells_raises(adata, tmp_path, change):
         other.obs_names = [f"other{i}" for i in range(other.n_obs)]
     else:
         other = adata[::-1].copy()
-    resumed = AnnDataModule(other, seed=11, batch_size=64)
+    resumed = AnnDataModule(other, split=TENTHS, batch_size=64, seed=11)
     match = (
         r"split was drawn on other cells \((300 cells; this data has 420|300 cells too, but "
         r"other obs_names or another order)\).*same AnnData.*split_indices="
@@ -225,20 +252,26 @@ def test_other_cells_evaluate_with_explicit_split_indices_and_raise_without(adat
     _, ckpt = _fit_and_checkpoint(adata, tmp_path)
     other = _more_cells(adata)
     with pytest.raises(ValueError, match="split was drawn on other cells"):
-        _trainer(tmp_path).test(_Scored(), datamodule=AnnDataModule(other), ckpt_path=ckpt)
+        _trainer(tmp_path).test(
+            _Scored(),
+            datamodule=AnnDataModule(other, split=TENTHS),
+            ckpt_path=ckpt,
+        )
     chosen = {"train": np.arange(300), "test": np.arange(300, 420)}
-    dm = AnnDataModule(other, split_indices=chosen, return_index=True, batch_size=64)
+    dm = AnnDataModule(
+        other, fields=Fields(return_index=True), split=Split(indices=chosen), batch_size=64
+    )
     model = _Scored()
     _trainer(tmp_path).test(model, datamodule=dm, ckpt_path=ckpt)
     np.testing.assert_array_equal(np.sort(np.concatenate(model.rows)), chosen["test"])
 
 
 def test_state_loaded_by_hand_onto_other_cells_warns_and_keeps_their_split(adata):
-    dm = AnnDataModule(adata, seed=1)
+    dm = AnnDataModule(adata, split=TENTHS, seed=1)
     dm.setup()
     state = dm.state_dict()
     other = _more_cells(adata)
-    by_hand = AnnDataModule(other, seed=1)
+    by_hand = AnnDataModule(other, split=TENTHS, seed=1)
     by_hand.load_state_dict(state)  # before setup: applied there
     assert by_hand.state_dict()["splits"] == state["splits"], "kept until setup"
     with pytest.warns(UserWarning, match="split was not applied"):
@@ -250,21 +283,21 @@ def test_state_loaded_by_hand_onto_other_cells_warns_and_keeps_their_split(adata
 
 
 def test_checkpoints_without_a_fingerprint_apply_their_split_where_it_fits(adata):
-    dm = AnnDataModule(adata, seed=1)
+    dm = AnnDataModule(adata, split=TENTHS, seed=1)
     dm.setup()
     legacy = {k: v for k, v in dm.state_dict().items() if k != "data"}
-    more = AnnDataModule(_more_cells(adata), seed=2)
+    more = AnnDataModule(_more_cells(adata), split=TENTHS, seed=2)
     more.load_state_dict(legacy)
     more.setup("fit")
     for name in ("train", "val", "test"):
         np.testing.assert_array_equal(more.splits[name], dm.splits[name])
     np.testing.assert_array_equal(more.splits["predict"], np.arange(420))
     fewer = adata[:100].copy()
-    predicting = AnnDataModule(fewer)
+    predicting = AnnDataModule(fewer, split=TENTHS)
     predicting.load_state_dict(legacy)
     predicting.setup("predict")
     np.testing.assert_array_equal(predicting.splits["predict"], np.arange(100))
-    fitting = AnnDataModule(fewer)
+    fitting = AnnDataModule(fewer, split=TENTHS)
     fitting.load_state_dict(legacy)
     with pytest.raises(ValueError, match="drawn on more cells than the 100 this data module"):
         fitting.setup("fit")
@@ -304,7 +337,13 @@ class _EchoCodes(_Linear):
 
 
 def test_checkpoint_restores_the_trained_label_codes(adata, tmp_path):
-    dm = AnnDataModule(adata, obs_keys=[LABEL], batch_size=64, seed=0)
+    dm = AnnDataModule(
+        adata,
+        fields=Fields(obs_keys=[LABEL]),
+        split=TENTHS,
+        batch_size=64,
+        seed=0,
+    )
     trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     trainer.fit(_Linear(), datamodule=dm)
     ckpt = tmp_path / "trained.ckpt"
@@ -317,11 +356,16 @@ def test_checkpoint_restores_the_trained_label_codes(adata, tmp_path):
     other.obs[LABEL] = other.obs[LABEL].cat.reorder_categories(["undiff", "Neu", "Mono"])
     path = tmp_path / "reordered.h5ad"
     other.write_h5ad(path)
-    fresh = AnnDataModule(str(path), obs_keys=[LABEL])
+    fresh = AnnDataModule(str(path), fields=Fields(obs_keys=[LABEL]), split=TENTHS)
     fresh.setup()
     assert fresh.dataset.encoders[LABEL] != trained, "without the checkpoint, codes differ"
 
-    new = AnnDataModule(str(path), obs_keys=[LABEL], return_index=True, batch_size=64)
+    new = AnnDataModule(
+        str(path),
+        fields=Fields(obs_keys=[LABEL], return_index=True),
+        split=TENTHS,
+        batch_size=64,
+    )
     outputs = _trainer(tmp_path).predict(_EchoCodes(), datamodule=new, ckpt_path=ckpt)
     assert new.dataset.encoders[LABEL] == trained
     codes = torch.cat([o["codes"] for o in outputs]).numpy()
@@ -333,24 +377,28 @@ def test_checkpoint_restores_the_trained_label_codes(adata, tmp_path):
 
 
 def test_checkpoint_encoders_decode_without_the_column_and_refuse_conflicts(adata):
-    dm = AnnDataModule(adata, obs_keys=[LABEL])
+    dm = AnnDataModule(adata, fields=Fields(obs_keys=[LABEL]), split=TENTHS)
     dm.setup()
     state = dm.state_dict()
-    unlabelled = AnnDataModule(adata)  # e.g. new cells without annotations
+    unlabelled = AnnDataModule(adata, split=TENTHS)  # e.g. new cells without annotations
     unlabelled.load_state_dict(state)
     unlabelled.setup()
     assert unlabelled.decode(LABEL, [2, 0]).tolist() == ["undiff", "Mono"]
     assert unlabelled.state_dict()["encoders"] == state["encoders"]  # kept for the next save
 
     reversed_order = {LABEL: CategoryEncoder(["undiff", "Neu", "Mono"])}
-    conflicting = AnnDataModule(adata, obs_keys=[LABEL], encoders=reversed_order)
+    conflicting = AnnDataModule(
+        adata,
+        fields=Fields(obs_keys=[LABEL], encoders=reversed_order),
+        split=TENTHS,
+    )
     conflicting.setup()
     with pytest.raises(ValueError, match="other categories than the checkpoint"):
         conflicting.load_state_dict(state)
 
     fewer = adata.copy()
     fewer.obs[LABEL] = fewer.obs[LABEL].cat.rename_categories({"Neu": "Neutrophil"})
-    unknown = AnnDataModule(fewer, obs_keys=[LABEL])
+    unknown = AnnDataModule(fewer, fields=Fields(obs_keys=[LABEL]), split=TENTHS)
     unknown.setup()
     with pytest.raises(
         UnknownCategoryError, match=r"checkpoint's encoders do not know.*'Neutrophil'"
@@ -363,13 +411,15 @@ def test_checkpoint_encoders_decode_without_the_column_and_refuse_conflicts(adat
 
 
 def test_unknown_labels_of_a_given_encoder_are_not_blamed_on_the_checkpoint(adata):
-    trained = AnnDataModule(adata, obs_keys=[LABEL])
+    trained = AnnDataModule(adata, fields=Fields(obs_keys=[LABEL]), split=TENTHS)
     trained.setup()
     state = trained.state_dict()  # holds the encoder of LABEL only
     donors = adata.copy()
     donors.obs["Donor"] = pd.Categorical(np.where(np.arange(300) % 2, "d1", "d2"))
     dm = AnnDataModule(
-        donors, obs_keys=[LABEL, "Donor"], encoders={"Donor": CategoryEncoder(["d1"])}
+        donors,
+        fields=Fields(obs_keys=[LABEL, "Donor"], encoders={"Donor": CategoryEncoder(["d1"])}),
+        split=TENTHS,
     )
     dm.load_state_dict(state)
     with pytest.raises(UnknownCategoryError, match="encoder has never seen") as raised:
@@ -382,13 +432,16 @@ def test_dtype_and_encoder_options_reach_the_batches(adata):
     order = CategoryEncoder(["undiff", "Neu", "Mono"])
     dm = AnnDataModule(
         adata,
-        obs_keys=[LABEL, "Well"],
-        obsm_keys=["X_pca"],
-        return_index=True,
-        dtype=torch.float64,
-        obsm_dtype=torch.float16,
-        obs_dtypes={"Well": torch.int32},
-        encoders={LABEL: order},
+        fields=Fields(
+            obs_keys=[LABEL, "Well"],
+            obsm_keys=["X_pca"],
+            return_index=True,
+            dtype=torch.float64,
+            obsm_dtype=torch.float16,
+            obs_dtypes={"Well": torch.int32},
+            encoders={LABEL: order},
+        ),
+        split=TENTHS,
         batch_size=50,
     )
     dm.setup()
@@ -402,7 +455,7 @@ def test_dtype_and_encoder_options_reach_the_batches(adata):
 
 
 def test_split_dataset_checks_its_positions(adata):
-    dm = AnnDataModule(adata, return_index=True, seed=0)
+    dm = AnnDataModule(adata, fields=Fields(return_index=True), split=TENTHS, seed=0)
     split = dm.loader("val").dataset
     n = len(split)
     assert "val" in repr(split) and str(n) in repr(split)
@@ -415,7 +468,7 @@ def test_split_dataset_checks_its_positions(adata):
 
 
 def test_predictions_written_back_in_original_order(adata, tmp_path):
-    dm = AnnDataModule(adata, batch_size=37)
+    dm = AnnDataModule(adata, split=TENTHS, batch_size=37)
     predictions = _trainer(tmp_path).predict(_Linear(), datamodule=dm)
     out = dm.write_predictions(predictions, key="X_pred")
     assert "X_pred" not in adata.obsm, "the user's AnnData must stay untouched"
@@ -428,15 +481,22 @@ def test_predictions_written_back_in_original_order(adata, tmp_path):
 
 def test_workers_cover_train_split_once(adata):
     dm = AnnDataModule(
-        adata, return_index=True, batch_size=20, num_workers=2, multiprocessing_context="fork"
+        adata,
+        fields=Fields(return_index=True),
+        split=TENTHS,
+        batch_size=20,
+        num_workers=2,
+        loader=Loader(multiprocessing_context="fork"),
     )
     dm.setup()
     loader = dm.train_dataloader()
     assert loader.persistent_workers  # the default with workers: they start once
-    assert not AnnDataModule(adata, num_workers=2, persistent_workers=False).loader_kwargs[
-        "persistent_workers"
-    ]
-    assert not AnnDataModule(adata).loader_kwargs["persistent_workers"]  # no workers
+    respawning = AnnDataModule(adata, num_workers=2, loader=Loader(persistent_workers=False))
+    respawning.setup()
+    assert not respawning.train_dataloader().persistent_workers
+    no_workers = AnnDataModule(adata)
+    no_workers.setup()
+    assert not no_workers.train_dataloader().persistent_workers
     for _ in range(2):
         rows = np.concatenate(_rows_of(loader))
         assert np.array_equal(np.sort(rows), dm.splits["train"])
@@ -445,14 +505,9 @@ def test_workers_cover_train_split_once(adata):
 def test_time_resolved_population_batches_respect_holdout(adata):
     dm = AnnDataModule(
         adata,
-        X=False,
-        obsm_keys=["X_pca"],
-        return_index=True,
-        time_key="Time point",
-        cells_per_time=10,
-        holdout={"Time point": [4]},
-        val_size=0.0,
-        test_size=0.0,
+        fields=Fields(X=False, obsm_keys=["X_pca"], return_index=True),
+        time=TimeSampling(time_key="Time point", cells_per_time=10),
+        split=Split(holdout={"Time point": [4]}, val_size=0.0, test_size=0.0),
     )
     dm.setup()
     assert isinstance(dm.dataset, TimeResolvedAnnDataset)
@@ -472,9 +527,10 @@ def test_time_resolved_population_batches_respect_holdout(adata):
 def test_registry_name_source():
     dm = AnnDataModule(
         "simulated",
-        load_kwargs={"n_cells": 600, "n_genes": 50, "seed": 0},
-        obs_keys=["Cell type annotation"],
+        fields=Fields(obs_keys=["Cell type annotation"]),
+        split=TENTHS,
         batch_size=64,
+        load_kwargs={"n_cells": 600, "n_genes": 50, "seed": 0},
     )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
@@ -488,16 +544,37 @@ def test_registry_name_source():
     ("kwargs", "error", "match"),
     [
         ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
-        ({"sampler": "random"}, ValueError, "sampler must be"),
-        ({"obs_keys": ["donor"]}, KeyError, "Unknown obs column 'donor'"),
-        ({"test_size": 0.0}, ValueError, "test split is empty"),
+        ({"num_workers": -1}, ValueError, "num_workers must be >= 0"),
+        ({"loader": {"sampler": "random"}}, ValueError, "sampler must be"),
+        ({"fields": {"obs_keys": ["donor"]}}, KeyError, "Unknown obs column 'donor'"),
+        ({}, ValueError, r"test split is empty: ask for one with split=Split\(test_size=0.1\)"),
+        (
+            {"fields": {"obs_key": ["a"]}},
+            TypeError,
+            r"fields= has unknown option\(s\) \['obs_key'\]",
+        ),
+        ({"fields": 3}, TypeError, "fields= must be a torch_adata.Fields or a dict"),
+        ({"time": {"mode": "initial"}}, TypeError, "time_key"),
+        # the former flat keywords name their new place
+        ({"obs_keys": ["a"]}, TypeError, r"obs_keys= -> fields=Fields\(obs_keys=...\)"),
+        ({"val_size": 0.2}, TypeError, r"val_size= -> split=Split\(val_size=...\)"),
+        ({"split_indices": {}}, TypeError, r"split=Split\(indices=...\)"),
+        ({"sampling": "initial"}, TypeError, r"time=TimeSampling\(time_key=..., mode=...\)"),
+        ({"shuffle": False}, TypeError, r"loader=Loader\(shuffle=...\)"),
+        ({"colour": 1}, TypeError, "unknown keyword 'colour'"),
     ],
 )
 def test_bad_arguments(adata, kwargs, error, match):
     with pytest.raises(error, match=match):
         dm = AnnDataModule(adata, **kwargs)
         dm.setup()
-        dm.test_dataloader()
+        dm.loader("test")
+
+
+def test_source_is_required():
+    # no dataset is assumed: AnnDataModule() must not fall back to simulated data
+    with pytest.raises(TypeError, match="source"):
+        AnnDataModule()
 
 
 def test_unknown_source_names_the_choices():

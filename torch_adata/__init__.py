@@ -13,6 +13,7 @@ from typing import Any
 from ._batch import SparseBatch, collate, densify
 from ._fields import CategoryEncoder, UnknownCategoryError
 from .dataset import AnnDataset
+from .options import Fields, Loader, Split, TimeSampling
 
 __version__ = "0.2.0.dev0"
 
@@ -20,8 +21,12 @@ __all__ = [
     "AnnDataModule",
     "AnnDataset",
     "CategoryEncoder",
+    "Fields",
+    "Loader",
     "SparseBatch",
+    "Split",
     "TimeResolvedAnnDataset",
+    "TimeSampling",
     "UnknownCategoryError",
     "collate",
     "datasets",

@@ -132,8 +132,9 @@ class TimeResolvedAnnDataset(AnnDataset):
     adata
         AnnData (in memory, backed, or a view) or a path to an ``.h5ad`` file.
     time_key
-        obs column with the time of each cell: numbers, strings that parse as numbers, or an
-        ordered categorical (then the category order is the time, 0, 1, 2...).
+        obs column with the time of each cell (required: no column name is assumed): numbers,
+        strings that parse as numbers, or an ordered categorical (then the category order is
+        the time, 0, 1, 2...).
     mode
         The default sampling mode (see above).
     clone_key
@@ -174,7 +175,7 @@ class TimeResolvedAnnDataset(AnnDataset):
     def __init__(
         self,
         adata,
-        time_key: str = "Time point",
+        time_key: str,
         *,
         mode: Mode = "populations",
         clone_key: str | None = None,

@@ -479,6 +479,122 @@ def test_predictions_written_back_in_original_order(adata, tmp_path):
     np.testing.assert_allclose(one_d.obs["row_sum"].to_numpy(), dense.sum(1), rtol=1e-5)
 
 
+class _Outputs(pl.LightningModule):
+    """predict_step returns a tensor, a tuple or a dict of what identifies each cell."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def predict_step(self, batch, batch_idx):
+        rows, codes = batch["index"], batch[LABEL]
+        scores = torch.nn.functional.one_hot(codes, 3).float()  # "probabilities" of the label
+        if self.kind == "tensor":
+            return scores
+        if self.kind == "tuple":
+            return scores, codes, rows.double()
+        return {"scores": scores, "codes": codes, "row": rows.double()}
+
+
+def _predict(adata, tmp_path, kind, split="predict", **kw):
+    dm = AnnDataModule(
+        adata, fields=Fields(obs_keys=[LABEL], return_index=True), split=TENTHS, batch_size=64
+    )
+    dm.setup("predict")
+    loader = dm.loader(split)
+    predictions = _trainer(tmp_path).predict(_Outputs(kind), dataloaders=loader)
+    return dm, predictions
+
+
+def test_write_predictions_key_rule_for_tensor_tuple_and_dict(adata, tmp_path):
+    labels = adata.obs[LABEL].to_numpy()
+    dm, tensor = _predict(adata, tmp_path, "tensor")
+    out = dm.write_predictions(tensor, key="X_mine")
+    codes = dm.encoders[LABEL].encode(labels)
+    np.testing.assert_array_equal(out.obsm["X_mine"].argmax(1), codes)
+    with pytest.raises(TypeError, match="predict_step returns a tensor: pass key= a string"):
+        dm.write_predictions(tensor)
+
+    _, pieces = _predict(adata, tmp_path, "tuple")
+    out = dm.write_predictions(pieces, key=["X_scores", "code", "row"])
+    np.testing.assert_array_equal(out.obsm["X_scores"].argmax(1), codes)
+    np.testing.assert_array_equal(out.obs["code"].to_numpy(), codes)
+    np.testing.assert_array_equal(out.obs["row"].to_numpy(), np.arange(adata.n_obs))
+    with pytest.raises(TypeError, match="tuple of 3 tensors: pass key= a list of 3 names"):
+        dm.write_predictions(pieces, key="X_mine")
+
+    _, named = _predict(adata, tmp_path, "dict")
+    out = dm.write_predictions(named)  # key=None: every entry under its own name
+    assert {"codes", "row"} <= set(out.obs) and "scores" in out.obsm
+    out = dm.write_predictions(named, key={"scores": "X_mine"})  # only what key names
+    written = set(out.obs) | set(out.obsm)
+    assert "X_mine" in written and not {"scores", "codes", "row"} & written
+    # a string key cannot name a dict's entries: an error, not silently ignored
+    with pytest.raises(TypeError, match=r"returns a dict \(\['scores', 'codes', 'row'\]\)"):
+        dm.write_predictions(named, key="X_mine")
+    with pytest.raises(KeyError, match=r"names outputs \['missing'\]"):
+        dm.write_predictions(named, key={"missing": "x"})
+
+    arrays = dm.prediction_arrays(named)
+    np.testing.assert_array_equal(arrays["row"], np.arange(adata.n_obs))
+    scores, code, row = dm.prediction_arrays(pieces)
+    np.testing.assert_array_equal(code, codes)
+    np.testing.assert_array_equal(scores.argmax(1), codes)
+    np.testing.assert_array_equal(row, np.arange(adata.n_obs))
+
+
+def test_class_predictions_as_scanpy_expects_with_missing_cells(adata, tmp_path):
+    dm, named = _predict(adata, tmp_path, "dict", split="test")
+    test = dm.splits["test"]
+    out = dm.write_predictions(
+        named,
+        key={"codes": "predicted", "scores": "proba"},
+        labels={"predicted": LABEL, "proba": LABEL},
+        split="test",
+    )
+    categories = list(dm.encoders[LABEL].categories)
+    for column in ("predicted", "proba"):  # codes and per-class scores both give labels
+        assert isinstance(out.obs[column].dtype, pd.CategoricalDtype)
+        assert list(out.obs[column].cat.categories) == categories
+        np.testing.assert_array_equal(
+            out.obs[column].iloc[test].astype(str), adata.obs[LABEL].iloc[test].astype(str)
+        )
+        others = np.setdiff1d(np.arange(adata.n_obs), test)
+        assert out.obs[column].iloc[others].isna().all(), "no prediction: a missing label"
+    assert np.isnan(out.obsm["proba"][others]).all() and not np.isnan(out.obsm["proba"][test]).any()
+    trained = dm.encoders[LABEL].encode(adata.obs[LABEL].iloc[test])
+    np.testing.assert_array_equal(out.obsm["proba"][test].argmax(1), trained)
+    row = dm.write_predictions(named, key={"row": "row"}, split="test").obs["row"]
+    assert row.isna().sum() == len(others) and row.dtype == np.float64
+    code = dm.write_predictions(named, key={"codes": "code"}, split="test").obs["code"]
+    assert str(code.dtype) == "Int64" and code.isna().sum() == len(others)
+    # decode does not fail on cells without a prediction
+    decoded = dm.decode(LABEL, code)
+    assert all(label is None for label in decoded[others])
+    np.testing.assert_array_equal(decoded[test], adata.obs[LABEL].to_numpy()[test])
+    # the written AnnData saves and reads back as h5ad
+    path = tmp_path / "predicted.h5ad"
+    out.write_h5ad(path)
+    assert ad.read_h5ad(path).obs["predicted"].isna().sum() == len(others)
+
+
+def test_label_errors_name_the_problem(adata, tmp_path):
+    dm, named = _predict(adata, tmp_path, "dict")
+    with pytest.raises(KeyError, match="labels: no encoder for obs column 'Well'"):
+        dm.write_predictions(named, labels={"codes": "Well"})
+    with pytest.raises(ValueError, match="must be integer label codes"):
+        dm.write_predictions(named, labels={"row": LABEL})
+    with pytest.raises(KeyError, match=r"labels= names \['nope'\], which are not written"):
+        dm.write_predictions(named, labels={"nope": LABEL})
+    with pytest.raises(TypeError, match="names one label column, but 3 outputs"):
+        dm.write_predictions(named, labels=LABEL)
+    bad = [{"codes": p["codes"] + 5} for p in named]
+    with pytest.raises(ValueError, match=r"outside the 3 labels"):
+        dm.write_predictions(bad, labels={"codes": LABEL})
+    with pytest.raises(TypeError, match="predict_step must return a tensor, a tuple"):
+        dm.write_predictions([np.zeros(3)] * len(named), key="x")
+
+
 def test_workers_cover_train_split_once(adata):
     dm = AnnDataModule(
         adata,

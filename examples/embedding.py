@@ -93,9 +93,6 @@ class CountVAE(pl.LightningModule):
             self.hparams.n_genes = self.trainer.datamodule.dataset.n_vars
             self._build()
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return ta.densify(batch)  # sparse rows -> dense, on the device
-
     @staticmethod
     def _counts(batch) -> torch.Tensor:
         return batch["X"] if isinstance(batch, dict) else batch
@@ -181,7 +178,7 @@ def run(
     dm = ta.AnnDataModule(
         "simulated",
         load_kwargs={"n_cells": n_cells, "n_genes": n_genes, "seed": seed},
-        fields=ta.Fields(layer="counts", sparse=True),
+        fields=ta.Fields(layer="counts", sparse=True, densify=True),
         split=ta.Split(val_size=0.1, test_size=0.1, stratify_key=LABEL),
         batch_size=128,
         seed=seed,

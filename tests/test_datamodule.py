@@ -1,6 +1,7 @@
 """AnnDataModule: sources, split loaders, checkpointed splits, workers, predictions back to AnnData."""
 
 import pickle
+import warnings
 
 import anndata as ad
 import lightning.pytorch as pl
@@ -593,6 +594,75 @@ def test_label_errors_name_the_problem(adata, tmp_path):
         dm.write_predictions(bad, labels={"codes": LABEL})
     with pytest.raises(TypeError, match="predict_step must return a tensor, a tuple"):
         dm.write_predictions([np.zeros(3)] * len(named), key="x")
+
+
+class _Logs(pl.LightningModule):
+    """No validation_step, no on_after_batch_transfer; logs without batch_size."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(40, 3)
+        self.seen_dense = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen_dense.append(batch["X"].layout == torch.strided)
+        loss = torch.nn.functional.cross_entropy(self.net(batch["X"]), batch[LABEL])
+        self.log("loss", loss, on_epoch=True)  # Lightning infers the batch size
+        return loss
+
+    def predict_step(self, batch, batch_idx):
+        return self.net(batch["X"]).argmax(1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+NOISE = (
+    "but have no `validation_step`",
+    "Couldn't infer the batch indices",
+    "ambiguous collection",
+    "overridden `on_after_batch_transfer`",
+)
+
+
+def _noise(record):
+    return [str(w.message) for w in record if any(n in str(w.message) for n in NOISE)]
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-densified"])
+def test_fit_and_predict_raise_no_lightning_warnings_of_our_making(adata, tmp_path, sparse):
+    from torch_adata.cli import AnnDataPredictionWriter
+
+    fields = Fields(obs_keys=[LABEL], sparse=sparse, densify=sparse)
+    dm = AnnDataModule(adata, fields=fields, batch_size=64)
+    model = _Logs()  # sparse: densified by the data module, not by a hook of the model
+    writer = AnnDataPredictionWriter(tmp_path / "out.h5ad", key="predicted", decode={})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer = _trainer(tmp_path, max_epochs=1, callbacks=[writer])
+        trainer.fit(model, datamodule=dm)
+        trainer.predict(model, datamodule=dm)
+    assert _noise(record) == []
+    assert all(model.seen_dense), "the model got dense batches"
+    assert len(ad.read_h5ad(tmp_path / "out.h5ad").obs["predicted"]) == adata.n_obs
+    # the control: asking for a validation split that the model cannot use still warns
+    asked = AnnDataModule(adata, fields=fields, split=Split(val_size=0.1), batch_size=64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, max_epochs=1).fit(_Logs(), datamodule=asked)
+    assert any("but have no `validation_step`" in m for m in _noise(record))
+
+
+def test_loaders_exist_only_for_the_splits_asked_for(adata):
+    plain = AnnDataModule(adata)
+    assert plain.val_dataloader is None and plain.test_dataloader is None
+    held = AnnDataModule(adata, split=Split(holdout={"Well": [2]}), batch_size=64)
+    held.setup()
+    assert held.val_dataloader is None
+    held_out = sum(len(batch) for batch in held.test_dataloader())  # X only: plain tensors
+    assert held_out == (adata.obs["Well"] == 2).sum()
+    with pytest.raises(ValueError, match=r"densify=True\) densifies sparse batches.*sparse=True"):
+        Fields(densify=True)
 
 
 def test_workers_cover_train_split_once(adata):

@@ -28,7 +28,7 @@ from typing import Any
 import anndata as ad
 import lightning.pytorch as pl
 import yaml
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
 from .datamodule import AnnDataModule
@@ -36,7 +36,7 @@ from .datamodule import AnnDataModule
 __all__ = ["AnnDataCLI", "AnnDataPredictionWriter", "check_class_path", "main", "run_cli"]
 
 
-class AnnDataPredictionWriter(BasePredictionWriter):
+class AnnDataPredictionWriter(Callback):
     """Write ``predict`` outputs into a copy of the data module's AnnData and save it as ``.h5ad``.
 
     Uses :meth:`AnnDataModule.write_predictions <torch_adata.AnnDataModule.write_predictions>`,
@@ -62,6 +62,9 @@ class AnnDataPredictionWriter(BasePredictionWriter):
     -----
     For a data module that reads a backed ``.h5ad``, the file is loaded into memory once to
     write the copy. Run ``predict`` on one device: the predictions of all batches must be in this process.
+    It is a plain ``Callback`` that reads the predict loop's outputs at the end of the epoch,
+    not a ``BasePredictionWriter``: it needs no batch indices, so Lightning has none to infer
+    (and no "Couldn't infer the batch indices" warning to give).
     """
 
     def __init__(
@@ -70,11 +73,15 @@ class AnnDataPredictionWriter(BasePredictionWriter):
         key: str | Mapping[str, str] | None = None,
         decode: Mapping[str, str] | None = None,
     ):
-        super().__init__(write_interval="epoch")
+        super().__init__()
         self.output_path = None if output_path is None else Path(output_path)
         self.key = key
         self.decode = dict(decode or {})
         self.written_path: Path | None = None  # set once predictions are saved
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the epoch's predictions (Lightning calls this at the end of ``predict``)."""
+        self.write_on_epoch_end(trainer, pl_module, trainer.predict_loop.predictions, [])
 
     def write_on_epoch_end(
         self,
@@ -83,6 +90,17 @@ class AnnDataPredictionWriter(BasePredictionWriter):
         predictions: Sequence[Any],
         batch_indices: Sequence[Any],
     ) -> None:
+        """Write ``predictions`` into a copy of the data module's AnnData and save it.
+
+        Parameters
+        ----------
+        trainer, pl_module
+            The running trainer and model.
+        predictions
+            The outputs of every predict batch, in loader order.
+        batch_indices
+            Unused (rows come from the data module's predict loader).
+        """
         datamodule = trainer.datamodule
         if not isinstance(datamodule, AnnDataModule):
             raise TypeError(

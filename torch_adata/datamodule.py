@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import samplers
-from ._batch import collate
+from ._batch import collate, densify
 from ._fields import CategoryEncoder, UnknownCategoryError
 from ._source import FieldKeyError
 from .dataset import AnnDataset, positions
@@ -482,6 +482,19 @@ class AnnDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         """The test loader method, ``loader("test")``; ``None`` without a test split."""
         return self._test_dataloader if self.split.has("test") else None
+
+    # Likewise, the hook exists only with Fields(densify=True): a model's own
+    # on_after_batch_transfer then runs without Lightning's "overridden in LightningModule but
+    # a LightningDataModule was passed" warning.
+    @property
+    def on_after_batch_transfer(self):
+        """Densify batches on the device (:func:`~torch_adata.densify`); ``None`` unless
+        ``Fields(sparse=True, densify=True)``."""
+        return self._densify if self.fields.densify and self.fields.sparse else None
+
+    @staticmethod
+    def _densify(batch: Any, dataloader_idx: int) -> Any:
+        return densify(batch)
 
     def _val_dataloader(self) -> DataLoader:
         return self.loader("val")

@@ -43,7 +43,12 @@ class Fields:
     X
         Batch the expression matrix (``False``: only obs/obsm fields).
     sparse
-        Sparse expression batches (:class:`~torch_adata.SparseBatch`), densified on the device.
+        Sparse expression batches (:class:`~torch_adata.SparseBatch`): only the non-zeros
+        cross worker processes and the host-device link.
+    densify
+        With ``sparse``: the data module densifies each batch once it is on the device (its
+        ``on_after_batch_transfer``, :func:`~torch_adata.densify`), so the model gets dense
+        tensors and needs no hook of its own.
     return_index
         Add ``"index"``, each cell's AnnData row position.
     na
@@ -63,6 +68,7 @@ class Fields:
     obsm_keys: list[str] = field(default_factory=list)
     X: bool = True
     sparse: bool = False
+    densify: bool = False
     return_index: bool = False
     na: Literal["raise", "code"] = "raise"
     dtype: torch.dtype = torch.float32
@@ -72,6 +78,11 @@ class Fields:
     engine: Literal["auto", "numba", "numpy"] = "auto"
 
     def __post_init__(self):
+        if self.densify and not self.sparse:
+            raise ValueError(
+                "Fields(densify=True) densifies sparse batches on the device: it needs "
+                "sparse=True (dense batches need no densifying)."
+            )
         self.obs_keys = _names(self.obs_keys, "Fields.obs_keys")
         self.obsm_keys = _names(self.obsm_keys, "Fields.obsm_keys")
         self.obs_dtypes = dict(self.obs_dtypes or {})
@@ -79,7 +90,7 @@ class Fields:
 
     def dataset_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :class:`~torch_adata.AnnDataset` these fields stand for."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "densify"}
 
 
 @dataclass

@@ -661,6 +661,10 @@ def test_loaders_exist_only_for_the_splits_asked_for(adata):
     assert held.val_dataloader is None
     held_out = sum(len(batch) for batch in held.test_dataloader())  # X only: plain tensors
     assert held_out == (adata.obs["Well"] == 2).sum()
+    model = _Logs()
+    model.validation_step = lambda batch, batch_idx: None
+    with pytest.raises(ValueError, match=r"trainer.validate needs a val split.*Split\(val_size"):
+        pl.Trainer(logger=False, enable_progress_bar=False).validate(model, datamodule=plain)
     with pytest.raises(ValueError, match=r"densify=True\) densifies sparse batches.*sparse=True"):
         Fields(densify=True)
 

@@ -80,7 +80,13 @@ class AnnDataPredictionWriter(Callback):
         self.written_path: Path | None = None  # set once predictions are saved
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the epoch's predictions (Lightning calls this at the end of ``predict``)."""
+        """Write the epoch's predictions (Lightning calls this at the end of ``predict``).
+
+        Parameters
+        ----------
+        trainer, pl_module
+            The running trainer and model.
+        """
         self.write_on_epoch_end(trainer, pl_module, trainer.predict_loop.predictions, [])
 
     def write_on_epoch_end(

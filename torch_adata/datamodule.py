@@ -137,12 +137,13 @@ class AnnDataModule(pl.LightningDataModule):
     preprocess
         Keyword arguments of :func:`torch_adata.datasets.preprocess` to run after loading
         (e.g. ``{"n_pcs": 50}`` to batch ``obsm["X_pca"]``); ``None`` for none.
+    **legacy
+        Keywords of the former flat signature (``obs_keys=``, ``val_size=``, ...): refused.
 
     Raises
     ------
     TypeError
-        A keyword of the former flat signature (``obs_keys=``, ``val_size=``, ...): the message
-        gives its new spelling.
+        A keyword of the former flat signature: the message gives its new spelling.
 
     Notes
     -----
@@ -262,8 +263,22 @@ class AnnDataModule(pl.LightningDataModule):
             Lightning's stage (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``); every
             stage builds the same dataset and split. A checkpoint's split restored before
             (see :meth:`load_state_dict`) is applied here.
+
+        Raises
+        ------
+        ValueError
+            ``"validate"`` or ``"test"`` without a split of that name in :attr:`split`.
         """
         self._stage = stage
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)
+        needs = {"validate": "val", "test": "test"}.get(stage or "")
+        if needs is not None and not self.split.has(needs):
+            size = "val_size" if needs == "val" else "test_size"
+            raise ValueError(
+                f"trainer.{stage} needs a {needs} split, and this data module has none (the "
+                f"default split holds nothing out): pass split=Split({size}=0.1) (or a "
+                "holdout, or indices)."
+            )
         if self.dataset is None:
             self._data = self._load()
             self._adata = self._data if isinstance(self._data, ad.AnnData) else None

@@ -198,7 +198,13 @@ class Split:
             )
 
     def has(self, name: str) -> bool:
-        """Whether split ``name`` can hold cells, from these options alone."""
+        """Whether split ``name`` can hold cells, from these options alone.
+
+        Parameters
+        ----------
+        name
+            ``"train"``, ``"val"``, ``"test"`` or ``"predict"``.
+        """
         if name in ("train", "predict"):
             return True
         if self.indices is not None:

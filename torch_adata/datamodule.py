@@ -385,7 +385,7 @@ class AnnDataModule(pl.LightningDataModule):
         if key not in encoders:
             raise FieldKeyError(
                 f"No encoder for {key!r}; encoders exist for {sorted(encoders)}. Add the "
-                "column to obs_keys, or load a checkpoint that has it."
+                "column to fields=Fields(obs_keys=[...]), or load a checkpoint that has it."
             )
         if isinstance(codes, torch.Tensor):
             codes = codes.detach().cpu().numpy()
@@ -546,7 +546,7 @@ class AnnDataModule(pl.LightningDataModule):
         it was drawn on (same cells in the same order, see :attr:`data_fingerprint`), so a
         resumed run trains on the same cells. On other data, prediction covers every cell of
         that data, and resuming ``fit``, ``validate`` or ``test`` raises unless
-        ``split_indices=`` gives that data's split. Called by hand before ``setup``, it takes
+        ``split=Split(indices=...)`` gives that data's split. Called by hand before ``setup``, it takes
         effect there.
 
         Parameters
@@ -558,7 +558,7 @@ class AnnDataModule(pl.LightningDataModule):
         ------
         ValueError
             ``fit``, ``validate`` or ``test`` with a checkpoint whose split was drawn on other
-            cells (and no ``split_indices=``).
+            cells (and no ``Split(indices=...)``).
         UnknownCategoryError
             The data has labels the checkpoint's encoders do not know.
 
@@ -610,14 +610,14 @@ class AnnDataModule(pl.LightningDataModule):
             log.info("torch_adata: the checkpoint's split is of %s; predicting every cell.", theirs)
             return
         if self.split.indices is not None:
-            log.info("torch_adata: the checkpoint's split is of %s; using split_indices.", theirs)
+            log.info("torch_adata: the checkpoint's split is of %s; using Split(indices=).", theirs)
             return
         message = (
             f"The checkpoint's train/val/test split was drawn on {theirs}, so its row "
             "positions do not apply to this data. Fix: "
             "resume, validate or test with the same AnnData as the checkpoint (same cells in "
-            "the same order), or pass split_indices={'train': [...], 'val': [...], "
-            "'test': [...]} to choose this data's split explicitly. Predicting on new data "
+            "the same order), or pass split=Split(indices={'train': [...], 'val': [...], "
+            "'test': [...]}) to choose this data's split explicitly. Predicting on new data "
             "needs neither: trainer.predict(..., ckpt_path=) covers every cell."
         )
         if self._stage in ("fit", "validate", "test"):
@@ -763,7 +763,7 @@ class AnnDataModule(pl.LightningDataModule):
         if encoder is None:
             raise FieldKeyError(
                 f"labels: no encoder for obs column {column!r}; encoders exist for "
-                f"{sorted(self.encoders)}. Add it to the fields' obs_keys."
+                f"{sorted(self.encoders)}. Add it to Fields(obs_keys=[...])."
             )
         n_classes = len(encoder.categories)
         if values.ndim == 2:

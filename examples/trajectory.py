@@ -177,7 +177,11 @@ class DriftModel(pl.LightningModule):
             loss = loss + self.ot_loss(predicted, z[t == stop])
             energy = energy + step_energy
         self.log_dict(
-            {"train_ot": loss, "train_energy": energy}, prog_bar=True, on_epoch=True, on_step=False
+            {"train_ot": loss, "train_energy": energy},
+            prog_bar=True,
+            on_epoch=True,
+            on_step=False,
+            batch_size=len(t),  # "t_eval" has another length: Lightning cannot infer it
         )
         return loss + self.hparams.energy_weight * energy
 

@@ -183,6 +183,33 @@ def _fit_and_checkpoint(adata, tmp_path, **kw):
     return dm, ckpt
 
 
+def test_checkpoint_hyperparameters_rebuild_the_module(adata, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    dm = AnnDataModule(
+        str(path),
+        fields=Fields(obs_keys=[LABEL], return_index=True),
+        time=TimeSampling("Time point", cells_per_time=8),
+        split=Split(val_size=0.2, stratify_key="Well"),
+        batch_size=32,
+        loader=Loader(drop_last=True),
+        seed=4,
+    )
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=0, limit_train_batches=1)
+    trainer.fit(_Linear(), datamodule=dm)
+    ckpt = tmp_path / "hp.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["datamodule_hyper_parameters"]
+    assert saved["fields"]["obs_keys"] == [LABEL] and saved["time"]["time_key"] == "Time point"
+    rebuilt = AnnDataModule.load_from_checkpoint(ckpt, weights_only=True)
+    assert rebuilt.fields == dm.fields and rebuilt.time == dm.time
+    assert rebuilt.split == dm.split and rebuilt.loader_options == dm.loader_options
+    assert (rebuilt.batch_size, rebuilt.seed) == (32, 4)
+    rebuilt.setup("fit")
+    for name in ("train", "val", "test"):
+        assert np.array_equal(rebuilt.splits[name], dm.splits[name])
+
+
 def test_checkpoint_split_restored_on_the_same_cells_read_from_a_file(adata, tmp_path):
     dm, ckpt = _fit_and_checkpoint(adata, tmp_path)
     saved = torch.load(ckpt, weights_only=True)["AnnDataModule"]

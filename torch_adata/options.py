@@ -98,7 +98,9 @@ class TimeSampling:
     """A time course: batches from :class:`~torch_adata.TimeResolvedAnnDataset`.
 
     Training batches are drawn per ``mode``; evaluation and prediction read every cell in row
-    order, with the time-resolved keys (``"t"``, ``"t_eval"``, ``"clone"``).
+    order, with the time-resolved keys (``"t"``, ``"t_eval"``, ``"clone"``). ``"t_eval"`` has
+    one entry per time point, not per cell, so Lightning cannot infer the batch size from a
+    batch: log with ``self.log(..., batch_size=len(batch["t"]))``.
 
     Parameters
     ----------

@@ -14,8 +14,9 @@ or through the command line (from the repository root, see ``examples/configs/cl
     torch-adata fit --config examples/configs/classifier.yaml
 
 The script writes ``metrics.json``, a checkpoint and ``predictions.h5ad`` under ``--out``.
-Batches arrive sparse (only the non-zeros cross to the device) and are densified on the device
-in ``on_after_batch_transfer``; ``accelerator="auto"`` picks a GPU when there is one.
+Batches arrive sparse (only the non-zeros cross to the device) and the data module densifies
+them on the device (``Fields(sparse=True, densify=True)``); ``accelerator="auto"`` picks a GPU
+when there is one.
 """
 
 from __future__ import annotations
@@ -111,9 +112,6 @@ class CellTypeClassifier(pl.LightningModule):
                 integer=False, needed_by="CellTypeClassifier (log1p of its input)"
             )
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return ta.densify(batch)  # sparse rows -> dense, on the device
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(torch.log1p(x))
 
@@ -175,9 +173,8 @@ def run(
     dm = ta.AnnDataModule(
         "simulated",
         load_kwargs={"n_cells": n_cells, "n_genes": n_genes, "seed": seed},
-        obs_keys=[LABEL],
-        sparse=True,
-        stratify_key=LABEL,
+        fields=ta.Fields(obs_keys=[LABEL], sparse=True, densify=True),
+        split=ta.Split(val_size=0.1, test_size=0.1, stratify_key=LABEL),
         batch_size=128,
         seed=seed,
     )

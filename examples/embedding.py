@@ -60,7 +60,7 @@ class CountVAE(pl.LightningModule):
 
     Notes
     -----
-    Batches must hold raw (integer) counts: ``AnnDataModule(layer="counts")``. Predictions are
+    Batches must hold raw (integer) counts: ``AnnDataModule(fields=Fields(layer="counts"))``. Predictions are
     the latent means, ``(cells, n_latent)``.
     """
 
@@ -95,9 +95,6 @@ class CountVAE(pl.LightningModule):
         if isinstance(self.trainer.datamodule, ta.AnnDataModule):
             # a count likelihood on scaled or log data fails deep in torch.distributions
             self.trainer.datamodule.dataset.check_counts(needed_by="CountVAE (a count model)")
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return ta.densify(batch)  # sparse rows -> dense, on the device
 
     @staticmethod
     def _counts(batch) -> torch.Tensor:
@@ -184,9 +181,8 @@ def run(
     dm = ta.AnnDataModule(
         "simulated",
         load_kwargs={"n_cells": n_cells, "n_genes": n_genes, "seed": seed},
-        layer="counts",
-        sparse=True,
-        stratify_key=LABEL,
+        fields=ta.Fields(layer="counts", sparse=True, densify=True),
+        split=ta.Split(val_size=0.1, test_size=0.1, stratify_key=LABEL),
         batch_size=128,
         seed=seed,
     )

@@ -6,7 +6,7 @@ diffusion) moves cells forward in a low-dimensional space: the simulator's laten
 from one day reach the population observed on a later day, with a Sinkhorn divergence (geomloss)
 between predicted and observed populations, plus a kinetic-energy penalty that favours short,
 straight paths (the optimal-transport coupling, which keeps each cell's fate). Batches come from
-``torch_adata.AnnDataModule(time_key="Time point", sampling="populations")``: rows
+``torch_adata.AnnDataModule(time=TimeSampling("Time point", mode="populations"))``: rows
 ``[k*n:(k+1)*n]`` of a batch are cells of time point ``k``.
 
 Day 4 is held out of training, then the model is evaluated twice:
@@ -177,7 +177,11 @@ class DriftModel(pl.LightningModule):
             loss = loss + self.ot_loss(predicted, z[t == stop])
             energy = energy + step_energy
         self.log_dict(
-            {"train_ot": loss, "train_energy": energy}, prog_bar=True, on_epoch=True, on_step=False
+            {"train_ot": loss, "train_energy": energy},
+            prog_bar=True,
+            on_epoch=True,
+            on_step=False,
+            batch_size=len(t),  # "t_eval" has another length: Lightning cannot infer it
         )
         return loss + self.hparams.energy_weight * energy
 
@@ -239,14 +243,9 @@ def make_datamodule(
         dataset,
         load_kwargs={"n_cells": n_cells, "seed": seed} if dataset == "simulated" else None,
         preprocess={"n_pcs": 50} if embedding == "pca" else None,
-        X=False,
-        obsm_keys=[obsm_key(embedding)],
-        time_key=TIME_KEY,
-        sampling="populations",
-        cells_per_time=cells_per_time,
-        holdout={TIME_KEY: [HELD_OUT_DAY]},
-        val_size=0,
-        test_size=0,
+        fields=ta.Fields(X=False, obsm_keys=[obsm_key(embedding)]),
+        time=ta.TimeSampling(TIME_KEY, mode="populations", cells_per_time=cells_per_time),
+        split=ta.Split(holdout={TIME_KEY: [HELD_OUT_DAY]}),
         seed=seed,
     )
 

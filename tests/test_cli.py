@@ -124,7 +124,9 @@ def test_class_paths_resolve_from_the_current_directory(tmp_path, monkeypatch):
             "fit",
             "--model",
             "my_models.TinyModel",
-            "--data.obs_keys",
+            "--data.source",
+            "simulated",
+            "--data.fields.obs_keys",
             f"[{LABEL}]",
             "--data.load_kwargs",
             "{n_cells: 200}",
@@ -181,7 +183,7 @@ def predict_with(writer: AnnDataPredictionWriter, model, root: Path, dm) -> None
 
 def test_writer_places_rows_in_anndata_order_and_checks_its_arguments(tmp_path):
     dm = ta.AnnDataModule(
-        "simulated", load_kwargs={"n_cells": 100}, obs_keys=[LABEL], batch_size=30
+        "simulated", fields=ta.Fields(obs_keys=[LABEL]), batch_size=30, load_kwargs={"n_cells": 100}
     )
     with pytest.raises(ValueError, match="give the writer a key"):
         predict_with(AnnDataPredictionWriter(), ConstantPredictor(), tmp_path, dm)
@@ -199,14 +201,14 @@ def test_writer_places_rows_in_anndata_order_and_checks_its_arguments(tmp_path):
     assert adata.obs["label_again"].equals(adata.obs[LABEL].rename("label_again"))
 
     wrong = AnnDataPredictionWriter(key={"p": "p"}, decode={"p": "Well"})
-    with pytest.raises(KeyError, match="no label encoder for obs column 'Well'"):
+    with pytest.raises(KeyError, match="no encoder for obs column 'Well'"):
         predict_with(wrong, ConstantPredictor(as_dict=True), tmp_path, dm)
 
 
 def test_writer_copies_a_backed_file_and_says_where(tmp_path, caplog):
     source = tmp_path / "cells.h5ad"
     ta.datasets.simulated(n_cells=120, n_genes=40).write_h5ad(source)
-    dm = ta.AnnDataModule(source, backed=True, obs_keys=[LABEL], batch_size=50)
+    dm = ta.AnnDataModule(source, fields=ta.Fields(obs_keys=[LABEL]), batch_size=50, backed=True)
     out = tmp_path / "out.h5ad"
     with caplog.at_level(logging.INFO):
         predict_with(AnnDataPredictionWriter(out, key="X_two"), ConstantPredictor(), tmp_path, dm)

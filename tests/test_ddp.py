@@ -51,5 +51,7 @@ def test_ddp_two_ranks_see_every_train_cell_exactly_once(tmp_path):
         rows = [row for batches in per_rank for batch in batches for row in batch]
         assert sorted(rows) == sorted(train_rows), "a train cell was missed or repeated"
         assert max(len(b) for batches in per_rank for b in batches) <= 16
+        # batch_size is the batch size: only each rank's last batch may be shorter
+        assert all(len(b) == 16 for batches in per_rank for b in batches[:-1])
         orders.append(per_rank[0])
     assert orders[0] != orders[1], "set_epoch did not reshuffle"

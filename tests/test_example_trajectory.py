@@ -18,7 +18,7 @@ import torch_adata as ta
 
 REPO = Path(__file__).parents[1]
 CONFIG = "examples/configs/trajectory.yaml"
-SMALL = ["--data.load_kwargs.n_cells", "600", "--data.cells_per_time", "32"]
+SMALL = ["--data.load_kwargs.n_cells", "600", "--data.time.cells_per_time", "32"]
 
 
 @pytest.fixture(scope="module")

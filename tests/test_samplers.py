@@ -42,6 +42,15 @@ def flat(per_rank):
     return np.concatenate([np.concatenate(b) for b in per_rank])
 
 
+def assert_full_but_last(per_rank, batch_size):
+    """Every batch has batch_size entries but each rank's last, which has 1..batch_size."""
+    for batches in per_rank:
+        assert all(len(b) == batch_size for b in batches[:-1]), [len(b) for b in batches]
+        assert 1 <= len(batches[-1]) <= batch_size
+    last = [len(batches[-1]) for batches in per_rank]
+    assert max(last) - min(last) <= 1, f"ranks' last batches are not near-equal: {last}"
+
+
 def same_draw(a, b):
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
@@ -73,7 +82,38 @@ def test_sequential_exact_batches_per_rank():
         assert [b.tolist() for b in s] == expected[r]
         assert len(s) == 2
     one = SequentialBatchSampler(np.arange(100, 110), 4)
-    assert [b.tolist() for b in one] == [[100, 101, 102, 103], [104, 105, 106], [107, 108, 109]]
+    assert [b.tolist() for b in one] == [[100, 101, 102, 103], [104, 105, 106, 107], [108, 109]]
+
+
+def test_batch_size_means_the_batch_size():
+    # issue 13.2: 700 cells in batches of 64 are 10 x 64 + 60, not 63, 63, 62, ...
+    assert [len(b) for b in SequentialBatchSampler(700, 64)] == [64] * 10 + [60]
+    assert [len(b) for b in UniformBatchSampler(700, 64, seed=3)] == [64] * 10 + [60]
+    assert [len(b) for b in BlockShuffleSampler(700, 64, block_size=16)] == [64] * 10 + [60]
+    # two ranks: 5 full rounds of 2 x 64, then the 60 left shared 30/30 by the last batches
+    for r in (0, 1):
+        assert [len(b) for b in UniformBatchSampler(700, 64, num_replicas=2, rank=r)] == (
+            [64] * 5 + [30]
+        )
+
+
+def test_fewer_left_than_ranks_repeats_the_first_of_the_epoch():
+    # 13 positions, B=4, W=3: one full round (12), 1 left for 3 ranks -> 2 repeats
+    per_rank = [
+        [b.tolist() for b in SequentialBatchSampler(13, 4, num_replicas=3, rank=r)]
+        for r in range(3)
+    ]
+    assert per_rank == [[[0, 1, 2, 3], [12]], [[4, 5, 6, 7], [0]], [[8, 9, 10, 11], [1]]]
+    shuffled = shares(lambda **kw: UniformBatchSampler(13, 4, seed=2, **kw), 3)
+    got = flat(shuffled)
+    assert len(got) == 15 and set(got.tolist()) == set(range(13))
+    repeated = np.unique(got, return_counts=True)
+    assert (repeated[1] == 2).sum() == 2  # exactly W - r = 2 positions twice
+    # batch_size=1 with a count not divisible by the world size works the same way
+    assert [len(shares(lambda **kw: UniformBatchSampler(5, 1, **kw), 2)[r]) for r in (0, 1)] == [
+        3,
+        3,
+    ]
 
 
 @pytest.mark.parametrize(("rank", "world"), WORLDS)
@@ -88,8 +128,7 @@ def test_uniform_exactly_once_per_world(rank, world, shuffle):
     assert_exactly_once(per_rank, positions)
     assert_disjoint(per_rank)
     assert len(per_rank[rank]) == -(-103 // (10 * world))
-    sizes = [len(b) for batches in per_rank for b in batches]
-    assert max(sizes) <= 10 and max(sizes) - min(sizes) <= 1
+    assert_full_but_last(per_rank, 10)
     mine = list(make(rank=rank, num_replicas=world))
     assert same_draw(mine, per_rank[rank])
     if not shuffle:  # evaluation order: the input order, piece j on rank j % world
@@ -126,27 +165,32 @@ def test_uniform_and_block_properties(
             )
         return UniformBatchSampler(positions, batch_size, drop_last=drop_last, seed=seed, **kw)
 
-    feasible = (
-        n >= world * batch_size if drop_last else n >= world and (batch_size > 1 or n % world == 0)
-    )
+    feasible = n >= world * batch_size if drop_last else n >= world
     if not feasible:
         with pytest.raises(ValueError, match=r"ranks|drop_last"):
             make(rank=0, num_replicas=world)
         return
     per_rank = shares(make, world)
-    assert_disjoint(per_rank)
     got = flat(per_rank)
-    assert len(got) == len(np.unique(got))
     assert np.isin(got, positions).all()
     sizes = [len(b) for batches in per_rank for b in batches]
     if drop_last:
+        assert_disjoint(per_rank)
+        assert len(got) == len(np.unique(got))
         assert set(sizes) == {batch_size}
         assert len(got) == n - n % (world * batch_size)
         assert len(per_rank[0]) == n // (world * batch_size)
-    else:
-        assert_exactly_once(per_rank, positions)
-        assert max(sizes) <= batch_size and max(sizes) - min(sizes) <= 1
-        assert len(per_rank[0]) == -(-n // (world * batch_size))
+        return
+    k = -(-n // (world * batch_size))
+    assert len(per_rank[0]) == k
+    assert_full_but_last(per_rank, batch_size)
+    rest = n - (k - 1) * world * batch_size
+    pad = max(0, world - rest)
+    assert len(got) == n + pad  # every position once, plus W - r repeats when 0 < r < W
+    assert set(got.tolist()) == set(positions.tolist())
+    assert (np.unique(got, return_counts=True)[1] > 1).sum() == pad
+    if pad == 0:
+        assert_disjoint(per_rank)
 
 
 @pytest.mark.parametrize(("rank", "world"), WORLDS)
@@ -415,16 +459,16 @@ def test_clonal_whole_clones_exactly_once(rank, world):
     n_clones = len(np.unique(ids[ids >= 0]))
 
     def make(**kw):
-        return ClonalBatchSampler(ids, time, 4, seed=5, **kw)
+        return ClonalBatchSampler(ids, time, 5, seed=5, **kw)  # 37 clones: no repeats
 
     per_rank = shares(make, world)
-    assert len(per_rank[rank]) == -(-n_clones // (4 * world))
+    assert len(per_rank[rank]) == -(-n_clones // (5 * world))
     assert_disjoint(per_rank)
     seen = []
     for batches in per_rank:
         for b in batches:
             order = assert_clone_blocks(b, ids)
-            assert len(order) <= 4
+            assert len(order) <= 5
             seen.extend(order.tolist())
             for c in order:  # within a clone, sorted by time then position
                 cells = b[ids[b] == c]
@@ -488,40 +532,40 @@ def test_clonal_properties(
         )
 
     C = len(present)
-    if drop_last:
-        feasible = C >= world * clones_per_batch
-    else:  # one clone per batch cannot be dealt evenly unless C is a multiple of world
-        feasible = C >= world and (clones_per_batch > 1 or C % world == 0)
+    feasible = C >= world * clones_per_batch if drop_last else C >= world
     if not feasible:
         with pytest.raises(ValueError, match="clones"):
             make(rank=0, num_replicas=world)
         return
     per_rank = shares(make, world)
-    assert_disjoint(per_rank)
+    k = len(per_rank[0])
+    pad = 0 if drop_last else max(0, world - (C - (k - 1) * world * clones_per_batch))
+    if pad == 0:
+        assert_disjoint(per_rank)
     seen = []
     for batches in per_rank:
-        for b in batches:
+        for j, b in enumerate(batches):
             order = assert_clone_blocks(b, ids, whole=cells_per_clone is None)
-            if drop_last:
+            if drop_last or j < len(batches) - 1:
                 assert len(order) == clones_per_batch
             else:
-                assert len(order) <= clones_per_batch
+                assert 1 <= len(order) <= clones_per_batch
             seen.extend(order.tolist())
             if cells_per_clone is not None:
                 key = ids[b] * 10 + (time[b] if use_time else 0)
                 assert np.bincount(key).max() <= cells_per_clone
-    assert len(seen) == len(set(seen)), "a clone appeared twice in an epoch"
+    assert len(seen) - len(set(seen)) == pad, "only the W - r padding clones repeat"
     if drop_last:
         assert len(seen) == C - C % (world * clones_per_batch)
     else:
-        assert sorted(seen) == present.tolist()
+        assert sorted(set(seen)) == present.tolist()
         assert len(per_rank[0]) == -(-C // (world * clones_per_batch))
 
 
 def test_clonal_drop_last_only_drops_the_partial_batch():
     ids = np.repeat(np.arange(11), 3)
     full = list(ClonalBatchSampler(ids, None, 4))
-    assert [len(np.unique(ids[b])) for b in full] == [4, 4, 3]  # near-equal: all 11 clones
+    assert [len(np.unique(ids[b])) for b in full] == [4, 4, 3]  # all 11 clones
     dropped = list(ClonalBatchSampler(ids, None, 4, drop_last=True))
     assert [len(np.unique(ids[b])) for b in dropped] == [4, 4]
 
@@ -564,11 +608,6 @@ def test_world_from_process_group_and_late_group(monkeypatch):
             lambda: UniformBatchSampler(2, 2, num_replicas=3, rank=0),
             ValueError,
             "2 positions cannot be shared by 3 ranks",
-        ),
-        (
-            lambda: UniformBatchSampler(5, 1, num_replicas=2, rank=0),
-            ValueError,
-            "same number of batches without repeats",
         ),
         (
             lambda: UniformBatchSampler(15, 8, drop_last=True, num_replicas=2, rank=0),
@@ -624,11 +663,6 @@ def test_world_from_process_group_and_late_group(monkeypatch):
             lambda: ClonalBatchSampler([0, 0, 1], None, 1, num_replicas=3, rank=0),
             ValueError,
             "2 clones cannot be shared by 3 ranks",
-        ),
-        (
-            lambda: ClonalBatchSampler([0, 1, 2], None, 1, num_replicas=2, rank=0),
-            ValueError,
-            "3 clones in batches of 1 .* pass drop_last=True",
         ),
         (
             lambda: ClonalBatchSampler([0, 1], None, 5, drop_last=True),

@@ -64,7 +64,7 @@ def trainer(tmp_path, max_epochs: int = 1) -> pl.Trainer:
 
 def test_classifier_on_scaled_x_fails_before_training_and_names_raw(pbmc, tmp_path):
     classifier = load_example("classifier")
-    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], batch_size=128)
+    dm = ta.AnnDataModule(pbmc, fields=ta.Fields(obs_keys=["bulk_labels"]), batch_size=128)
     model = classifier.CellTypeClassifier(label_key="bulk_labels")
     with pytest.raises(
         ValueError,
@@ -73,7 +73,9 @@ def test_classifier_on_scaled_x_fails_before_training_and_names_raw(pbmc, tmp_pa
     ):
         trainer(tmp_path).fit(model, datamodule=dm)
     # the advice works: the log-normalised data of .raw train with a finite loss
-    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], layer="raw", batch_size=128)
+    dm = ta.AnnDataModule(
+        pbmc, fields=ta.Fields(obs_keys=["bulk_labels"], layer="raw"), batch_size=128
+    )
     fit = trainer(tmp_path)
     fit.fit(classifier.CellTypeClassifier(label_key="bulk_labels"), datamodule=dm)
     assert np.isfinite(float(fit.callback_metrics["train_loss"]))
@@ -81,7 +83,7 @@ def test_classifier_on_scaled_x_fails_before_training_and_names_raw(pbmc, tmp_pa
 
 def test_classifier_label_key_that_is_not_batched_lists_the_columns(pbmc, tmp_path):
     classifier = load_example("classifier")
-    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], layer="raw")
+    dm = ta.AnnDataModule(pbmc, fields=ta.Fields(obs_keys=["bulk_labels"], layer="raw"))
     with pytest.raises(
         ValueError,
         match=r"label_key 'cell_type' is not a categorical obs field.*\['bulk_labels'\].*"
@@ -100,7 +102,7 @@ def test_classifier_label_key_that_is_not_batched_lists_the_columns(pbmc, tmp_pa
 )
 def test_vae_needs_counts_and_says_so(pbmc, tmp_path, kwargs, problem):
     embedding = load_example("embedding")
-    dm = ta.AnnDataModule(pbmc, batch_size=128, **kwargs)
+    dm = ta.AnnDataModule(pbmc, fields=ta.Fields(**kwargs), batch_size=128)
     with pytest.raises(
         ValueError,
         match=r"CountVAE \(a count model\) needs non-negative integer counts, but "
@@ -178,7 +180,7 @@ def test_float_obs_column_with_nan_follows_the_na_rule(pbmc):
     ):
         AnnDataset(pbmc, obs_keys="percent_mito")
     with pytest.raises(ValueError, match=r"'percent_mito' has 2 missing"):
-        ta.AnnDataModule(pbmc, obs_keys=["percent_mito"]).setup("fit")
+        ta.AnnDataModule(pbmc, fields=ta.Fields(obs_keys=["percent_mito"])).setup("fit")
     values = AnnDataset(pbmc, obs_keys="percent_mito", na="code")[:]["percent_mito"]
     assert torch.isnan(values[[3, 7]]).all() and not torch.isnan(values[:3]).any()
 
@@ -235,7 +237,7 @@ def test_an_order_that_disagrees_with_the_labels_warns_and_the_days_win(krumsiek
 def test_ranks_only_when_asked(krumsiek):
     krumsiek.obs["day"] = pd.Categorical(krumsiek.obs["day"], categories=DAYS, ordered=True)
     assert time_dataset(krumsiek, time_ranks=True).time_points.tolist() == [0.0, 1.0, 2.0, 3.0]
-    dm = ta.AnnDataModule(krumsiek, time_key="day", time_kwargs={"time_ranks": True})
+    dm = ta.AnnDataModule(krumsiek, time=ta.TimeSampling("day", time_ranks=True))
     dm.setup("fit")
     assert dm.dataset.time_points.tolist() == [0.0, 1.0, 2.0, 3.0]
     krumsiek.obs["day"] = krumsiek.obs["day"].astype(str)
@@ -286,7 +288,11 @@ def test_labels_that_are_not_times_get_advice_in_the_right_order(krumsiek):
 
 
 def test_stratified_split_keeps_its_size_and_warns_about_small_classes(pbmc):
-    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], stratify_key="bulk_labels")
+    dm = ta.AnnDataModule(
+        pbmc,
+        fields=ta.Fields(obs_keys=["bulk_labels"]),
+        split=ta.Split(val_size=0.1, test_size=0.1, stratify_key="bulk_labels"),
+    )
     with pytest.warns(
         UserWarning,
         match=r"'bulk_labels': 1 of 10 classes have fewer than the 10 cells a split of 0\.1 "
@@ -310,7 +316,9 @@ def test_a_many_valued_column_keeps_the_split_sizes(pbmc):
 
 
 def test_a_continuous_column_cannot_be_stratified(pbmc):
-    dm = ta.AnnDataModule(pbmc, stratify_key="percent_mito")
+    dm = ta.AnnDataModule(
+        pbmc, split=ta.Split(val_size=0.1, test_size=0.1, stratify_key="percent_mito")
+    )
     with pytest.raises(
         ValueError,
         match=r"stratify_key 'percent_mito' cannot be stratified: it has 696 distinct values "
@@ -396,7 +404,9 @@ def test_extra_genes_are_dropped_and_duplicates_refused(pbmc):
 
 def test_a_model_predicts_the_same_on_reordered_genes_once_aligned(pbmc, shuffled, tmp_path):
     classifier = load_example("classifier")
-    dm = ta.AnnDataModule(pbmc, obs_keys=["bulk_labels"], layer="raw", batch_size=128)
+    dm = ta.AnnDataModule(
+        pbmc, fields=ta.Fields(obs_keys=["bulk_labels"], layer="raw"), batch_size=128
+    )
     model = classifier.CellTypeClassifier(label_key="bulk_labels", lr=1e-2)
     trainer(tmp_path, max_epochs=15).fit(model, datamodule=dm)
     model.eval()

@@ -70,12 +70,14 @@ def test_population_ranks_are_disjoint(larry_like):
 
 
 def test_initial_cells_mode(larry_like):
-    ds = TimeResolvedAnnDataset(larry_like, mode="initial", X=False, obsm_keys=["X_latent"])
+    ds = TimeResolvedAnnDataset(
+        larry_like, "Time point", mode="initial", X=False, obsm_keys=["X_latent"]
+    )
     batch = next(iter(_loader(ds, ds.batch_sampler(batch_size=64))))
     assert torch.all(batch["t"] == 2.0)
     assert batch["t_eval"].tolist() == [2.0, 4.0, 6.0]
     later = TimeResolvedAnnDataset(
-        larry_like, mode="initial", start_time=4, X=False, obsm_keys=["X_latent"]
+        larry_like, "Time point", mode="initial", start_time=4, X=False, obsm_keys=["X_latent"]
     )
     batch = next(iter(_loader(later, later.batch_sampler(batch_size=16))))
     assert torch.all(batch["t"] == 4.0) and batch["t_eval"].tolist() == [4.0, 6.0]
@@ -85,7 +87,7 @@ def test_initial_cells_mode(larry_like):
 def test_lineage_batches_group_whole_clones(larry_like, clone_key):
     with pytest.warns(UserWarning, match="single time point"):
         ds = TimeResolvedAnnDataset(
-            larry_like, mode="lineage", clone_key=clone_key, return_index=True
+            larry_like, "Time point", mode="lineage", clone_key=clone_key, return_index=True
         )
     truth = larry_like.obs["clone_id"].to_numpy()
     sampler = ds.batch_sampler(clones_per_batch=8, seed=1)
@@ -101,17 +103,17 @@ def test_lineage_batches_group_whole_clones(larry_like, clone_key):
 
 def test_single_time_clones_reported_and_dropped(larry_like):
     with pytest.warns(UserWarning, match="seen at a single time point") as record:
-        undecided = TimeResolvedAnnDataset(larry_like, clone_key="clone_id")
+        undecided = TimeResolvedAnnDataset(larry_like, "Time point", clone_key="clone_id")
     single = undecided.single_time_clones
     assert len(single) > 0 and str(len(single)) in str(record[0].message)
     assert (undecided.clone_table.loc[single, "n_time_points"] == 1).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the user chose: no warning either way
         dropped = TimeResolvedAnnDataset(
-            larry_like, clone_key="clone_id", drop_single_time_clones=True
+            larry_like, "Time point", clone_key="clone_id", drop_single_time_clones=True
         )
         kept = TimeResolvedAnnDataset(
-            larry_like, clone_key="clone_id", drop_single_time_clones=False
+            larry_like, "Time point", clone_key="clone_id", drop_single_time_clones=False
         )
     np.testing.assert_array_equal(dropped.single_time_clones, single)  # the report stays
     assert (dropped.clone_table["n_time_points"] >= 2).all()
@@ -124,6 +126,7 @@ def test_single_time_clones_reported_and_dropped(larry_like):
 def test_batch_keys_do_not_depend_on_the_dataset_mode(larry_like, dataset_mode):
     ds = TimeResolvedAnnDataset(
         larry_like,
+        "Time point",
         mode=dataset_mode,
         clone_key="clone_id",
         drop_single_time_clones=True,
@@ -144,7 +147,7 @@ def test_batch_keys_do_not_depend_on_the_dataset_mode(larry_like, dataset_mode):
 
 
 def test_gather_checks_its_rows(larry_like):
-    ds = TimeResolvedAnnDataset(larry_like, X=False, obsm_keys=["X_latent"])
+    ds = TimeResolvedAnnDataset(larry_like, "Time point", X=False, obsm_keys=["X_latent"])
     n = len(ds)
     with pytest.raises(IndexError, match=rf"Index {n} is out of range for a dataset of {n}"):
         ds.gather(np.array([0, n]))
@@ -159,7 +162,7 @@ def test_backed_equals_in_memory(larry_like, tmp_path):
     batches = []
     for source in (larry_like, str(path), ad.read_h5ad(path, backed="r")):
         ds = TimeResolvedAnnDataset(
-            source, obs_keys=["Cell type annotation"], obsm_keys=["X_clone"]
+            source, "Time point", obs_keys=["Cell type annotation"], obsm_keys=["X_clone"]
         )
         batches.append(next(iter(_loader(ds, ds.batch_sampler(cells_per_time=30, seed=2)))))
     for other in batches[1:]:
@@ -217,6 +220,12 @@ def test_multi_clone_policies(larry_like):
     clones[0, :2] = 1
     a.obsm["X_clone"] = clones.tocsr()
     with pytest.warns(UserWarning):
-        dropped = TimeResolvedAnnDataset(a, clone_key="X_clone", multi_clone="drop")
-        first = TimeResolvedAnnDataset(a, clone_key="X_clone", multi_clone="first")
+        dropped = TimeResolvedAnnDataset(a, "Time point", clone_key="X_clone", multi_clone="drop")
+        first = TimeResolvedAnnDataset(a, "Time point", clone_key="X_clone", multi_clone="first")
     assert dropped.clone_ids[0] == -1 and first.clone_ids[0] == 0
+
+
+def test_time_key_is_required(larry_like):
+    # no column name is assumed: a time course of one's own must say where its times are
+    with pytest.raises(TypeError, match="time_key"):
+        TimeResolvedAnnDataset(larry_like)

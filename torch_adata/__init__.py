@@ -14,6 +14,7 @@ from ._batch import SparseBatch, collate, densify
 from ._counts import check_counts
 from ._fields import CategoryEncoder, UnknownCategoryError
 from .dataset import AnnDataset
+from .options import Fields, Loader, Split, TimeSampling
 
 __version__ = "0.2.0.dev0"
 
@@ -21,8 +22,12 @@ __all__ = [
     "AnnDataModule",
     "AnnDataset",
     "CategoryEncoder",
+    "Fields",
+    "Loader",
     "SparseBatch",
+    "Split",
     "TimeResolvedAnnDataset",
+    "TimeSampling",
     "UnknownCategoryError",
     "check_counts",
     "collate",

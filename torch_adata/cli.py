@@ -29,9 +29,8 @@ from typing import Any
 
 import anndata as ad
 import lightning.pytorch as pl
-import pandas as pd
 import yaml
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from .datamodule import AnnDataModule
@@ -64,7 +63,7 @@ def _missing_jsonargparse() -> str | None:
 __all__ = ["AnnDataCLI", "AnnDataPredictionWriter", "check_class_path", "main", "run_cli"]
 
 
-class AnnDataPredictionWriter(BasePredictionWriter):
+class AnnDataPredictionWriter(Callback):
     """Write ``predict`` outputs into a copy of the data module's AnnData and save it as ``.h5ad``.
 
     Uses :meth:`AnnDataModule.write_predictions <torch_adata.AnnDataModule.write_predictions>`,
@@ -76,18 +75,23 @@ class AnnDataPredictionWriter(BasePredictionWriter):
         Where to save the ``.h5ad`` (parent directories are created); default
         ``<trainer.default_root_dir>/predictions.h5ad``.
     key
-        For a model whose ``predict_step`` returns a tensor: the obsm key (2-D output) or obs
-        column (1-D). For dict outputs: ``{output name: key}``, or ``None`` to use the output
-        names as keys.
+        Where the outputs go, as ``key`` of
+        :meth:`~torch_adata.AnnDataModule.write_predictions`: a name for a tensor output (the
+        obsm key of a 2-D output, the obs column of a 1-D one), a list of names for a tuple,
+        ``None`` (entries under their own names) or ``{output name: key}`` for a dict.
     decode
-        ``{written obs column: obs column of the labels}``: integer codes in the written column
-        are replaced by the label names of the data module's encoder for that obs column (e.g.
-        ``{"predicted": "Cell type annotation"}``), as a categorical column.
+        ``{written key: obs column of the labels}``, as ``labels`` of
+        :meth:`~torch_adata.AnnDataModule.write_predictions`: label codes (or per-class scores)
+        become a categorical obs column of label names (e.g.
+        ``{"predicted": "Cell type annotation"}``).
 
     Notes
     -----
     For a data module that reads a backed ``.h5ad``, the file is loaded into memory once to
     write the copy. Run ``predict`` on one device: the predictions of all batches must be in this process.
+    It is a plain ``Callback`` that reads the predict loop's outputs at the end of the epoch,
+    not a ``BasePredictionWriter``: it needs no batch indices, so Lightning has none to infer
+    (and no "Couldn't infer the batch indices" warning to give).
     """
 
     def __init__(
@@ -96,11 +100,21 @@ class AnnDataPredictionWriter(BasePredictionWriter):
         key: str | Mapping[str, str] | None = None,
         decode: Mapping[str, str] | None = None,
     ):
-        super().__init__(write_interval="epoch")
+        super().__init__()
         self.output_path = None if output_path is None else Path(output_path)
         self.key = key
         self.decode = dict(decode or {})
         self.written_path: Path | None = None  # set once predictions are saved
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the epoch's predictions (Lightning calls this at the end of ``predict``).
+
+        Parameters
+        ----------
+        trainer, pl_module
+            The running trainer and model.
+        """
+        self.write_on_epoch_end(trainer, pl_module, trainer.predict_loop.predictions, [])
 
     def write_on_epoch_end(
         self,
@@ -109,6 +123,17 @@ class AnnDataPredictionWriter(BasePredictionWriter):
         predictions: Sequence[Any],
         batch_indices: Sequence[Any],
     ) -> None:
+        """Write ``predictions`` into a copy of the data module's AnnData and save it.
+
+        Parameters
+        ----------
+        trainer, pl_module
+            The running trainer and model.
+        predictions
+            The outputs of every predict batch, in loader order.
+        batch_indices
+            Unused (rows come from the data module's predict loader).
+        """
         datamodule = trainer.datamodule
         if not isinstance(datamodule, AnnDataModule):
             raise TypeError(
@@ -125,34 +150,17 @@ class AnnDataPredictionWriter(BasePredictionWriter):
                 "No predictions reached the writer: call trainer.predict with "
                 "return_predictions=True (the default on one device)."
             )
-        key = self.key
-        if key is None:
-            if not isinstance(predictions[0], Mapping):
-                raise ValueError(
-                    "The model's predict_step returns a tensor: give the writer a key "
-                    '(e.g. key: "X_model") to name the obsm entry.'
-                )
-            key = {name: name for name in predictions[0]}
+        if self.key is None and not isinstance(predictions[0], Mapping):
+            raise ValueError(
+                "The model's predict_step returns a tensor (or a tuple): give the writer a key "
+                '(e.g. key: "X_model", or a list of names for a tuple) to name the output.'
+            )
         target = None
         if datamodule.adata is None:  # rows were read from a backed file: write into a copy
             target = ad.read_h5ad(datamodule.source)
-        adata = datamodule.write_predictions(predictions, key=key, adata=target)
-        for column, label_key in self.decode.items():
-            encoders = datamodule.dataset.encoders
-            if label_key not in encoders:
-                raise KeyError(
-                    f"decode: no label encoder for obs column {label_key!r}; the data module "
-                    f"encodes {sorted(encoders)}. Add it to data.obs_keys."
-                )
-            if column not in adata.obs:
-                raise KeyError(
-                    f"decode: the predictions wrote no obs column {column!r} "
-                    f"(they wrote obs {list(adata.obs.columns[-3:])}, obsm {list(adata.obsm)})."
-                )
-            encoder = encoders[label_key]
-            # cells outside the predicted split hold <NA>: code -1 decodes to a missing label
-            labels = encoder.decode(adata.obs[column].fillna(-1).to_numpy(dtype="int64"))
-            adata.obs[column] = pd.Categorical(labels, categories=encoder.categories)
+        adata = datamodule.write_predictions(
+            predictions, key=self.key, labels=self.decode or None, adata=target
+        )
         path = self.output_path or Path(trainer.default_root_dir) / "predictions.h5ad"
         path.parent.mkdir(parents=True, exist_ok=True)
         adata.write_h5ad(path)

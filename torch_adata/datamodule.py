@@ -6,7 +6,8 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import anndata as ad
 import lightning.pytorch as pl
@@ -16,10 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import samplers
-from ._batch import collate
+from ._batch import collate, densify
 from ._fields import CategoryEncoder, UnknownCategoryError
 from ._source import FieldKeyError
 from .dataset import AnnDataset, positions
+from .options import Fields, Loader, Split, TimeSampling, as_options
 from .splits import fingerprint, make_splits
 from .time_resolved import TimeResolvedAnnDataset
 
@@ -64,14 +66,41 @@ class SplitDataset(Subset):
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
             return self.dataset[int(self.indices[positions(index, len(self.indices))[0]])]
-        return self.dataset._gather(self.indices[positions(index, len(self.indices))])
+        return self.dataset.gather(self.indices[positions(index, len(self.indices))])
 
     def __getitems__(self, indices: Sequence[int]):
         """Fetch a whole batch in one vectorised call (used by ``DataLoader``)."""
-        return self.dataset._gather(self.indices[positions(indices, len(self.indices))])
+        return self.dataset.gather(self.indices[positions(indices, len(self.indices))])
 
     def __repr__(self) -> str:
         return f"SplitDataset {self.name!r}: {len(self)} of the {len(self.dataset)} cells"
+
+
+_FIELDS = (
+    "layer obs_keys obsm_keys X dtype obsm_dtype obs_dtypes encoders sparse return_index na"
+).split()
+_TIME = ("time_key", "sampling", "cells_per_time", "clone_key", "clones_per_batch")
+_SPLIT = ("val_size", "test_size", "stratify_key", "holdout", "holdout_split", "split_indices")
+_LOADER = "shuffle drop_last persistent_workers pin_memory sampler block_size pool_batches".split()
+
+
+def _new_spelling(name: str) -> str:
+    """Where a keyword of the 0.2 development data module went (for the TypeError)."""
+    if name in _FIELDS:
+        return f"fields=Fields({name}=...)"
+    if name == "sampling":
+        return "time=TimeSampling(time_key=..., mode=...)"
+    if name in _TIME or name == "cells_per_clone":
+        return f"time=TimeSampling(time_key=..., {name}=...)"
+    if name == "time_kwargs":
+        return "time=TimeSampling(time_key=..., start_time=..., multi_clone=...)"
+    if name == "split_indices":
+        return "split=Split(indices=...)"
+    if name in _SPLIT:
+        return f"split=Split({name}=...)"
+    if name in _LOADER or name == "multiprocessing_context":
+        return f"loader=Loader({name}=...)"
+    return ""
 
 
 class AnnDataModule(pl.LightningDataModule):
@@ -81,152 +110,90 @@ class AnnDataModule(pl.LightningDataModule):
     ----------
     source
         An AnnData (never modified), a path to an ``.h5ad`` file, or a dataset name from
-        :func:`torch_adata.datasets.available_datasets` (``"simulated"``, ``"larry"``).
+        :func:`torch_adata.datasets.available_datasets` (e.g. ``"simulated"``, ``"larry"``).
+    fields
+        What each batch carries (:class:`~torch_adata.Fields`, or a dict of its fields).
+    time
+        For a time course: how batches are sampled (:class:`~torch_adata.TimeSampling`, or a
+        dict); batches then come from :class:`~torch_adata.TimeResolvedAnnDataset`.
+    split
+        Which cells validate and test (:class:`~torch_adata.Split`, or a dict). Default: every
+        cell trains, no validation or test loader.
+    batch_size
+        Cells per batch: every batch has ``batch_size`` cells except the last of an epoch (of
+        each rank under DDP), unless ``loader.drop_last``. With ``time``, see
+        :class:`~torch_adata.TimeSampling` for the sizes of each mode.
+    num_workers
+        DataLoader worker processes (``0``: load in the training process).
+    loader
+        The other DataLoader options (:class:`~torch_adata.Loader`, or a dict).
+    seed
+        Seeds the split, every sampler and the worker generators.
     load_kwargs
         Keyword arguments of the named dataset's loader (e.g. ``{"n_cells": 4000}``).
     backed
-        For a path: load the file into memory (``False``, the default: training reads every
-        cell many times, fastest from memory) or read rows from the file on demand (``True``,
-        for files larger than memory). Note that :class:`~torch_adata.AnnDataset` defaults
-        to reading a path on demand instead.
+        For a path: load the file into memory (``False``, the default) or read rows from the
+        file on demand (``True``, for files larger than memory).
     preprocess
         Keyword arguments of :func:`torch_adata.datasets.preprocess` to run after loading
         (e.g. ``{"n_pcs": 50}`` to batch ``obsm["X_pca"]``); ``None`` for none.
-    layer, obs_keys, obsm_keys, X, sparse, return_index, na
-        What each batch carries: see :class:`~torch_adata.AnnDataset`.
-    dtype, obsm_dtype, obs_dtypes
-        dtypes of the expression field, of obsm fields, and per obs column: see
-        :class:`~torch_adata.AnnDataset`.
-    encoders
-        Category encoders to reuse, keyed by obs column (e.g. ``AnnDataset(...).encoders``);
-        other categorical columns get one fitted on this data. A checkpoint's encoders
-        (restored by :meth:`load_state_dict`) replace these.
-    time_key
-        obs column of time points: batches then come from
-        :class:`~torch_adata.TimeResolvedAnnDataset`, sampled per ``sampling`` in training.
-    sampling
-        With ``time_key``: ``"populations"``, ``"initial"`` or ``"lineage"``.
-    cells_per_time, clone_key, clones_per_batch, cells_per_clone, time_kwargs
-        Options of the time-resolved dataset and its samplers.
-    val_size, test_size, stratify_key, holdout, holdout_split, split_indices
-        The split: see :func:`torch_adata.splits.make_splits`. Predict covers every cell.
-    batch_size, shuffle, drop_last, num_workers, persistent_workers, pin_memory
-        DataLoader options. Shuffle and drop_last apply to training only.
-        ``persistent_workers`` defaults to ``True`` whenever there are workers: they then
-        start once, not every epoch (each start forks, re-maps the batch buffers and, under
-        ``spawn``, re-reads the file's layout).
-    sampler
-        Training order of plain datasets: ``"uniform"`` (default) or ``"block"``
-        (:class:`~torch_adata.samplers.BlockShuffleSampler`, faster on disk, less diverse).
-    block_size, pool_batches
-        Options of the block sampler.
-    multiprocessing_context
-        ``"fork"``, ``"spawn"`` or ``None`` (the platform default) for worker processes.
-    seed
-        Seeds the split, every sampler and the worker generators.
+    **legacy
+        Keywords of the former flat signature (``obs_keys=``, ``val_size=``, ...): refused.
+
+    Raises
+    ------
+    TypeError
+        A keyword of the former flat signature: the message gives its new spelling.
 
     Notes
     -----
-    Distributed training: every sampler is a ``DistributedSampler`` (Lightning keeps it). Each
-    epoch, every cell of the train split is seen exactly once across ranks, and every rank gets
-    the same number of batches: batches are cut a little smaller rather than padded with repeats
-    (``drop_last=True`` drops the remainder instead, for fixed batch sizes).
+    Distributed training: every sampler is a ``DistributedSampler`` (Lightning keeps it), and
+    every rank gets the same number of batches; the exact rule, including the rare case where
+    a few cells repeat, is in :mod:`torch_adata.samplers`.
     """
 
     def __init__(
         self,
-        source: str | os.PathLike | ad.AnnData = "simulated",
+        source: str | os.PathLike | ad.AnnData,
         *,
+        fields: Fields | dict[str, Any] | None = None,
+        time: TimeSampling | dict[str, Any] | None = None,
+        split: Split | dict[str, Any] | None = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        loader: Loader | dict[str, Any] | None = None,
+        seed: int = 0,
         load_kwargs: dict[str, Any] | None = None,
         backed: bool = False,
         preprocess: dict[str, Any] | None = None,
-        layer: str | None = None,
-        obs_keys: Sequence[str] = (),
-        obsm_keys: Sequence[str] = (),
-        X: bool = True,
-        dtype: torch.dtype = torch.float32,
-        obsm_dtype: torch.dtype = torch.float32,
-        obs_dtypes: Mapping[str, torch.dtype] | None = None,
-        encoders: Mapping[str, CategoryEncoder] | None = None,
-        sparse: bool = False,
-        return_index: bool = False,
-        na: Literal["raise", "code"] = "raise",
-        time_key: str | None = None,
-        sampling: Literal["populations", "initial", "lineage"] = "populations",
-        cells_per_time: int = 128,
-        clone_key: str | None = None,
-        clones_per_batch: int = 16,
-        cells_per_clone: int | None = None,
-        time_kwargs: dict[str, Any] | None = None,
-        val_size: float | int = 0.1,
-        test_size: float | int = 0.1,
-        stratify_key: str | None = None,
-        holdout: dict[str, Any] | None = None,
-        holdout_split: Literal["test", "val"] = "test",
-        split_indices: dict[str, Sequence[int]] | None = None,
-        batch_size: int = 256,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        num_workers: int = 0,
-        persistent_workers: bool | None = None,
-        pin_memory: bool = False,
-        sampler: Literal["uniform", "block"] = "uniform",
-        block_size: int = 64,
-        pool_batches: int = 16,
-        multiprocessing_context: str | None = None,
-        seed: int = 0,
+        **legacy: Any,
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        if sampler not in ("uniform", "block"):
-            raise ValueError(f"sampler must be 'uniform' or 'block', got {sampler!r}.")
+        if legacy:
+            moves = [f"{name}= -> {_new_spelling(name)}" for name in legacy if _new_spelling(name)]
+            unknown = [name for name in legacy if not _new_spelling(name)]
+            raise TypeError(
+                "AnnDataModule takes its options grouped: "
+                + "; ".join(moves + [f"unknown keyword {name!r}" for name in unknown])
+                + " (Fields, TimeSampling, Split and Loader are in torch_adata)."
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}.")
         self.source = source
         self.load_kwargs = dict(load_kwargs or {})
         self.backed = backed
         self.preprocess = preprocess
-        self.dataset_kwargs = {
-            "layer": layer,
-            "obs_keys": list(obs_keys),
-            "obsm_keys": list(obsm_keys),
-            "X": X,
-            "dtype": dtype,
-            "obsm_dtype": obsm_dtype,
-            "obs_dtypes": dict(obs_dtypes or {}),
-            "sparse": sparse,
-            "return_index": return_index,
-            "na": na,
-        }
-        self.time_key = time_key
-        self.sampling = sampling
-        self.cells_per_time = cells_per_time
-        self.clone_key = clone_key
-        self.clones_per_batch = clones_per_batch
-        self.cells_per_clone = cells_per_clone
-        self.time_kwargs = dict(time_kwargs or {})
-        self.split_kwargs = {
-            "val_size": val_size,
-            "test_size": test_size,
-            "stratify_key": stratify_key,
-            "holdout": holdout,
-            "holdout_split": holdout_split,
-            "indices": split_indices,
-        }
-        self.loader_kwargs = {
-            "num_workers": num_workers,
-            "pin_memory": pin_memory,
-            "persistent_workers": num_workers > 0 and persistent_workers is not False,
-            "multiprocessing_context": multiprocessing_context if num_workers > 0 else None,
-        }
+        self.fields = as_options(fields, Fields, "fields")
+        self.time = None if time is None else as_options(time, TimeSampling, "time")
+        self.split = as_options(split, Split, "split")
+        self.loader_options = as_options(loader, Loader, "loader")
         self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.sampler_kind = sampler
-        self.block_size = block_size
-        self.pool_batches = pool_batches
+        self.num_workers = num_workers
         self.seed = seed
-        self._given_encoders = dict(encoders or {})
         self._checkpoint_encoders: dict[str, CategoryEncoder] = {}
+        self._checkpoint_genes: list[str] | None = None
         self._adata: ad.AnnData | None = None
         self._data: ad.AnnData | str | None = None
         self.dataset: AnnDataset | None = None
@@ -234,9 +201,26 @@ class AnnDataModule(pl.LightningDataModule):
         self._fingerprint: dict[str, int | str] | None = None
         self._checkpoint_split: dict[str, Any] | None = None  # restored once data is loaded
         self._stage: str | None = None  # Lightning's stage between setup and teardown
-        # Encoders travel in state_dict (plain lists, loadable with weights_only=True).
-        ignore = ["encoders", "source"] if isinstance(source, ad.AnnData) else ["encoders"]
-        self.save_hyperparameters(ignore=ignore, logger=False)
+        # Plain values only (loadable with weights_only=True); encoders travel in state_dict.
+        in_memory = isinstance(source, ad.AnnData)
+        hparams = {
+            "source": None if in_memory else source if isinstance(source, str) else str(source),
+            "fields": {k: v for k, v in asdict(self.fields).items() if k != "encoders"},
+            "time": None if self.time is None else asdict(self.time),
+            "split": asdict(self.split),
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+            "loader": asdict(self.loader_options),
+            "seed": seed,
+            "load_kwargs": self.load_kwargs,
+            "backed": backed,
+            "preprocess": preprocess,
+        }
+        self.save_hyperparameters(hparams, ignore=["source"] if in_memory else [], logger=False)
+
+    @property
+    def _given_encoders(self) -> dict[str, CategoryEncoder]:
+        return self.fields.encoders
 
     # -- data -------------------------------------------------------------------------------
 
@@ -280,8 +264,22 @@ class AnnDataModule(pl.LightningDataModule):
             Lightning's stage (``"fit"``, ``"validate"``, ``"test"``, ``"predict"``); every
             stage builds the same dataset and split. A checkpoint's split restored before
             (see :meth:`load_state_dict`) is applied here.
+
+        Raises
+        ------
+        ValueError
+            ``"validate"`` or ``"test"`` without a split of that name in :attr:`split`.
         """
         self._stage = stage
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)
+        needs = {"validate": "val", "test": "test"}.get(stage or "")
+        if needs is not None and not self.split.has(needs):
+            size = "val_size" if needs == "val" else "test_size"
+            raise ValueError(
+                f"trainer.{stage} needs a {needs} split, and this data module has none (the "
+                f"default split holds nothing out): pass split=Split({size}=0.1) (or a "
+                "holdout, or indices)."
+            )
         if self.dataset is None:
             self._data = self._load()
             self._adata = self._data if isinstance(self._data, ad.AnnData) else None
@@ -290,7 +288,8 @@ class AnnDataModule(pl.LightningDataModule):
         if self._checkpoint_split is not None:
             self._restore_split()
         if self._splits is None:
-            self._splits = make_splits(self.dataset.obs, seed=self.seed, **self.split_kwargs)
+            split = asdict(self.split)
+            self._splits = make_splits(self.dataset.obs, seed=self.seed, **split)
             sizes = ", ".join(f"{k} {len(v)}" for k, v in self._splits.items())
             log.info("torch_adata splits (seed %d): %s cells", self.seed, sizes)
 
@@ -330,7 +329,7 @@ class AnnDataModule(pl.LightningDataModule):
     def _build_dataset(self) -> AnnDataset:
         encoders = dict(self._given_encoders)
         for key, restored in self._checkpoint_encoders.items():
-            if key not in self.dataset_kwargs["obs_keys"]:
+            if key not in self.fields.obs_keys:
                 continue  # kept in self.encoders, to decode a model's outputs
             if key in encoders and encoders[key] != restored:
                 raise ValueError(
@@ -339,18 +338,13 @@ class AnnDataModule(pl.LightningDataModule):
                     "encoders= to use the checkpoint's codes."
                 )
             encoders[key] = restored
-        options = {**self.dataset_kwargs, "encoders": encoders, "backed": self.backed}
+        options = {**self.fields.dataset_kwargs(), "encoders": encoders, "backed": self.backed}
+        if options["var_names"] is None and self.fields.X:
+            options["var_names"] = self._checkpoint_genes  # the genes the model was trained on
         try:
-            if self.time_key is None:
+            if self.time is None:
                 return AnnDataset(self._data, **options)
-            return TimeResolvedAnnDataset(
-                self._data,
-                self.time_key,
-                mode=self.sampling,
-                clone_key=self.clone_key,
-                **self.time_kwargs,
-                **options,
-            )
+            return TimeResolvedAnnDataset(self._data, **self.time.dataset_kwargs(), **options)
         except UnknownCategoryError as err:
             if err.column not in self._checkpoint_encoders:
                 raise
@@ -381,14 +375,28 @@ class AnnDataModule(pl.LightningDataModule):
         key
             An obs column with an encoder, e.g. the label column the model was trained on.
         codes
-            Codes from a batch or a model's predictions (tensor, array or list).
+            Codes from a batch or a model's predictions (tensor, array, list or pandas
+            column). Missing codes (``-1``, NaN, ``<NA>``, ``None``: cells without a
+            prediction) decode to ``None``.
+
+        Returns
+        -------
+        numpy.ndarray
+            The labels (object array), ``None`` where a code is missing.
         """
         encoders = self.encoders
         if key not in encoders:
             raise FieldKeyError(
                 f"No encoder for {key!r}; encoders exist for {sorted(encoders)}. Add the "
-                "column to obs_keys, or load a checkpoint that has it."
+                "column to fields=Fields(obs_keys=[...]), or load a checkpoint that has it."
             )
+        if isinstance(codes, torch.Tensor):
+            codes = codes.detach().cpu().numpy()
+        missing = pd.isna(pd.Series(np.asarray(codes, dtype=object).reshape(-1))).to_numpy()
+        if missing.any():
+            filled = np.asarray(codes, dtype=object).reshape(-1).copy()
+            filled[missing] = -1
+            codes = filled.astype(np.int64).reshape(np.shape(codes))
         return encoders[key].decode(codes)
 
     @property
@@ -413,31 +421,32 @@ class AnnDataModule(pl.LightningDataModule):
         """The batch sampler of a split: yields positions into ``rows`` (its SplitDataset)."""
         n = len(rows)
         common = {"seed": self.seed}
+        options = self.loader_options
         if isinstance(self.dataset, TimeResolvedAnnDataset) and train:
             return self.dataset.batch_sampler(
                 indices=rows,
                 batch_size=self.batch_size,
-                cells_per_time=self.cells_per_time,
-                clones_per_batch=self.clones_per_batch,
-                cells_per_clone=self.cells_per_clone,
-                shuffle=self.shuffle,
-                drop_last=self.drop_last,
+                cells_per_time=self.time.cells_per_time,
+                clones_per_batch=self.time.clones_per_batch,
+                cells_per_clone=self.time.cells_per_clone,
+                shuffle=options.shuffle,
+                drop_last=options.drop_last,
                 **common,
             )
-        if train and self.sampler_kind == "block":
+        if train and options.sampler == "block":
             return samplers.BlockShuffleSampler(
                 n,
                 self.batch_size,
-                block_size=self.block_size,
-                pool_batches=self.pool_batches,
-                drop_last=self.drop_last,
+                block_size=options.block_size,
+                pool_batches=options.pool_batches,
+                drop_last=options.drop_last,
                 **common,
             )
         return samplers.UniformBatchSampler(
             n,
             self.batch_size,
-            shuffle=train and self.shuffle,
-            drop_last=train and self.drop_last,
+            shuffle=train and options.shuffle,
+            drop_last=train and options.drop_last,
             **common,
         )
 
@@ -447,37 +456,68 @@ class AnnDataModule(pl.LightningDataModule):
         Parameters
         ----------
         split
-            Which split. ``"train"`` is shuffled (per ``sampler``/``sampling``); the others
-            are read in row order.
+            Which split. ``"train"`` is shuffled (per ``loader.sampler`` or ``time.mode``);
+            the others are read in row order.
         """
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
         rows = self.splits[split]
         if len(rows) == 0:
+            size = "val_size" if split == "val" else "test_size"
             raise ValueError(
-                f"The {split} split is empty; set its size (val_size/test_size) or holdout."
+                f"The {split} split is empty: ask for one with split=Split({size}=0.1) (or a "
+                "holdout, or indices)."
             )
         dataset = SplitDataset(self.dataset, rows, split)
         generator = torch.Generator().manual_seed(self.seed)
+        options, workers = self.loader_options, self.num_workers
         return DataLoader(
             dataset,
             sampler=self._sampler(rows, split == "train"),
             batch_size=None,
             collate_fn=collate,
             generator=generator,
-            **self.loader_kwargs,
+            num_workers=workers,
+            pin_memory=options.pin_memory,
+            persistent_workers=workers > 0 and options.persistent_workers is not False,
+            multiprocessing_context=options.multiprocessing_context if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
         """The training loader: ``loader("train")``."""
         return self.loader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        """The validation loader: ``loader("val")``."""
+    # Lightning runs (and warns about) a loop whose loader method the data module has. A
+    # split that the options leave empty therefore has no loader method (the property is
+    # None), so a model without validation_step meets no "val_dataloader but no
+    # validation_step" warning unless a validation split was asked for.
+    @property
+    def val_dataloader(self):
+        """The validation loader method, ``loader("val")``; ``None`` without a val split."""
+        return self._val_dataloader if self.split.has("val") else None
+
+    @property
+    def test_dataloader(self):
+        """The test loader method, ``loader("test")``; ``None`` without a test split."""
+        return self._test_dataloader if self.split.has("test") else None
+
+    # Likewise, the hook exists only with Fields(densify=True): a model's own
+    # on_after_batch_transfer then runs without Lightning's "overridden in LightningModule but
+    # a LightningDataModule was passed" warning.
+    @property
+    def on_after_batch_transfer(self):
+        """Densify batches on the device (:func:`~torch_adata.densify`); ``None`` unless
+        ``Fields(sparse=True, densify=True)``."""
+        return self._densify if self.fields.densify and self.fields.sparse else None
+
+    @staticmethod
+    def _densify(batch: Any, dataloader_idx: int) -> Any:
+        return densify(batch)
+
+    def _val_dataloader(self) -> DataLoader:
         return self.loader("val")
 
-    def test_dataloader(self) -> DataLoader:
-        """The test loader: ``loader("test")``."""
+    def _test_dataloader(self) -> DataLoader:
         return self.loader("test")
 
     def predict_dataloader(self) -> DataLoader:
@@ -497,19 +537,26 @@ class AnnDataModule(pl.LightningDataModule):
         encoders = self.encoders
         if encoders:
             state["encoders"] = {k: e.to_dict() for k, e in encoders.items()}
+        if self.dataset is not None and "X" in self.dataset.fields:
+            state["var_names"] = [str(g) for g in self.dataset.var_names]
+        elif self._checkpoint_genes is not None:
+            state["var_names"] = list(self._checkpoint_genes)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the split and the label encoders of a checkpoint.
 
-        Lightning calls this with ``ckpt_path=`` (after :meth:`setup`). The label encoders are
+        Lightning calls this with ``ckpt_path=`` (after :meth:`setup`). The genes are matched
+        by name to those the model was trained on (unless ``Fields(var_names=...)`` names
+        them): data whose genes are stored in another order is reordered, and genes it lacks
+        raise unless ``Fields(fill_missing=True)``. The label encoders are
         always restored: a model resumed or used for prediction, even on another file, gets
         each label with the code it was trained on (the dataset's categorical fields are
         re-encoded with the checkpoint's encoders). The split is restored only onto the data
         it was drawn on (same cells in the same order, see :attr:`data_fingerprint`), so a
         resumed run trains on the same cells. On other data, prediction covers every cell of
         that data, and resuming ``fit``, ``validate`` or ``test`` raises unless
-        ``split_indices=`` gives that data's split. Called by hand before ``setup``, it takes
+        ``split=Split(indices=...)`` gives that data's split. Called by hand before ``setup``, it takes
         effect there.
 
         Parameters
@@ -521,7 +568,7 @@ class AnnDataModule(pl.LightningDataModule):
         ------
         ValueError
             ``fit``, ``validate`` or ``test`` with a checkpoint whose split was drawn on other
-            cells (and no ``split_indices=``).
+            cells (and no ``Split(indices=...)``).
         UnknownCategoryError
             The data has labels the checkpoint's encoders do not know.
 
@@ -531,16 +578,29 @@ class AnnDataModule(pl.LightningDataModule):
             Called outside a Lightning stage with a checkpoint of other cells: its split is
             not applied.
         """
+        rebuild = False
+        if "var_names" in state_dict and self.fields.var_names is None:
+            self._checkpoint_genes = list(state_dict["var_names"])
+            rebuild = (
+                self.dataset is not None
+                and "X" in self.dataset.fields
+                and list(self.dataset.var_names) != self._checkpoint_genes
+            )
         if "encoders" in state_dict:
             self._checkpoint_encoders = {
                 k: CategoryEncoder.from_dict(v) for k, v in state_dict["encoders"].items()
             }
-            if self.dataset is not None and any(
-                self.dataset.encoders.get(k, e) != e for k, e in self._checkpoint_encoders.items()
-            ):
-                with warnings.catch_warnings():  # reported when the dataset was first built
-                    warnings.filterwarnings("ignore", message=".*single time point")
-                    self.dataset = self._build_dataset()
+            rebuild = rebuild or (
+                self.dataset is not None
+                and any(
+                    self.dataset.encoders.get(k, e) != e
+                    for k, e in self._checkpoint_encoders.items()
+                )
+            )
+        if rebuild:
+            with warnings.catch_warnings():  # reported when the dataset was first built
+                warnings.filterwarnings("ignore", message=".*single time point")
+                self.dataset = self._build_dataset()
         self.seed = state_dict.get("seed", self.seed)
         if "splits" in state_dict:
             self._checkpoint_split = {"splits": state_dict["splits"]}
@@ -572,15 +632,15 @@ class AnnDataModule(pl.LightningDataModule):
         if self._stage == "predict":
             log.info("torch_adata: the checkpoint's split is of %s; predicting every cell.", theirs)
             return
-        if self.split_kwargs["indices"] is not None:
-            log.info("torch_adata: the checkpoint's split is of %s; using split_indices.", theirs)
+        if self.split.indices is not None:
+            log.info("torch_adata: the checkpoint's split is of %s; using Split(indices=).", theirs)
             return
         message = (
             f"The checkpoint's train/val/test split was drawn on {theirs}, so its row "
             "positions do not apply to this data. Fix: "
             "resume, validate or test with the same AnnData as the checkpoint (same cells in "
-            "the same order), or pass split_indices={'train': [...], 'val': [...], "
-            "'test': [...]} to choose this data's split explicitly. Predicting on new data "
+            "the same order), or pass split=Split(indices={'train': [...], 'val': [...], "
+            "'test': [...]}) to choose this data's split explicitly. Predicting on new data "
             "needs neither: trainer.predict(..., ckpt_path=) covers every cell."
         )
         if self._stage in ("fit", "validate", "test"):
@@ -594,71 +654,243 @@ class AnnDataModule(pl.LightningDataModule):
 
     # -- results back to the AnnData --------------------------------------------------------
 
+    def prediction_arrays(
+        self, predictions: Sequence[Any], *, split: str = "predict"
+    ) -> np.ndarray | tuple[np.ndarray, ...] | dict[str, np.ndarray]:
+        """``trainer.predict`` outputs as numpy arrays, one row per cell of ``split``.
+
+        Rows follow ``dm.splits[split]`` (AnnData order), so with the default split row ``i``
+        is cell ``adata.obs_names[i]``.
+
+        Parameters
+        ----------
+        predictions
+            What ``trainer.predict(model, datamodule=dm)`` returned: per batch, a tensor, a
+            tuple of tensors or a dict of tensors (the same structure every batch), in loader
+            order (single process).
+        split
+            The split that was predicted (default ``"predict"``: every cell).
+
+        Returns
+        -------
+        numpy.ndarray or tuple or dict
+            The outputs concatenated over batches, in the structure of one batch's output.
+        """
+        rows = self._loader_rows(split)
+        order = np.argsort(rows, kind="stable")
+        outputs = _concatenate(predictions)
+        items = outputs.items() if isinstance(outputs, dict) else enumerate(_as_tuple(outputs))
+        for name, values in items:
+            if len(values) != len(rows):
+                what = f"Output {name!r} has" if isinstance(outputs, dict) else "There are"
+                raise ValueError(
+                    f"{what} {len(values)} predictions for {len(rows)} cells of the {split} "
+                    "split: predict with this module's predict loader, in one process."
+                )
+        if isinstance(outputs, dict):
+            return {name: values[order] for name, values in outputs.items()}
+        if isinstance(outputs, tuple):
+            return tuple(values[order] for values in outputs)
+        return outputs[order]
+
     def write_predictions(
         self,
         predictions: Sequence[Any],
-        key: str | Mapping[str, str],
+        key: str | Sequence[str] | Mapping[str, str] | None = None,
         *,
+        labels: str | Mapping[str, str] | None = None,
         adata: ad.AnnData | None = None,
         split: str = "predict",
     ) -> ad.AnnData:
         """Put ``trainer.predict`` outputs into a copy of the AnnData, in the original cell order.
 
+        Where each output goes (``key``), by what ``predict_step`` returns:
+
+        - a tensor: ``key`` is its name (a string, required);
+        - a tuple of tensors: ``key`` is a sequence of names, one per element;
+        - a dict of tensors: ``key=None`` writes every entry under its own name;
+          ``{output name: key}`` writes only the entries it names, under those keys. A string
+          ``key`` is refused (it cannot name several outputs).
+
+        A 1-D output becomes an obs column, one of more dimensions an obsm entry. Cells outside
+        ``split`` have no prediction: NaN in float columns and obsm entries, ``<NA>`` in
+        integer and boolean columns, a missing category in label columns.
+
         Parameters
         ----------
         predictions
-            What ``trainer.predict(model, datamodule=dm)`` returned: one tensor (or dict of
-            tensors) per batch, in loader order (single process).
+            What ``trainer.predict(model, datamodule=dm)`` returned (see
+            :meth:`prediction_arrays`).
         key
-            Where to write: for tensor outputs, the obsm key (2-D) or obs column (1-D); for dict
-            outputs, ``{output name: key}``.
+            Names of the outputs in the AnnData (see above).
+        labels
+            Class predictions to write as labels: ``{written key: obs column of the labels}``
+            (a string: the labels of the one output written). A 1-D output holds label codes
+            and becomes a categorical obs column with the label names (the categories of
+            :attr:`encoders`); a 2-D output holds per-class scores (e.g. probabilities), kept in
+            ``obsm[key]``, and its arg-max label is written to ``obs[key]`` as well.
         adata
-            Target AnnData (default: a copy of the module's AnnData). It is modified and returned.
+            Target AnnData (default: a copy of the module's AnnData). It is modified and
+            returned.
         split
             The split that was predicted (default ``"predict"``: every cell).
 
         Returns
         -------
         anndata.AnnData
-            The AnnData with the predictions; cells outside the split get NaN.
+            The AnnData with the predictions.
+
+        Raises
+        ------
+        TypeError
+            ``key`` of the wrong kind for the outputs (the message says which kind).
+        ValueError
+            No predictions, a count that does not match the split, or label codes or score
+            columns that do not fit the label column's categories.
         """
-        rows = self._loader_rows(split)
+        if len(predictions) == 0:
+            raise ValueError("No predictions to write (trainer.predict returned nothing).")
+        arrays = self.prediction_arrays(predictions, split=split)
+        outputs = _name_outputs(arrays, key)
+        if isinstance(labels, str):
+            if len(outputs) != 1:
+                raise TypeError(
+                    f"labels={labels!r} names one label column, but {len(outputs)} outputs are "
+                    f"written ({list(outputs)}): pass labels={{written key: label column}}."
+                )
+            labels = {next(iter(outputs)): labels}
+        labels = dict(labels or {})
+        unknown = sorted(set(labels) - set(outputs))
+        if unknown:
+            raise KeyError(
+                f"labels= names {unknown}, which are not written; the outputs are written as "
+                f"{list(outputs)}."
+            )
         if adata is None:
             if self.adata is None:
                 raise ValueError("This module reads a backed file: pass adata= to write into.")
             adata = self.adata.copy()
-        if len(predictions) == 0:
-            raise ValueError("No predictions to write (trainer.predict returned nothing).")
-        first = predictions[0]
-        if isinstance(first, Mapping):
-            if not isinstance(key, Mapping):
-                key = {name: name for name in first}
-            outputs = {key[name]: torch.cat([p[name] for p in predictions]) for name in key}
-        else:
-            if not isinstance(key, str):
-                raise TypeError("key must be a string when predictions are tensors.")
-            outputs = {key: torch.cat(list(predictions))}
+        rows = self.splits[split]
         for name, values in outputs.items():
-            values = values.detach().cpu().numpy()
-            if len(values) != len(rows):
-                raise ValueError(
-                    f"{len(values)} predictions for {len(rows)} cells of the {split} split: "
-                    "predict with this module's predict loader, in one process."
-                )
-            if values.ndim == 1:
-                column = np.full(adata.n_obs, np.nan, dtype=np.float64)
-                if values.dtype.kind in "iub":
-                    column = pd.array([pd.NA] * adata.n_obs, dtype="Int64")
-                column[rows] = values
-                adata.obs[name] = column
+            if name in labels:
+                self._write_labels(adata, name, values, labels[name], rows)
+            elif values.ndim == 1:
+                adata.obs[name] = _missing_elsewhere(values, rows, adata.n_obs)
             else:
-                block = np.full((adata.n_obs, *values.shape[1:]), np.nan, dtype=np.float32)
-                block[rows] = values
-                adata.obsm[name] = block
+                adata.obsm[name] = _missing_elsewhere(values, rows, adata.n_obs)
         return adata
+
+    def _write_labels(self, adata, name: str, values: np.ndarray, column: str, rows) -> None:
+        """Label codes (1-D) or per-class scores (2-D) of obs ``column`` as a categorical."""
+        encoder = self.encoders.get(column)
+        if encoder is None:
+            raise FieldKeyError(
+                f"labels: no encoder for obs column {column!r}; encoders exist for "
+                f"{sorted(self.encoders)}. Add it to Fields(obs_keys=[...])."
+            )
+        n_classes = len(encoder.categories)
+        if values.ndim == 2:
+            if values.shape[1] != n_classes:
+                raise ValueError(
+                    f"Output {name!r} has {values.shape[1]} columns but {column!r} has "
+                    f"{n_classes} labels: per-class scores need one column per label."
+                )
+            adata.obsm[name] = _missing_elsewhere(values, rows, adata.n_obs)
+            values = values.argmax(axis=1)
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            raise ValueError(
+                f"Output {name!r} written with labels of {column!r} must be integer label codes "
+                f"(1-D) or per-class scores (2-D); got {values.dtype} of shape {values.shape}."
+            )
+        if len(values) and (values.min() < 0 or values.max() >= n_classes):
+            raise ValueError(
+                f"Output {name!r} has codes {values.min()}..{values.max()}, outside the "
+                f"{n_classes} labels of {column!r} (0..{n_classes - 1})."
+            )
+        codes = np.full(adata.n_obs, -1, dtype=np.int64)
+        codes[rows] = values
+        adata.obs[name] = pd.Categorical.from_codes(codes, categories=encoder.categories)
 
     def _loader_rows(self, split: str) -> np.ndarray:
         """AnnData rows in the order the (unshuffled) loader of ``split`` yields them."""
         loader_sampler = self._sampler(self.splits[split], train=False)
         order = np.concatenate(list(iter(loader_sampler)))
         return self.splits[split][order]
+
+
+def _concatenate(predictions: Sequence[Any]):
+    """Per-batch outputs (tensor, tuple or dict of tensors) concatenated into numpy arrays."""
+    if len(predictions) == 0:
+        raise ValueError("No predictions (trainer.predict returned nothing).")
+    first = predictions[0]
+    if isinstance(first, Mapping):
+        return {name: _cat([p[name] for p in predictions], name) for name in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(_cat([p[i] for p in predictions], i) for i in range(len(first)))
+    return _cat(list(predictions), None)
+
+
+def _cat(pieces: list, name) -> np.ndarray:
+    if not all(isinstance(p, torch.Tensor) for p in pieces):
+        kinds = sorted({type(p).__name__ for p in pieces})
+        where = "" if name is None else f" (output {name!r})"
+        raise TypeError(
+            f"predict_step must return a tensor, a tuple of tensors or a dict of tensors; "
+            f"got {kinds}{where}."
+        )
+    values = torch.cat([p.detach().cpu() for p in pieces])
+    if values.dtype in (torch.float16, torch.bfloat16):
+        values = values.float()
+    return values.numpy()
+
+
+def _as_tuple(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def _name_outputs(arrays, key) -> dict[str, np.ndarray]:
+    """``{AnnData key: array}`` from the outputs and the ``key`` rule of write_predictions."""
+    if isinstance(arrays, dict):
+        if key is None:
+            return dict(arrays)
+        if isinstance(key, Mapping):
+            missing = sorted(set(key) - set(arrays))
+            if missing:
+                raise KeyError(
+                    f"key= names outputs {missing} that predict_step does not return; it "
+                    f"returns {list(arrays)}."
+                )
+            return {key[name]: arrays[name] for name in key}
+        raise TypeError(
+            f"predict_step returns a dict ({list(arrays)}), so key={key!r} cannot name it: pass "
+            "key=None to write every entry under its own name, or {output name: key}."
+        )
+    if isinstance(arrays, tuple):
+        if isinstance(key, str) or not isinstance(key, Sequence) or len(key) != len(arrays):
+            raise TypeError(
+                f"predict_step returns a tuple of {len(arrays)} tensors: pass key= a list of "
+                f"{len(arrays)} names, one per element (got {key!r})."
+            )
+        if len(set(key)) != len(key):
+            raise ValueError(f"key= has repeated names: {list(key)}.")
+        return dict(zip(key, arrays, strict=True))
+    if not isinstance(key, str):
+        raise TypeError(
+            f"predict_step returns a tensor: pass key= a string, the obs column (1-D output) "
+            f"or obsm key (2-D) to write it to (got {key!r})."
+        )
+    return {key: arrays}
+
+
+def _missing_elsewhere(values: np.ndarray, rows: np.ndarray, n_obs: int):
+    """``values`` at ``rows`` of an ``n_obs``-long column or block, missing elsewhere."""
+    if len(rows) == n_obs:
+        return values
+    if values.ndim == 1 and values.dtype.kind in "iub":
+        column = pd.array([pd.NA] * n_obs, dtype="boolean" if values.dtype.kind == "b" else "Int64")
+        column[rows] = values
+        return column
+    dtype = values.dtype if values.dtype.kind in "fc" else np.float64
+    block = np.full((n_obs, *values.shape[1:]), np.nan, dtype=dtype)
+    block[rows] = values
+    return block

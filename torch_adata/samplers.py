@@ -18,9 +18,15 @@ every epoch.
 - The draw of an epoch is a pure function of ``(seed, epoch)``: every rank computes the same
   list of batches and takes a disjoint share of it, batch ``j`` going to rank ``j % W``.
 - Every rank yields the same number of batches (``len(sampler)``): an uneven count hangs DDP at
-  the end of the epoch. The samplers reach equal counts without padding with repeated cells:
-  batches are cut near-equal (sizes differ by at most one), or, with ``drop_last=True`` or
-  where a sampler says so, a remainder is dropped.
+  the end of the epoch.
+- ``batch_size`` is the batch size: every batch has exactly ``batch_size`` positions except
+  each rank's last batch of the epoch, which takes a near-equal share (sizes differ by at most
+  one) of what the full rounds leave, ``r``. Every position is yielded exactly once per epoch
+  across ranks, except in one case: when ``0 < r < W`` (fewer left over than ranks) the first
+  ``W - r`` positions of the epoch's order are yielded a second time, so every rank's last
+  batch holds one (at most ``W - 1`` repeats, never on a single process). ``drop_last=True``
+  instead drops the remainder: every batch is full. The time point sampler's batches have a
+  fixed size; see each sampler.
 - ``num_replicas`` and ``rank`` default to the initialised process group, else ``(1, 0)``. A
   sampler built with a default before the process group existed picks the group up when it is
   iterated (or asked for its length), so building it early never silently gives every rank
@@ -105,14 +111,21 @@ def _as_positions(values: Any, name: str) -> np.ndarray:
     return array
 
 
-def _cut_offsets(n: int, batch_size: int, world: int, drop_last: bool, what: str) -> np.ndarray:
-    """Offsets of an epoch's batches over ``n`` items: batch ``j`` is ``items[off[j]:off[j+1]]``.
+def _cut_offsets(
+    n: int, batch_size: int, world: int, drop_last: bool, what: str
+) -> tuple[np.ndarray, int]:
+    """Offsets of an epoch's batches over ``n`` items, and how many items are repeated.
 
-    Without ``drop_last``: ``k = ceil(n / (world * batch_size))`` batches per rank, from
-    ``world * k`` near-equal contiguous pieces (sizes differ by at most one, none empty, none
-    larger than ``batch_size``); every item is used exactly once. With ``drop_last``: the
-    trailing ``n mod (world * batch_size)`` items are dropped and every batch has exactly
-    ``batch_size`` items. Raises when no such cut exists.
+    Batch ``j`` is ``items[off[j]:off[j+1]]`` of the epoch's order extended by its first
+    ``pad`` items, and goes to rank ``j % world``. Without ``drop_last``: every rank gets
+    ``k = ceil(n / (world * batch_size))`` batches; the first ``k - 1`` rounds of ``world``
+    batches are full (``batch_size`` items), and the last round shares the remaining
+    ``r = n - (k - 1) * world * batch_size`` items near-equally (sizes differ by at most one),
+    so each rank's last batch is the only one that can be short. Every item is used exactly
+    once, except when ``0 < r < world``: then ``pad = world - r`` items are repeated so every
+    rank's last batch holds one. With ``drop_last``: the trailing ``n mod (world *
+    batch_size)`` items are dropped and every batch has exactly ``batch_size`` items. Raises
+    when no such cut exists.
     """
     if drop_last:
         per_rank = n // (world * batch_size)
@@ -122,22 +135,20 @@ def _cut_offsets(n: int, batch_size: int, world: int, drop_last: bool, what: str
                 f"{batch_size} = {world * batch_size} {what} for one full batch per rank, "
                 f"got {n}: lower the batch size or pass drop_last=False."
             )
-        return np.arange(world * per_rank + 1, dtype=np.int64) * batch_size
+        return np.arange(world * per_rank + 1, dtype=np.int64) * batch_size, 0
     if n < world:
         raise ValueError(
             f"{n} {what} cannot be shared by {world} ranks (every rank needs at least one): "
             "use fewer devices or more data."
         )
-    pieces = world * -(-n // (world * batch_size))
-    if pieces > n:  # only batch_size == 1 with n not a multiple of world
-        raise ValueError(
-            f"{n} {what} in batches of {batch_size} cannot give each of {world} ranks the same "
-            "number of batches without repeats: pass drop_last=True or a larger batch size."
-        )
-    base, extra = divmod(n, pieces)
-    sizes = np.full(pieces, base, dtype=np.int64)
-    sizes[:extra] += 1
-    return np.concatenate([[0], np.cumsum(sizes)])
+    per_rank = -(-n // (world * batch_size))
+    rest = n - (per_rank - 1) * world * batch_size
+    pad = max(0, world - rest)
+    base, extra = divmod(rest + pad, world)
+    sizes = np.full(world * per_rank, batch_size, dtype=np.int64)
+    sizes[-world:] = base
+    sizes[len(sizes) - world : len(sizes) - world + extra] += 1
+    return np.concatenate([[0], np.cumsum(sizes)]), pad
 
 
 # -- base class ---------------------------------------------------------------------------------
@@ -262,10 +273,12 @@ class UniformBatchSampler(DistributedBatchSampler):
     Batch layout and distributed rule (``N`` positions, ``W`` ranks, batch size ``B``):
 
     - ``drop_last=False`` (default): every rank yields ``k = ceil(N / (W * B))`` batches. The
-      epoch's order is cut into ``W * k`` contiguous near-equal pieces (sizes differ by at most
-      one, never above ``B``), and piece ``j`` goes to rank ``j % W``. Every position is yielded
-      exactly once per epoch over all ranks; nothing is padded or repeated, so batches can be
-      a little smaller than ``B``.
+      epoch's order is cut into contiguous pieces, piece ``j`` going to rank ``j % W``: the
+      first ``W * (k - 1)`` pieces have exactly ``B`` positions, the last ``W`` (one per rank,
+      its last batch) share the ``r = N - W * (k - 1) * B`` positions left near-equally (sizes
+      differ by at most one). On one process: ``B, B, ..., N - (k - 1) * B``. Every position is
+      yielded exactly once per epoch over all ranks, except when ``0 < r < W``: then the first
+      ``W - r`` positions of the epoch's order are yielded again, one in each short last batch.
     - ``drop_last=True``: the trailing ``N mod (W * B)`` positions of the epoch's order are
       dropped (different ones each epoch when shuffling) and every batch has exactly ``B``.
 
@@ -275,7 +288,7 @@ class UniformBatchSampler(DistributedBatchSampler):
         ``n`` (positions ``0..n-1``) or the positions to draw from (e.g. a split's rows), each
         yielded once per epoch per entry.
     batch_size
-        Largest batch size ``B``.
+        The batch size ``B`` (only each rank's last batch can be smaller).
     shuffle
         Draw a fresh seeded permutation every epoch; ``False`` keeps the given order
         (evaluation; see :class:`SequentialBatchSampler`).
@@ -287,9 +300,8 @@ class UniformBatchSampler(DistributedBatchSampler):
     Raises
     ------
     ValueError
-        ``batch_size`` < 1, no positions, fewer positions than ranks, ``batch_size=1`` with a
-        count not divisible by the world size (no equal cut exists), or ``drop_last=True`` with
-        fewer than ``W * B`` positions.
+        ``batch_size`` < 1, no positions, fewer positions than ranks, or ``drop_last=True``
+        with fewer than ``W * B`` positions.
     """
 
     def __init__(
@@ -323,7 +335,7 @@ class UniformBatchSampler(DistributedBatchSampler):
         return positions
 
     def _plan(self) -> None:
-        self._offsets = _cut_offsets(
+        self._offsets, self._pad = _cut_offsets(
             len(self.positions), self.batch_size, self.num_replicas, self.drop_last, "positions"
         )
         self._per_rank = (len(self._offsets) - 1) // self.num_replicas
@@ -333,23 +345,24 @@ class UniformBatchSampler(DistributedBatchSampler):
 
     def _draw(self, rng: np.random.Generator) -> list[np.ndarray]:
         order = self._order(rng)
+        if self._pad:  # see _cut_offsets: a few repeats so every rank's last batch has one
+            order = np.concatenate([order, order[: self._pad]])
         return np.split(order[: self._offsets[-1]], self._offsets[1:-1])
 
 
 class SequentialBatchSampler(UniformBatchSampler):
     """:class:`UniformBatchSampler` with ``shuffle=False``: batches in the given order.
 
-    For evaluation and prediction loaders. Batch ``j`` is the ``j``-th contiguous near-equal
-    piece of ``indices`` and goes to rank ``j % W``: every position exactly once over all
-    ranks, the same batch count on every rank, no padding. ``seed`` and ``set_epoch`` have no
-    effect on the order.
+    For evaluation and prediction loaders. Batch ``j`` is the ``j``-th contiguous piece of
+    ``indices``, cut as :class:`UniformBatchSampler` cuts (``batch_size`` each but every rank's
+    last), and goes to rank ``j % W``. ``seed`` and ``set_epoch`` have no effect on the order.
 
     Parameters
     ----------
     indices
         ``n`` (positions ``0..n-1``) or the positions, in the order to yield them.
     batch_size
-        Largest batch size.
+        The batch size (only each rank's last batch can be smaller).
     drop_last
         Drop the remainder so every batch has exactly ``batch_size`` positions.
     seed, num_replicas, rank
@@ -410,7 +423,7 @@ class BlockShuffleSampler(UniformBatchSampler):
     indices
         ``n`` or the positions to draw from; they are sorted first (blocks follow storage).
     batch_size
-        Largest batch size.
+        The batch size (only each rank's last batch can be smaller).
     block_size
         Consecutive (sorted) positions per block.
     pool_batches
@@ -457,7 +470,7 @@ class BlockShuffleSampler(UniformBatchSampler):
         order = self.positions[index]
         # shuffle within pools of pool_batches consecutive batches (dropped tail: its own pool)
         sizes = np.diff(self._offsets)
-        pool = np.repeat(np.arange(len(sizes)) // self.pool_batches, sizes)
+        pool = np.repeat(np.arange(len(sizes)) // self.pool_batches, sizes)[:n]
         pool = np.concatenate([pool, np.full(n - len(pool), len(sizes), dtype=pool.dtype)])
         return order[np.lexsort((rng.random(n), pool))]
 
@@ -611,11 +624,12 @@ class ClonalBatchSampler(DistributedBatchSampler):
     Each epoch the clones are put in a seeded random order and cut into batches of
     ``clones_per_batch`` clones with the same rule as :class:`UniformBatchSampler` applies to
     cells: without ``drop_last`` every rank yields ``k = ceil(C / (W * clones_per_batch))``
-    batches from ``W * k`` near-equal runs of clones (clone counts differ by at most one,
-    never above ``clones_per_batch``), so every clone appears exactly once per epoch and
-    nothing is padded; with ``drop_last=True`` the last ``C mod (W * clones_per_batch)`` clones
-    of the epoch's order are dropped and every batch holds exactly ``clones_per_batch``
-    clones. Batch ``j`` goes to rank ``j % W``, so ranks get disjoint clones and the same
+    batches of exactly ``clones_per_batch`` clones but its last, which takes a near-equal share
+    of the clones left; every clone appears exactly once per epoch, except that when fewer
+    clones are left than ranks, the first clones of the epoch's order fill the ranks' last
+    batches a second time (fewer than ``W`` repeats); with ``drop_last=True`` the last ``C mod
+    (W * clones_per_batch)`` clones of the epoch's order are dropped and every batch holds
+    exactly ``clones_per_batch`` clones. Batch ``j`` goes to rank ``j % W``, so ranks get disjoint clones and the same
     number of batches. (Batch sizes in cells vary with clone sizes.)
 
     Batch layout: the positions of one clone are contiguous, clones in the batch's random
@@ -631,7 +645,7 @@ class ClonalBatchSampler(DistributedBatchSampler):
         Time point index of each position, or ``None``. Used to sample sisters per time point
         and to order each clone's cells.
     clones_per_batch
-        Clones per batch (at most).
+        Clones per batch (only each rank's last batch can hold fewer).
     cells_per_clone
         ``None``: every cell of each clone. Else at most this many cells per clone *and time
         point* (per clone overall without ``groups_time``), drawn afresh every epoch.
@@ -717,7 +731,7 @@ class ClonalBatchSampler(DistributedBatchSampler):
         return len(self.clones)
 
     def _plan(self) -> None:
-        self._offsets = _cut_offsets(
+        self._offsets, self._pad = _cut_offsets(
             self.n_clones, self.clones_per_batch, self.num_replicas, self.drop_last, "clones"
         )
         self._per_rank = (len(self._offsets) - 1) // self.num_replicas
@@ -731,6 +745,10 @@ class ClonalBatchSampler(DistributedBatchSampler):
             rank_in_group = np.arange(len(keep)) - self._group_start[self._group_of_cell[by_group]]
             keep = np.sort(by_group[rank_in_group < self.cells_per_clone])
         cell_slot = slot[self._clone_of_cell[keep]]
+        if self._pad:  # the first clones of the order again, in slots after the last one
+            again = np.flatnonzero(cell_slot < self._pad)
+            keep = np.concatenate([keep, keep[again]])
+            cell_slot = np.concatenate([cell_slot, cell_slot[again] + self.n_clones])
         order = np.argsort(cell_slot, kind="stable")  # keeps (time, position) within a clone
         stream, stream_slot = self._cells[keep[order]], cell_slot[order]
         bounds = np.searchsorted(stream_slot, self._offsets)

@@ -195,7 +195,7 @@ class TimeResolvedAnnDataset(AnnDataset):
     adata
         AnnData (in memory, backed, or a view) or a path to an ``.h5ad`` file.
     time_key
-        obs column with the time of each cell: numbers; labels with one number each and the
+        obs column with the time of each cell (required: no column name is assumed): numbers; labels with one number each and the
         same unit (``"day 2"``, ``"D10"``, ``"12h"``; categorical or strings), which become
         that number; or an ordered categorical whose labels are not times (then the category
         order is the time, 0, 1, 2...).
@@ -242,7 +242,7 @@ class TimeResolvedAnnDataset(AnnDataset):
     def __init__(
         self,
         adata,
-        time_key: str = "Time point",
+        time_key: str,
         *,
         mode: Mode = "populations",
         clone_key: str | None = None,

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 import torch_adata
-from torch_adata import AnnDataModule
+from torch_adata import AnnDataModule, Fields, Split
 
 
 class Recorder(pl.LightningModule):
@@ -55,7 +55,13 @@ def main():
         sp.random(n, 20, density=0.3, format="csr", dtype=np.float32, random_state=0),
         obs=pd.DataFrame({"label": rng.integers(0, 3, n)}, index=[f"c{i}" for i in range(n)]),
     )
-    dm = AnnDataModule(adata, return_index=True, batch_size=16, val_size=0.1, test_size=0.1, seed=3)
+    dm = AnnDataModule(
+        adata,
+        fields=Fields(return_index=True),
+        split=Split(val_size=0.1, test_size=0.1),
+        batch_size=16,
+        seed=3,
+    )
     model = Recorder(adata.n_vars)
     trainer = pl.Trainer(
         strategy="ddp",

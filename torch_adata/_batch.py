@@ -11,6 +11,7 @@ import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import get_worker_info
 
@@ -309,6 +310,10 @@ def empty_batch(shape: tuple[int, ...], dtype: torch.dtype, variable: bool = Fal
     return out
 
 
+# dtypes scipy's CSR kernels densify (CPU); others take the torch path of SparseBatch.to_dense
+_SCIPY_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8)
+
+
 class SparseBatch(NamedTuple):
     """Rows of a sparse matrix as plain CSR tensors.
 
@@ -374,6 +379,20 @@ class SparseBatch(NamedTuple):
         """
         batch = self if device is None else self.to(device)
         n_rows = batch.indptr.shape[0] - 1
+        if batch.device.type == "cpu" and batch.values.dtype in _SCIPY_DTYPES:
+            # one pass of scipy's kernel into a recycled buffer (see empty_batch): torch.zeros
+            # faults fresh pages in on every batch, and the index arithmetic of the general path
+            # below costs more than the scatter itself on a CPU
+            out = empty_batch((n_rows, batch.n_cols), batch.values.dtype)
+            as_numpy = [t.as_subclass(torch.Tensor).numpy() for t in batch[:3]]
+            if as_numpy[0].dtype != as_numpy[1].dtype:  # scipy wants one index dtype
+                as_numpy[:2] = [a.astype(np.int64) for a in as_numpy[:2]]
+            matrix = sp.csr_matrix(
+                (as_numpy[2], as_numpy[1], as_numpy[0]), shape=(n_rows, batch.n_cols), copy=False
+            )
+            # summing duplicate (row, column) entries of a non-canonical CSR, as scipy does
+            matrix.toarray(out=out.as_subclass(torch.Tensor).numpy())
+            return out
         out = torch.zeros((n_rows, batch.n_cols), dtype=batch.values.dtype, device=batch.device)
         if batch.values.numel():
             counts = batch.indptr[1:] - batch.indptr[:-1]

@@ -281,15 +281,24 @@ def test_int_index_of_sparse_output_is_a_one_row_sparse_batch():
     np.testing.assert_array_equal(got.to_dense().numpy(), expected_matrix(adata, [3]))
 
 
-def test_getitems_is_getitem_for_lists(small):
+def test_getitems_gives_the_cells_of_getitem_for_lists(small):
     _, dataset = small
     rows = [30, 1, 30, 2]
-    a, b = dataset.__getitems__(rows), dataset[rows]
+    samples, b = dataset.__getitems__(rows), dataset[rows]
+    # a list of per-cell samples (as a DataLoader's collate_fn expects), each dataset[i]
+    assert isinstance(samples, list) and len(samples) == len(rows)
+    for sample, row in zip(samples, rows, strict=True):
+        one = dataset[row]
+        assert sample.keys() == one.keys()
+        for key in one:
+            assert torch.equal(sample[key], one[key])
+    # collated back into the gathered batch
+    a = ta.collate(samples)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key])
     # numpy and tensor index lists as the fetcher and samplers give them
-    assert torch.equal(dataset.__getitems__(np.array(rows))["X"], b["X"])
+    assert torch.equal(ta.collate(dataset.__getitems__(np.array(rows)))["X"], b["X"])
 
 
 class CountingDataset(AnnDataset):

@@ -1,13 +1,16 @@
 """Batch containers: sparse rows that cross worker processes, densified on the target device,
-and the allocation of dense batches (in shared memory inside DataLoader workers)."""
+the allocation of dense batches (in shared memory inside DataLoader workers), and the per-cell
+samples a DataLoader's collate function sees."""
 
 from __future__ import annotations
 
 import math
 import multiprocessing
+import operator
 import os
 import secrets
 import weakref
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -442,21 +445,220 @@ def densify(batch: Any, device: torch.device | str | None = None) -> Any:
     return batch
 
 
-def collate(batch: Any) -> Any:
-    """Collate function for a dataset that already returns whole batches: returns it unchanged.
+# -- per-cell samples: what a DataLoader's collate function receives ------------------------
+#
+# torch's map-style fetcher calls ``dataset.__getitems__(indices)`` and hands the result to the
+# loader's ``collate_fn``, which by default expects a list of samples. The datasets gather a
+# batch in one vectorised read and return it as such a list: per-cell views of that batch, of
+# small private types that torch's ``default_collate`` (and :func:`collate`) turn back into the
+# very batch, without re-stacking, when they receive the list unchanged.
 
-    Use it with ``DataLoader(dataset, batch_size=B, shuffle=True, collate_fn=collate)``: the
-    loader then calls ``dataset.__getitems__(indices)`` once per batch and passes the result
-    through, instead of splitting and re-stacking rows.
+
+class _Row(torch.Tensor):
+    """One cell of a batch: a view of the batch's memory, as a collate function receives it.
+
+    Operations on it return plain tensors. A row of a worker's ring batch keeps that batch
+    alive (so its slot is not reused while the row exists) and pickles as a copy.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __reduce_ex__(self, protocol):
+        return (_identity, (self.as_subclass(torch.Tensor).clone(),))
+
+
+class _SparseRow(SparseBatch):
+    """One cell of a :class:`SparseBatch`: a one-row ``SparseBatch`` over the batch's memory."""
+
+    def __reduce__(self):
+        return (SparseBatch, tuple(self))
+
+
+class _Sample(dict):
+    """One cell of a dict batch: its fields, as a collate function receives it.
+
+    The keys in ``_shared`` are batch-level (the same tensor in every cell's sample, e.g. a
+    time-resolved batch's ``"t_eval"``): collating keeps one of them instead of stacking.
+    """
+
+    __slots__ = ("_shared",)
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+class _Samples(list):
+    """The list of per-cell samples ``__getitems__`` returns, and the batch they view."""
+
+    __slots__ = ("_made", "batch")
+
+    def __reduce__(self):
+        return (list, (list(self),))
+
+
+def _rows(values: Any, n: int, tag: bool) -> Sequence[Any]:
+    """The ``n`` per-cell views of one field of a batch (``tag``: as :class:`_Row`)."""
+    if isinstance(values, SparseBatch):
+        return _sparse_rows(values)
+    ring = isinstance(values, _RingBatch)
+    plain = values if type(values) is torch.Tensor else values.as_subclass(torch.Tensor)
+    rows = plain.unbind(0)
+    if not (tag or ring):
+        return rows
+    rows = [row.as_subclass(_Row) for row in rows]
+    if ring:  # the slot stays busy while any row of it exists
+        for row in rows:
+            row._batch = values
+    return rows
+
+
+def _sparse_rows(batch: SparseBatch) -> list[_SparseRow]:
+    counts = batch.indptr[1:] - batch.indptr[:-1]
+    sizes = counts.tolist()
+    start, end = int(batch.indptr[0]), int(batch.indptr[-1])
+    indices = batch.indices[start:end].split(sizes)
+    values = batch.values[start:end].split(sizes)
+    indptrs = torch.stack([torch.zeros_like(counts), counts], 1).unbind(0)
+    rows = []
+    for row in zip(indptrs, indices, values, strict=True):
+        row = _SparseRow(*row, batch.n_cols)
+        row._batch = batch  # pieces of a ring slot stay valid while the row exists
+        rows.append(row)
+    return rows
+
+
+def per_cell(batch: Any, shared: frozenset[str] = frozenset()) -> list[Any]:
+    """``batch`` as the list of its cells' samples, the form a DataLoader's ``collate_fn``
+    expects from ``__getitems__``; collating the list unchanged gives back ``batch`` itself.
 
     Parameters
     ----------
     batch
-        What the dataset's ``__getitems__`` returned for one batch.
+        A batch: a tensor, a :class:`SparseBatch` or a dict of them, cells along dim 0.
+    shared
+        Keys of a dict batch that are batch-level (not per cell): every sample carries the
+        same value, and collating keeps it once.
+    """
+    if isinstance(batch, dict):
+        keys = list(batch)
+        n = next(
+            len(v) if isinstance(v, torch.Tensor) else v.shape[0]
+            for k, v in batch.items()
+            if k not in shared
+        )
+        columns = [[batch[k]] * n if k in shared else _rows(batch[k], n, tag=False) for k in keys]
+        samples = []
+        for values in zip(*columns, strict=True):
+            sample = _Sample(zip(keys, values, strict=True))
+            sample._shared = shared
+            samples.append(sample)
+    else:
+        samples = _rows(batch, batch.shape[0], tag=True)
+    out = _Samples(samples)
+    out.batch = batch
+    out._made = tuple(out)
+    return out
+
+
+def _whole(samples: list) -> bool:
+    """Whether ``samples`` is the list :func:`per_cell` made, unchanged (not reordered,
+    filtered or extended)."""
+    return (
+        type(samples) is _Samples
+        and len(samples) == len(samples._made)
+        and all(map(operator.is_, samples, samples._made))
+    )
+
+
+def _collate_rows(samples, *, collate_fn_map=None):
+    if _whole(samples):
+        return samples.batch
+    out = _torch_collate.collate_tensor_fn(samples, collate_fn_map=collate_fn_map)
+    return out if type(out) is torch.Tensor else out.as_subclass(torch.Tensor)
+
+
+def _collate_sparse(samples, *, collate_fn_map=None):
+    """:class:`SparseBatch` pieces (rows or batches) joined into one, in the list's order."""
+    if _whole(samples):
+        return samples.batch
+    n_cols = {s.n_cols for s in samples}
+    if len(n_cols) != 1:
+        raise ValueError(f"Sparse rows of different widths {sorted(n_cols)} cannot be collated.")
+    wide = any(s.indices.dtype == torch.int64 for s in samples)
+    index_dtype = torch.int64 if wide else torch.int32
+    indptr, offset = [torch.zeros(1, dtype=index_dtype)], 0
+    for s in samples:
+        ptr = s.indptr.to(index_dtype)
+        indptr.append(ptr[1:] - ptr[0] + offset)
+        offset += int(ptr[-1] - ptr[0])
+    parts = [(int(s.indptr[0]), int(s.indptr[-1])) for s in samples]
+    indices = torch.cat(
+        [
+            s.indices[a:b].as_subclass(torch.Tensor).to(index_dtype)
+            for s, (a, b) in zip(samples, parts, strict=True)
+        ]
+    )
+    values = torch.cat(
+        [s.values[a:b].as_subclass(torch.Tensor) for s, (a, b) in zip(samples, parts, strict=True)]
+    )
+    return SparseBatch(torch.cat(indptr), indices, values, n_cols.pop())
+
+
+def _collate_dicts(samples, *, collate_fn_map=None):
+    if _whole(samples):
+        return samples.batch
+    first = samples[0]
+    shared = getattr(first, "_shared", frozenset())
+    return {
+        key: first[key]
+        if key in shared
+        else _torch_collate.collate([s[key] for s in samples], collate_fn_map=collate_fn_map)
+        for key in first
+    }
+
+
+def _register_sample_types() -> Any:
+    """Teach torch's ``default_collate`` the sample types (through ``default_collate_fn_map``,
+    its documented extension point); returns torch's collate module, or ``None`` where it
+    has not the expected form (then rows are stacked as any tensors, which still works)."""
+    try:
+        from torch.utils.data._utils import collate as module
+
+        registry = module.default_collate_fn_map
+        module.collate, module.collate_tensor_fn  # noqa: B018 - what the fallbacks call
+    except (ImportError, AttributeError):  # pragma: no cover - another torch layout
+        return None
+    registry[_Row] = _collate_rows
+    registry[_Sample] = _collate_dicts
+    registry[_SparseRow] = _collate_sparse
+    registry[SparseBatch] = _collate_sparse
+    return module
+
+
+_torch_collate = _register_sample_types()
+
+
+def collate(batch: Any) -> Any:
+    """Collate function for the fast path: gives back the batch the dataset gathered.
+
+    Use it with ``DataLoader(dataset, batch_size=B, shuffle=True, collate_fn=collate)``: the
+    loader calls ``dataset.__getitems__(indices)`` once per batch, which gathers the batch in
+    one vectorised read and returns it as a list of per-cell samples; this returns the
+    gathered batch without looking at them. (PyTorch's default ``collate_fn`` gives the same
+    batch, through a little more work per cell.) A list of samples that was reordered or
+    filtered is collated as ``default_collate`` does; anything else passes through unchanged
+    (a whole batch from a batch sampler with ``batch_size=None``).
+
+    Parameters
+    ----------
+    batch
+        What the dataset returned for one batch.
 
     Returns
     -------
     Any
-        ``batch``, unchanged.
+        The batch.
     """
+    if type(batch) is _Samples:
+        return batch.batch if _whole(batch) else torch.utils.data.default_collate(batch)
     return batch

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import samplers
-from ._batch import collate
+from ._batch import collate, per_cell
 from ._fields import CategoryEncoder, UnknownCategoryError
 from ._source import FieldKeyError
 from .dataset import AnnDataset, positions
@@ -66,9 +66,11 @@ class SplitDataset(Subset):
             return self.dataset[int(self.indices[positions(index, len(self.indices))[0]])]
         return self.dataset._gather(self.indices[positions(index, len(self.indices))])
 
-    def __getitems__(self, indices: Sequence[int]):
-        """Fetch a whole batch in one vectorised call (used by ``DataLoader``)."""
-        return self.dataset._gather(self.indices[positions(indices, len(self.indices))])
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """The cells at ``indices`` as per-cell samples of one vectorised read (see
+        :meth:`AnnDataset.__getitems__ <torch_adata.AnnDataset.__getitems__>`)."""
+        batch = self.dataset._gather(self.indices[positions(indices, len(self.indices))])
+        return per_cell(batch, self.dataset._batch_keys)
 
     def __repr__(self) -> str:
         return f"SplitDataset {self.name!r}: {len(self)} of the {len(self.dataset)} cells"

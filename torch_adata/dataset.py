@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ._batch import SparseBatch, per_cell
 from ._fields import CategoryEncoder, MatrixField, ObsField
 from ._kernels import warm_up
 from ._source import AnnDataSource, FieldKeyError, Source
@@ -75,10 +76,18 @@ class AnnDataset(Dataset):
     ``"index"``
         ``(batch,)`` int64 positions, with ``return_index=True``.
 
-    ``dataset[i]`` for an int ``i`` gives one cell (shapes without the batch dimension).
-    Use :func:`~torch_adata.collate` as the DataLoader's ``collate_fn`` so each batch is
-    fetched with one ``__getitems__`` call and not re-stacked.
+    ``dataset[i]`` for an int ``i`` gives one cell (shapes without the batch dimension; a
+    :class:`~torch_adata.SparseBatch` of one row).
+
+    Any ``DataLoader`` works, with PyTorch's default ``collate_fn``: each batch is gathered
+    in one vectorised read (``__getitems__``) and collated back without re-stacking.
+    ``collate_fn=torch_adata.collate`` (the fast path) skips the per-cell samples a default
+    collate walks through; it is faster for small batches and narrow fields (see
+    :doc:`/tutorials/engine`).
     """
+
+    # keys of a batch that are batch-level, not per cell (kept once, never stacked)
+    _batch_keys: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -165,12 +174,18 @@ class AnnDataset(Dataset):
             and index.ndim == 0
             and not (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool)
         ):
-            return _first_row(self._gather(self._rows([int(index)])))
+            return _first_row(self._gather(self._rows([int(index)])), self._batch_keys)
         return self._gather(self._rows(index))
 
-    def __getitems__(self, indices: Sequence[int]) -> Batch:
-        """Fetch a whole batch in one vectorised call (used by ``DataLoader``)."""
-        return self._gather(self._rows(indices))
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """The cells at ``indices`` as a list of per-cell samples, gathered in one vectorised
+        read (what ``DataLoader`` calls once per batch).
+
+        Each sample is a view of the gathered batch, shaped like ``dataset[i]``; PyTorch's
+        default ``collate_fn`` and :func:`~torch_adata.collate` turn the unchanged list back
+        into that batch without re-stacking it.
+        """
+        return per_cell(self._gather(self._rows(indices)), self._batch_keys)
 
     def gather(self, rows) -> Batch:
         """The batch of the cells at ``rows``, in that order (duplicates allowed).
@@ -296,11 +311,9 @@ def positions(index, n: int) -> np.ndarray:
     return rows
 
 
-def _first_row(batch: Batch) -> Batch:
-    from ._batch import SparseBatch
-
+def _first_row(batch: Batch, shared: frozenset[str] = frozenset()) -> Batch:
     if isinstance(batch, dict):
-        return {k: _first_row(v) for k, v in batch.items()}
+        return {k: v if k in shared else _first_row(v) for k, v in batch.items()}
     if isinstance(batch, SparseBatch):
         return batch
     return batch[0]

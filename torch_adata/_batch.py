@@ -9,6 +9,7 @@ import multiprocessing
 import operator
 import os
 import secrets
+import sys
 import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -468,10 +469,12 @@ class _Row(torch.Tensor):
 
 
 class _SparseRow(SparseBatch):
-    """One cell of a :class:`SparseBatch`: a one-row ``SparseBatch`` over the batch's memory."""
+    """One cell of a :class:`SparseBatch`: a one-row ``SparseBatch`` over the batch's memory
+    (kept alive by a row of a worker's ring batch); pickles as a copy."""
 
     def __reduce__(self):
-        return (SparseBatch, tuple(self))
+        pieces = (t.as_subclass(torch.Tensor).clone() for t in self[:3])
+        return (SparseBatch, (*pieces, self.n_cols))
 
 
 class _Sample(dict):
@@ -513,18 +516,73 @@ def _rows(values: Any, n: int, tag: bool) -> Sequence[Any]:
 
 
 def _sparse_rows(batch: SparseBatch) -> list[_SparseRow]:
-    counts = batch.indptr[1:] - batch.indptr[:-1]
-    sizes = counts.tolist()
-    start, end = int(batch.indptr[0]), int(batch.indptr[-1])
-    indices = batch.indices[start:end].split(sizes)
-    values = batch.values[start:end].split(sizes)
-    indptrs = torch.stack([torch.zeros_like(counts), counts], 1).unbind(0)
-    rows = []
-    for row in zip(indptrs, indices, values, strict=True):
-        row = _SparseRow(*row, batch.n_cols)
-        row._batch = batch  # pieces of a ring slot stay valid while the row exists
-        rows.append(row)
+    indptr, indices, values = (
+        t if type(t) is torch.Tensor else t.as_subclass(torch.Tensor) for t in batch[:3]
+    )
+    counts = indptr[1:] - indptr[:-1]
+    start, end = int(indptr[0]), int(indptr[-1])
+    pieces = zip(
+        torch.stack([torch.zeros_like(counts), counts], 1).unbind(0),
+        indices[start:end].split(counts.tolist()),
+        values[start:end].split(counts.tolist()),
+        strict=True,
+    )
+    new, n_cols = tuple.__new__, batch.n_cols
+    rows = [new(_SparseRow, (*piece, n_cols)) for piece in pieces]
+    if any(isinstance(t, _RingBatch) for t in batch[:3]):
+        for row in rows:  # the slot stays busy while any row of it exists
+            row._batch = batch
     return rows
+
+
+def for_fetcher(batch: Any, shared: frozenset[str] = frozenset()) -> Any:
+    """What a dataset's ``__getitems__`` returns for ``batch``: the per-cell samples
+    (:func:`per_cell`), or ``batch`` itself when the caller is torch's fetcher with
+    ``collate_fn=torch_adata.collate``, which would only take the batch back out of them
+    (making the samples costs about a microsecond per cell and field)."""
+    if _fetcher_collate(sys._getframe(2)) is collate:
+        return batch
+    return per_cell(batch, shared)
+
+
+def _fetcher_collate(frame: Any) -> Any:
+    """The ``collate_fn`` of the torch map-style fetcher whose ``fetch`` is ``frame`` or
+    reached from it through ``__getitems__`` calls that pass their dataset's result through
+    unchanged (``Subset``, and datasets that say so with ``_getitems_passes_through``);
+    ``None`` for any other caller, or a torch whose fetcher is not laid out as expected.
+
+    Reads torch's private fetcher frame: the one place that does (see
+    :func:`_register_sample_types` for the other private torch use).
+    """
+    if _FETCH_CODE is None:  # pragma: no cover - another torch layout
+        return None
+    for _ in range(4):
+        if frame is None:
+            return None
+        if frame.f_code is _FETCH_CODE:
+            return getattr(frame.f_locals.get("self"), "collate_fn", None)
+        if frame.f_code.co_name != "__getitems__":
+            return None
+        owner = frame.f_locals.get("self")
+        if not (
+            type(owner) is torch.utils.data.Subset
+            or getattr(owner, "_getitems_passes_through", False)
+        ):
+            return None
+        frame = frame.f_back
+    return None
+
+
+def _fetch_code() -> Any:
+    try:
+        from torch.utils.data._utils.fetch import _MapDatasetFetcher
+
+        return _MapDatasetFetcher.fetch.__code__
+    except (ImportError, AttributeError):  # pragma: no cover - another torch layout
+        return None
+
+
+_FETCH_CODE = _fetch_code()
 
 
 def per_cell(batch: Any, shared: frozenset[str] = frozenset()) -> list[Any]:

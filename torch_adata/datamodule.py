@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import samplers
-from ._batch import collate, per_cell
+from ._batch import collate, for_fetcher
 from ._fields import CategoryEncoder, UnknownCategoryError
 from ._source import FieldKeyError
 from .dataset import AnnDataset, positions
@@ -57,6 +57,8 @@ class SplitDataset(Subset):
         The split's name.
     """
 
+    _getitems_passes_through = True  # see torch_adata._batch._fetcher_collate
+
     def __init__(self, dataset: AnnDataset, indices: Sequence[int] | np.ndarray, name: str):
         super().__init__(dataset, positions(indices, len(dataset)))
         self.name = name
@@ -70,7 +72,7 @@ class SplitDataset(Subset):
         """The cells at ``indices`` as per-cell samples of one vectorised read (see
         :meth:`AnnDataset.__getitems__ <torch_adata.AnnDataset.__getitems__>`)."""
         batch = self.dataset._gather(self.indices[positions(indices, len(self.indices))])
-        return per_cell(batch, self.dataset._batch_keys)
+        return for_fetcher(batch, self.dataset._batch_keys)
 
     def __repr__(self) -> str:
         return f"SplitDataset {self.name!r}: {len(self)} of the {len(self.dataset)} cells"

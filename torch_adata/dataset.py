@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ._batch import SparseBatch, per_cell
+from ._batch import SparseBatch, for_fetcher
 from ._fields import CategoryEncoder, MatrixField, ObsField
 from ._kernels import warm_up
 from ._source import AnnDataSource, FieldKeyError, Source
@@ -88,6 +88,8 @@ class AnnDataset(Dataset):
 
     # keys of a batch that are batch-level, not per cell (kept once, never stacked)
     _batch_keys: frozenset[str] = frozenset()
+    # __getitems__ of a subclass returns what this one does (see _batch._fetcher_collate)
+    _getitems_passes_through = True
 
     def __init__(
         self,
@@ -183,9 +185,10 @@ class AnnDataset(Dataset):
 
         Each sample is a view of the gathered batch, shaped like ``dataset[i]``; PyTorch's
         default ``collate_fn`` and :func:`~torch_adata.collate` turn the unchanged list back
-        into that batch without re-stacking it.
+        into that batch without re-stacking it. A ``DataLoader`` with
+        ``collate_fn=torch_adata.collate`` gets the batch itself, without samples.
         """
-        return per_cell(self._gather(self._rows(indices)), self._batch_keys)
+        return for_fetcher(self._gather(self._rows(indices)), self._batch_keys)
 
     def gather(self, rows) -> Batch:
         """The batch of the cells at ``rows``, in that order (duplicates allowed).

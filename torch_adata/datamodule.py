@@ -19,7 +19,7 @@ from . import samplers
 from ._batch import collate, for_fetcher
 from ._fields import CategoryEncoder, UnknownCategoryError
 from ._source import FieldKeyError
-from .dataset import AnnDataset, positions
+from .dataset import AnnDataset, fetched_positions, positions
 from .splits import fingerprint, make_splits
 from .time_resolved import TimeResolvedAnnDataset
 
@@ -71,7 +71,7 @@ class SplitDataset(Subset):
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """The cells at ``indices`` as per-cell samples of one vectorised read (see
         :meth:`AnnDataset.__getitems__ <torch_adata.AnnDataset.__getitems__>`)."""
-        batch = self.dataset._gather(self.indices[positions(indices, len(self.indices))])
+        batch = self.dataset._gather(self.indices[fetched_positions(indices, len(self.indices))])
         return for_fetcher(batch, self.dataset._batch_keys)
 
     def __repr__(self) -> str:

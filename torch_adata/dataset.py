@@ -188,7 +188,7 @@ class AnnDataset(Dataset):
         into that batch without re-stacking it. A ``DataLoader`` with
         ``collate_fn=torch_adata.collate`` gets the batch itself, without samples.
         """
-        return for_fetcher(self._gather(self._rows(indices)), self._batch_keys)
+        return for_fetcher(self._gather(fetched_positions(indices, len(self))), self._batch_keys)
 
     def gather(self, rows) -> Batch:
         """The batch of the cells at ``rows``, in that order (duplicates allowed).
@@ -312,6 +312,22 @@ def positions(index, n: int) -> np.ndarray:
     if lo < 0:
         rows = np.where(rows < 0, rows + n, rows)
     return rows
+
+
+def fetched_positions(indices: Sequence[int], n: int) -> np.ndarray:
+    """:func:`positions` of the indices a DataLoader hands to ``__getitems__``, with the fix
+    for a batch sampler (yielding whole batches) given as ``sampler=`` next to a batch size."""
+    try:
+        return positions(indices, n)
+    except (IndexError, TypeError, ValueError):
+        if any(np.ndim(i) > 0 for i in indices):
+            raise TypeError(
+                "The DataLoader asked for a list of whole batches: a batch sampler was given as "
+                "`sampler=` with a batch size. Pass `batch_size=None` with it "
+                "(`DataLoader(dataset, sampler=s, batch_size=None)`) or give it as "
+                "`batch_sampler=s`."
+            ) from None
+        raise
 
 
 def _first_row(batch: Batch, shared: frozenset[str] = frozenset()) -> Batch:

@@ -491,3 +491,32 @@ def test_float16_output_numba_kernels(sparse):
     assert got.dtype == torch.float16
     want = expected_matrix(adata, [3, 1]).astype(np.float16)
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "index_dtype"),
+    [
+        (torch.float32, torch.int32),
+        (torch.float64, torch.int64),
+        (torch.int64, torch.int32),
+        (torch.float16, torch.int32),  # not a scipy dtype: torch's general path
+    ],
+)
+def test_cpu_to_dense_matches_scipy_in_every_dtype(dtype, index_dtype):
+    matrix = sp.random(300, 1200, density=0.1, format="csr", random_state=3)
+    matrix.data = np.round(matrix.data * 8)  # exact in every dtype
+    rows = np.r_[5:300:3, 5]
+    want = matrix[rows].toarray()
+    sub = matrix[rows]
+    batch = SparseBatch(
+        torch.from_numpy(sub.indptr).to(index_dtype),
+        torch.from_numpy(sub.indices).to(torch.int64),  # mixed index dtypes are joined
+        torch.from_numpy(sub.data).to(dtype),
+        matrix.shape[1],
+    )
+    first = batch.to_dense()  # 1.4 MiB in float32: a recycled buffer
+    assert first.dtype == dtype and first.shape == want.shape
+    np.testing.assert_array_equal(first.double().numpy(), want)
+    second = SparseBatch(batch.indptr, batch.indices, batch.values * 2, batch.n_cols).to_dense()
+    np.testing.assert_array_equal(first.double().numpy(), want)  # kept: not reused
+    np.testing.assert_array_equal(second.double().numpy(), 2 * want)

@@ -263,6 +263,26 @@ def keep_rows(samples):
     return [s["X"] for s in samples], [int(s["index"]) for s in samples]
 
 
+def ring_data():
+    ref = make_adata("dense", n_obs=240, n_vars=4500)  # batches of 64: 1.1 MiB in float32
+    loader_kwargs = {"num_workers": 2, "multiprocessing_context": "fork"}
+    return ref, loader_kwargs
+
+
+@HANG_GUARD
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_default_collate_in_workers_with_shared_memory_rings():
+    ref, loader_kwargs = ring_data()
+    dataset = AnnDataset(ref)  # one field: the rows of a ring batch are _Row views
+    order = np.random.default_rng(3).permutation(ref.n_obs)
+    kept = list(DataLoader(dataset, batch_size=64, sampler=order.tolist(), **loader_kwargs))
+    for k, batch in enumerate(kept):
+        assert type(batch) is torch.Tensor
+        np.testing.assert_array_equal(
+            batch.numpy(), expected_matrix(ref, order[k * 64 : (k + 1) * 64])
+        )
+
+
 @HANG_GUARD
 @pytest.mark.filterwarnings(FORK_WARNING)
 @pytest.mark.parametrize("collate_fn", [stack_rows, keep_rows, None])
@@ -270,16 +290,15 @@ def test_user_collate_in_workers_with_shared_memory_rings(collate_fn):
     """Batches of >= 1 MiB live in the workers' reused shared-memory slots: rows handed to a
     user's collate_fn must keep their slot busy, and rows sent on must be copies, so that no
     batch is overwritten by a later one while it is in use. Every batch is kept to the end."""
-    ref = make_adata("dense", n_obs=240, n_vars=4500)
+    ref, loader_kwargs = ring_data()
     dataset = AnnDataset(ref, return_index=True)
     loader = DataLoader(
         dataset,
-        batch_size=64,  # 64 x 4,500 float32: 1.1 MiB
+        batch_size=64,
         shuffle=True,
-        num_workers=2,
-        multiprocessing_context="fork",
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(0),
+        **loader_kwargs,
     )
     for _ in range(2):
         kept = list(loader)

@@ -456,11 +456,10 @@ def densify(batch: Any, device: torch.device | str | None = None) -> Any:
 
 
 class _Row(torch.Tensor):
-    """One cell of a batch: a view of the batch's memory, as a collate function receives it.
-
-    Operations on it return plain tensors. A row of a worker's ring batch keeps that batch
-    alive (so its slot is not reused while the row exists) and pickles as a copy.
-    """
+    """One cell of a batch in a worker's shared-memory ring (see :class:`_SharedRing`), as a
+    collate function receives it: a view of the slot that keeps the batch alive (so the slot
+    is not reused while the row exists) and pickles as a copy (never as the slot's memory).
+    Operations on it return plain tensors."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -499,19 +498,16 @@ class _Samples(list):
         return (list, (list(self),))
 
 
-def _rows(values: Any, n: int, tag: bool) -> Sequence[Any]:
-    """The ``n`` per-cell views of one field of a batch (``tag``: as :class:`_Row`)."""
+def _rows(values: Any) -> Sequence[Any]:
+    """The per-cell views of one field of a batch: plain tensors, one-row sparse batches, or
+    :class:`_Row` for a batch in a worker's shared-memory ring."""
     if isinstance(values, SparseBatch):
         return _sparse_rows(values)
-    ring = isinstance(values, _RingBatch)
-    plain = values if type(values) is torch.Tensor else values.as_subclass(torch.Tensor)
-    rows = plain.unbind(0)
-    if not (tag or ring):
-        return rows
-    rows = [row.as_subclass(_Row) for row in rows]
-    if ring:  # the slot stays busy while any row of it exists
-        for row in rows:
-            row._batch = values
+    if not isinstance(values, _RingBatch):
+        return values.unbind(0)
+    rows = [row.as_subclass(_Row) for row in values.as_subclass(torch.Tensor).unbind(0)]
+    for row in rows:  # the slot stays busy while any row of it exists
+        row._batch = values
     return rows
 
 
@@ -604,14 +600,14 @@ def per_cell(batch: Any, shared: frozenset[str] = frozenset()) -> list[Any]:
             for k, v in batch.items()
             if k not in shared
         )
-        columns = [[batch[k]] * n if k in shared else _rows(batch[k], n, tag=False) for k in keys]
+        columns = [[batch[k]] * n if k in shared else _rows(batch[k]) for k in keys]
         samples = []
         for values in zip(*columns, strict=True):
             sample = _Sample(zip(keys, values, strict=True))
             sample._shared = shared
             samples.append(sample)
     else:
-        samples = _rows(batch, batch.shape[0], tag=True)
+        samples = _rows(batch)
     out = _Samples(samples)
     out.batch = batch
     out._made = tuple(out)
@@ -676,9 +672,15 @@ def _collate_dicts(samples, *, collate_fn_map=None):
 
 
 def _register_sample_types() -> Any:
-    """Teach torch's ``default_collate`` the sample types (through ``default_collate_fn_map``,
-    its documented extension point); returns torch's collate module, or ``None`` where it
-    has not the expected form (then rows are stacked as any tensors, which still works)."""
+    """Teach torch's ``default_collate`` the samples (through ``default_collate_fn_map``, its
+    documented extension point); returns torch's collate module, or ``None`` where it has not
+    the expected form (then samples are stacked as any, which still gives the batch).
+
+    Rows of a plain tensor are plain tensors (a subclass per row would cost twice as much as
+    the views themselves), so the map's tensor entry is wrapped: a list of samples that
+    :func:`per_cell` made and nobody changed gives back its batch; any other list goes to the
+    entry it wraps, unchanged.
+    """
     try:
         from torch.utils.data._utils import collate as module
 
@@ -686,6 +688,16 @@ def _register_sample_types() -> Any:
         module.collate, module.collate_tensor_fn  # noqa: B018 - what the fallbacks call
     except (ImportError, AttributeError):  # pragma: no cover - another torch layout
         return None
+    wrapped = registry.get(torch.Tensor, module.collate_tensor_fn)
+    wrapped = getattr(wrapped, "_torch_adata_wraps", wrapped)  # once, also on a reload
+
+    def collate_tensors(batch, *, collate_fn_map=None):
+        if type(batch) is _Samples and _whole(batch):
+            return batch.batch
+        return wrapped(batch, collate_fn_map=collate_fn_map)
+
+    collate_tensors._torch_adata_wraps = wrapped
+    registry[torch.Tensor] = collate_tensors
     registry[_Row] = _collate_rows
     registry[_Sample] = _collate_dicts
     registry[_SparseRow] = _collate_sparse

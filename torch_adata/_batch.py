@@ -19,6 +19,8 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import get_worker_info
 
+from ._kernels import get_kernels
+
 # Batches smaller than this are not worth a ring slot (obs/obsm fields, tiny gene panels).
 _RING_MIN_BYTES = 1 << 20
 # Slots per buffer size in each worker: the DataLoader keeps at most ``prefetch_factor`` (2 by
@@ -314,7 +316,7 @@ def empty_batch(shape: tuple[int, ...], dtype: torch.dtype, variable: bool = Fal
     return out
 
 
-# dtypes scipy's CSR kernels densify (CPU); others take the torch path of SparseBatch.to_dense
+# dtypes the CSR kernels densify on a CPU; others take the torch path of SparseBatch.to_dense
 _SCIPY_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8)
 
 
@@ -384,15 +386,24 @@ class SparseBatch(NamedTuple):
         batch = self if device is None else self.to(device)
         n_rows = batch.indptr.shape[0] - 1
         if batch.device.type == "cpu" and batch.values.dtype in _SCIPY_DTYPES:
-            # one pass of scipy's kernel into a recycled buffer (see empty_batch): torch.zeros
-            # faults fresh pages in on every batch, and the index arithmetic of the general path
-            # below costs more than the scatter itself on a CPU
+            # one pass of a CSR kernel into a recycled buffer (see empty_batch): torch.zeros
+            # faults fresh pages in on every batch, and the index arithmetic of the general
+            # path below costs more than the scatter itself on a CPU
             out = empty_batch((n_rows, batch.n_cols), batch.values.dtype)
-            as_numpy = [t.as_subclass(torch.Tensor).numpy() for t in batch[:3]]
-            if as_numpy[0].dtype != as_numpy[1].dtype:  # scipy wants one index dtype
-                as_numpy[:2] = [a.astype(np.int64) for a in as_numpy[:2]]
+            indptr, indices, values = (t.as_subclass(torch.Tensor).numpy() for t in batch[:3])
+            kernels = get_kernels()
+            if kernels.name == "numba" and values.dtype.kind == "f":
+                # the dense gather's kernel: zeroes each row right before filling it, in
+                # parallel, and sums duplicate (row, column) entries as scipy does
+                rows = np.arange(n_rows, dtype=np.int64)
+                kernels.csr_to_dense(
+                    indptr, indices, values, rows, None, out.as_subclass(torch.Tensor).numpy()
+                )
+                return out
+            if indptr.dtype != indices.dtype:  # scipy wants one index dtype
+                indptr, indices = indptr.astype(np.int64), indices.astype(np.int64)
             matrix = sp.csr_matrix(
-                (as_numpy[2], as_numpy[1], as_numpy[0]), shape=(n_rows, batch.n_cols), copy=False
+                (values, indices, indptr), shape=(n_rows, batch.n_cols), copy=False
             )
             # summing duplicate (row, column) entries of a non-canonical CSR, as scipy does
             matrix.toarray(out=out.as_subclass(torch.Tensor).numpy())

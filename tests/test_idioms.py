@@ -283,9 +283,14 @@ def test_default_collate_in_workers_with_shared_memory_rings():
         )
 
 
+def reversed_default(samples):
+    """A user's own collate_fn that reorders the samples: they are stacked, not passed on."""
+    return default_collate(samples[::-1])
+
+
 @HANG_GUARD
 @pytest.mark.filterwarnings(FORK_WARNING)
-@pytest.mark.parametrize("collate_fn", [stack_rows, keep_rows, None])
+@pytest.mark.parametrize("collate_fn", [stack_rows, keep_rows, reversed_default, None])
 def test_user_collate_in_workers_with_shared_memory_rings(collate_fn):
     """Batches of >= 1 MiB live in the workers' reused shared-memory slots: rows handed to a
     user's collate_fn must keep their slot busy, and rows sent on must be copies, so that no
@@ -304,8 +309,9 @@ def test_user_collate_in_workers_with_shared_memory_rings(collate_fn):
         kept = list(loader)
         seen = []
         for batch in kept:
-            if collate_fn is None:
+            if collate_fn in (None, reversed_default):
                 x, rows = batch["X"], batch["index"].tolist()
+                assert type(x) is torch.Tensor
             else:
                 x, rows = batch
             x = torch.stack(x) if isinstance(x, list) else x

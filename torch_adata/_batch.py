@@ -724,11 +724,12 @@ def collate(batch: Any) -> Any:
 
     Use it with ``DataLoader(dataset, batch_size=B, shuffle=True, collate_fn=collate)``: the
     loader calls ``dataset.__getitems__(indices)`` once per batch, which gathers the batch in
-    one vectorised read and returns it as a list of per-cell samples; this returns the
-    gathered batch without looking at them. (PyTorch's default ``collate_fn`` gives the same
-    batch, through a little more work per cell.) A list of samples that was reordered or
-    filtered is collated as ``default_collate`` does; anything else passes through unchanged
-    (a whole batch from a batch sampler with ``batch_size=None``).
+    one vectorised read and, seeing this collate function, hands over the batch itself instead
+    of per-cell samples (PyTorch's default ``collate_fn`` gives the same batch, through a
+    little more work per cell). Given the per-cell samples (called from another collate
+    function), it returns their batch, or collates them as ``default_collate`` does when the
+    list was reordered or filtered; anything else passes through unchanged (a whole batch from
+    a batch sampler with ``batch_size=None``).
 
     Parameters
     ----------

@@ -361,3 +361,16 @@ def test_lightning_trainer_on_plain_loaders(tmp_path):
     )
     assert model.seen == 2 * 30
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
+
+
+def test_a_data_modules_split_in_a_plain_loader():
+    ref = make_adata("csr")
+    dm = ta.AnnDataModule(ref, obs_keys=["cell_type"], return_index=True, val_size=0.25, seed=0)
+    dm.setup("fit")
+    split = dm.loader("train").dataset
+    seen = []
+    for batch in DataLoader(split, batch_size=4, shuffle=True):
+        rows = batch["index"].numpy()
+        check(dm.dataset, ref, rows, batch)
+        seen += rows.tolist()
+    assert sorted(seen) == sorted(dm.splits["train"].tolist())

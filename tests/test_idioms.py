@@ -153,6 +153,16 @@ def test_samples_are_views_collated_back_or_restacked(kind):
     check(dataset, ref, order, ta.collate(samples))
 
 
+def test_sparse_cells_collate_into_one_sparse_batch():
+    ref, narrow = dataset_of("sparse")
+    joined = default_collate([narrow[3], narrow[0], narrow[3]])  # dataset[i]: one-row batches
+    assert type(joined) is SparseBatch
+    np.testing.assert_array_equal(joined.to_dense().numpy(), expected_matrix(ref, [3, 0, 3]))
+    _, wide = dataset_of("sparse", make_adata("csr", n_vars=13))
+    with pytest.raises(ValueError, match=r"different widths \[11, 13\].*same var_names"):
+        default_collate([narrow[0], wide[0]])
+
+
 def test_samples_pickle_as_plain_copies():
     _, dataset = dataset_of("X")
     row = dataset.__getitems__([4, 5])[0]

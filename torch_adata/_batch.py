@@ -648,7 +648,11 @@ def _collate_sparse(samples, *, collate_fn_map=None):
         return samples.batch
     n_cols = {s.n_cols for s in samples}
     if len(n_cols) != 1:
-        raise ValueError(f"Sparse rows of different widths {sorted(n_cols)} cannot be collated.")
+        raise ValueError(
+            f"Sparse rows of different widths {sorted(n_cols)} cannot be collated into one "
+            "batch: they come from datasets with different genes. Batch each dataset apart, "
+            "or select the same var_names in every AnnData first."
+        )
     wide = any(s.indices.dtype == torch.int64 for s in samples)
     index_dtype = torch.int64 if wide else torch.int32
     indptr, offset = [torch.zeros(1, dtype=index_dtype)], 0

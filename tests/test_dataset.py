@@ -281,15 +281,24 @@ def test_int_index_of_sparse_output_is_a_one_row_sparse_batch():
     np.testing.assert_array_equal(got.to_dense().numpy(), expected_matrix(adata, [3]))
 
 
-def test_getitems_is_getitem_for_lists(small):
+def test_getitems_gives_the_cells_of_getitem_for_lists(small):
     _, dataset = small
     rows = [30, 1, 30, 2]
-    a, b = dataset.__getitems__(rows), dataset[rows]
+    samples, b = dataset.__getitems__(rows), dataset[rows]
+    # a list of per-cell samples (as a DataLoader's collate_fn expects), each dataset[i]
+    assert isinstance(samples, list) and len(samples) == len(rows)
+    for sample, row in zip(samples, rows, strict=True):
+        one = dataset[row]
+        assert sample.keys() == one.keys()
+        for key in one:
+            assert torch.equal(sample[key], one[key])
+    # collated back into the gathered batch
+    a = ta.collate(samples)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key])
     # numpy and tensor index lists as the fetcher and samplers give them
-    assert torch.equal(dataset.__getitems__(np.array(rows))["X"], b["X"])
+    assert torch.equal(ta.collate(dataset.__getitems__(np.array(rows)))["X"], b["X"])
 
 
 class CountingDataset(AnnDataset):
@@ -482,3 +491,32 @@ def test_float16_output_numba_kernels(sparse):
     assert got.dtype == torch.float16
     want = expected_matrix(adata, [3, 1]).astype(np.float16)
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "index_dtype"),
+    [
+        (torch.float32, torch.int32),
+        (torch.float64, torch.int64),
+        (torch.int64, torch.int32),
+        (torch.float16, torch.int32),  # not a scipy dtype: torch's general path
+    ],
+)
+def test_cpu_to_dense_matches_scipy_in_every_dtype(dtype, index_dtype):
+    matrix = sp.random(300, 1200, density=0.1, format="csr", random_state=3)
+    matrix.data = np.round(matrix.data * 8)  # exact in every dtype
+    rows = np.r_[5:300:3, 5]
+    want = matrix[rows].toarray()
+    sub = matrix[rows]
+    batch = SparseBatch(
+        torch.from_numpy(sub.indptr).to(index_dtype),
+        torch.from_numpy(sub.indices).to(torch.int64),  # mixed index dtypes are joined
+        torch.from_numpy(sub.data).to(dtype),
+        matrix.shape[1],
+    )
+    first = batch.to_dense()  # 1.4 MiB in float32: a recycled buffer
+    assert first.dtype == dtype and first.shape == want.shape
+    np.testing.assert_array_equal(first.double().numpy(), want)
+    second = SparseBatch(batch.indptr, batch.indices, batch.values * 2, batch.n_cols).to_dense()
+    np.testing.assert_array_equal(first.double().numpy(), want)  # kept: not reused
+    np.testing.assert_array_equal(second.double().numpy(), 2 * want)

@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import samplers
-from ._batch import collate, densify
+from ._batch import collate, densify, for_fetcher
 from ._fields import CategoryEncoder, UnknownCategoryError
 from ._source import FieldKeyError
-from .dataset import AnnDataset, positions
+from .dataset import AnnDataset, fetched_positions, positions
 from .options import Fields, Loader, Split, TimeSampling, as_options
 from .splits import fingerprint, make_splits
 from .time_resolved import TimeResolvedAnnDataset
@@ -59,6 +59,8 @@ class SplitDataset(Subset):
         The split's name.
     """
 
+    _getitems_passes_through = True  # see torch_adata._batch._fetcher_collate
+
     def __init__(self, dataset: AnnDataset, indices: Sequence[int] | np.ndarray, name: str):
         super().__init__(dataset, positions(indices, len(dataset)))
         self.name = name
@@ -68,9 +70,11 @@ class SplitDataset(Subset):
             return self.dataset[int(self.indices[positions(index, len(self.indices))[0]])]
         return self.dataset.gather(self.indices[positions(index, len(self.indices))])
 
-    def __getitems__(self, indices: Sequence[int]):
-        """Fetch a whole batch in one vectorised call (used by ``DataLoader``)."""
-        return self.dataset.gather(self.indices[positions(indices, len(self.indices))])
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """The cells at ``indices`` as per-cell samples of one vectorised read (see
+        :meth:`AnnDataset.__getitems__ <torch_adata.AnnDataset.__getitems__>`)."""
+        batch = self.dataset.gather(self.indices[fetched_positions(indices, len(self.indices))])
+        return for_fetcher(batch, self.dataset._batch_keys)
 
     def __repr__(self) -> str:
         return f"SplitDataset {self.name!r}: {len(self)} of the {len(self.dataset)} cells"

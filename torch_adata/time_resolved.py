@@ -188,7 +188,10 @@ class TimeResolvedAnnDataset(AnnDataset):
     ``"lineage"``
         whole clones (or ``cells_per_clone`` sisters per time point), grouped by clone.
 
-    ``dataset[idx]`` returns the requested cells with the same keys.
+    ``dataset[idx]`` returns the requested cells with the same keys. ``"t_eval"`` is
+    batch-level: one cell (``dataset[i]``, or a sample a DataLoader's ``collate_fn`` receives)
+    carries the whole ``(T',)`` tensor, and collating keeps it once (shape ``(T',)``, not
+    stacked); a ``collate_fn`` of your own should take it from the first sample.
 
     Parameters
     ----------
@@ -329,6 +332,8 @@ class TimeResolvedAnnDataset(AnnDataset):
         return table
 
     # -- batches --------------------------------------------------------------------------
+
+    _batch_keys = frozenset({"t_eval"})
 
     def _gather(self, rows: np.ndarray) -> dict[str, Any]:
         """The fields of checked int64 positions, plus ``"t"``, ``"t_eval"`` and ``"clone"``."""

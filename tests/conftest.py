@@ -221,7 +221,7 @@ def backed_csr_readers(dataset) -> list[BackedCSRReader]:
 
 
 def force_h5py(dataset):
-    """Make every backed CSR field read through h5py runs instead of the memory map."""
+    """Make every backed CSR field read through h5py runs instead of direct ``pread`` reads."""
     readers = backed_csr_readers(dataset)
     assert readers, "the dataset has no backed CSR field"
     for reader in readers:
@@ -259,9 +259,9 @@ def h5ad_files(h5ad_dir):
     """Paths of .h5ad files written by anndata from :func:`make_adata`, by storage kind.
 
     ``csr``, ``csc``, ``dense``: X in that format; ``gzip``: CSR X written with
-    ``compression="gzip"`` (no memory map possible); ``chunked``: CSR X whose data and indices
-    were rewritten in 7-element chunks (the chunked memory-map path); ``contiguous``: the same
-    rewritten without chunks (the contiguous memory-map path).
+    ``compression="gzip"`` (no direct reads possible); ``chunked``: CSR X whose data and indices
+    were rewritten in 7-element chunks (the chunked direct-read path); ``contiguous``: the same
+    rewritten without chunks (the contiguous direct-read path).
     """
     paths = {}
     for kind in ("csr", "csc", "dense"):

@@ -1,5 +1,5 @@
-"""Backed reads: a path, ``read_h5ad(backed="r")`` and views of it, through the memory map and
-through h5py runs, compressed and chunked files, dense X; values against anndata's slicing."""
+"""Backed reads: a path, ``read_h5ad(backed="r")`` and views of it, through direct ``pread`` reads
+and through h5py runs, compressed and chunked files, dense X; values against anndata's slicing."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_gzip_file_falls_back_to_h5py(h5ad_files, in_memory, kind, engine):
 
 
 @pytest.mark.parametrize("engine", ["numba", "numpy"])
-def test_chunked_storage_is_memory_mapped_chunk_by_chunk(h5ad_files, in_memory, engine):
+def test_chunked_storage_is_read_directly_chunk_by_chunk(h5ad_files, in_memory, engine):
     dataset = AnnDataset(h5ad_files["chunked"], engine=engine)
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"
@@ -152,7 +152,7 @@ def test_chunked_storage_is_memory_mapped_chunk_by_chunk(h5ad_files, in_memory, 
 
 
 @pytest.mark.parametrize("engine", ["numba", "numpy"])
-def test_contiguous_storage_is_memory_mapped(h5ad_files, in_memory, engine):
+def test_contiguous_storage_is_read_directly(h5ad_files, in_memory, engine):
     dataset = AnnDataset(h5ad_files["contiguous"], engine=engine, sparse=True)
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"
@@ -189,7 +189,7 @@ def test_files_written_from_sparse_arrays(tmp_path, fmt):
     np.testing.assert_array_equal(AnnDataset(path)[rows].numpy(), expected_matrix(adata, rows))
 
 
-def test_uncompressed_file_is_memory_mapped(h5ad_files):
+def test_uncompressed_file_is_read_directly(h5ad_files):
     dataset = AnnDataset(h5ad_files["csr"])
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"

@@ -1,7 +1,7 @@
 """Worker processes and pickling: backed datasets cross process boundaries by path.
 
 Each DataLoader test reads from the dataset in the parent first (so the parent holds an open
-file, a memory map and, with numba, started threads), then iterates two epochs with two
+file, ``pread``-based readers and, with numba, started threads), then iterates two epochs with two
 persistent workers and checks that every cell arrives exactly once per epoch with the right
 values.
 """
@@ -155,15 +155,38 @@ def test_pickle_of_in_memory_dataset_keeps_the_anndata():
 
 
 @HANG_GUARD
-def test_sparse_batches_cross_worker_processes_and_pin(h5ad_files, in_memory):
-    """SparseBatch is made of plain tensors: it survives the worker queue and pin_memory."""
+@pytest.mark.parametrize(
+    "pin",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(
+                    not torch.cuda.is_available(), reason="pinning needs a CUDA device"
+                ),
+            ],
+        ),
+    ],
+)
+def test_sparse_batches_cross_worker_processes(h5ad_files, in_memory, pin):
+    """SparseBatch is made of plain tensors: it survives the worker queue and, with a CUDA
+    device, the loader's pin_memory thread (without one, torch turns pinning off)."""
     dataset = AnnDataset(h5ad_files["csr"], sparse=True, return_index=True)
-    (epoch,) = epochs(dataset, "fork", n_epochs=1)
+    (epoch,) = epochs(dataset, "fork", n_epochs=1, pin_memory=pin)
+    assert len(epoch) == -(-N_OBS // 5)  # every batch of the epoch arrived
+    seen = []
     for batch in epoch:
         assert isinstance(batch["X"], ta.SparseBatch)
+        parts = [*batch["X"][:3], batch["index"]]
+        assert all(t.is_pinned() == pin for t in parts)
+        rows = batch["index"].numpy()
         np.testing.assert_array_equal(
-            ta.densify(batch)["X"].numpy(), expected_matrix(in_memory, batch["index"].numpy())
+            ta.densify(batch)["X"].numpy(), expected_matrix(in_memory, rows)
         )
+        seen += rows.tolist()
+    assert sorted(seen) == list(range(N_OBS))
 
 
 THREADS_SCRIPT = """

@@ -52,6 +52,7 @@ def test_short_cli_fit_beats_the_majority_class(tmp_path, monkeypatch):
     assert checkpoint.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_classifier_clearly_beats_the_majority_class(tmp_path):
     """Seeds 0-4 at 1,500 cells x 2,000 genes, 3 epochs (CPU), measured before setting margins:
     test accuracy 0.926-0.967 against a majority class of 0.463-0.497 (gap 0.443-0.480),

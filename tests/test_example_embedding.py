@@ -52,6 +52,7 @@ def test_cli_fit_lowers_the_test_loss_and_predict_writes_the_latent_space(tmp_pa
     assert adata.obsm["X_vae"].std(0).min() > 0  # every cell got its own latent mean
 
 
+@pytest.mark.slow
 def test_vae_latent_separates_labels_as_well_as_pca(tmp_path):
     """Seeds 0-4 at 1,500 cells x 500 genes, 5 epochs, 10 latent dimensions (CPU), measured
     before setting the margin: kNN (k=15) accuracy of `Cell type annotation` on the 150 held-out
@@ -72,6 +73,7 @@ def test_vae_latent_separates_labels_as_well_as_pca(tmp_path):
     assert np.isfinite(adata.obsm["X_vae"]).all()
 
 
+@pytest.mark.slow
 def test_script_runs_scanpy_umap_on_the_latent_space(tmp_path):
     args = ["--n-cells", "300", "--n-genes", "200", "--max-epochs", "1", "--n-latent", "4"]
     load_example("embedding").main(["--out", str(tmp_path), *args, "--accelerator", "cpu"])

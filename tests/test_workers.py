@@ -51,7 +51,7 @@ def epochs(dataset, context: str, n_epochs: int = 2, **kwargs):
 
 
 @HANG_GUARD
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["path", "backed_view"])
 def test_workers_read_every_cell_once_per_epoch(h5ad_files, in_memory, kind, context):
     path = h5ad_files["csr"]
@@ -217,6 +217,7 @@ sys.exit(1 if bad else 0)
 """
 
 
+@pytest.mark.slow
 def test_reads_from_several_threads_at_once():
     """Run in a subprocess: the failure is an abort of the process, not an exception."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}

@@ -4,6 +4,7 @@ and through h5py runs, compressed and chunked files, dense X; values against ann
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 
 import anndata as ad
 import numpy as np
@@ -24,6 +25,7 @@ from conftest import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.version import Version
 
 import torch_adata as ta
 from torch_adata import AnnDataset, SparseBatch
@@ -266,6 +268,10 @@ def test_path_source_reads_obs_and_names_from_the_file(h5ad_files, in_memory):
     assert dataset.encoders["batch"].categories.equals(in_memory.obs["batch"].cat.categories)
 
 
+@pytest.mark.skipif(
+    Version(version("anndata")) < Version("0.11"),
+    reason="anndata 0.10's own backed view reads fail with scipy >= 1.15 (_validate_indices)",
+)
 def test_backed_anndata_is_not_modified(h5ad_files):
     backed = ad.read_h5ad(h5ad_files["csr"], backed="r")
     try:

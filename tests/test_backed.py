@@ -148,7 +148,7 @@ def test_chunked_storage_is_read_directly_chunk_by_chunk(h5ad_files, in_memory, 
     dataset = AnnDataset(h5ad_files["chunked"], engine=engine)
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"
-    assert len(reader._open()["layouts"][0][0]) > 5  # really several chunks
+    assert len(reader.layout.layouts[0][0]) > 5  # really several chunks
     for rows in ([36, 1, 1, 20], list(range(N_OBS))):
         np.testing.assert_array_equal(dataset[rows].numpy(), expected_matrix(in_memory, rows))
 
@@ -158,7 +158,7 @@ def test_contiguous_storage_is_read_directly(h5ad_files, in_memory, engine):
     dataset = AnnDataset(h5ad_files["contiguous"], engine=engine, sparse=True)
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"
-    assert len(reader._open()["layouts"][0][0]) == 1  # one block: the contiguous path
+    assert len(reader.layout.layouts[0][0]) == 1  # one block: the contiguous path
     for rows in ([36, 1, 1, 20], list(range(N_OBS))[::-1]):
         got = dataset[rows].to_dense().numpy()
         np.testing.assert_array_equal(got, expected_matrix(in_memory, rows))
@@ -346,9 +346,9 @@ def test_local_batches_announce_their_regions_and_scattered_ones_do_not(wide_fil
     monkeypatch.setattr(gather, "_WINDOW", 1000)  # ~4 rows of ~270 stored values per window
     scattered = [0, 20, 40, 60, 79]  # five runs in five windows: uniform-like, no read-ahead
     np.testing.assert_array_equal(dataset[scattered].numpy(), memory.X[scattered].toarray())
-    assert not reader._state["read_ahead"]
+    assert not reader._open().read_ahead
     local = list(range(0, 16, 2))  # eight runs in about four windows: block-like
     np.testing.assert_array_equal(dataset[local].numpy(), memory.X[local].toarray())
-    announced = set(reader._state["read_ahead"])
+    announced = set(reader._open().read_ahead)
     assert 2 <= len(announced) <= 5
-    assert announced == set((reader._state["indptr"][local] // 1000).tolist())
+    assert announced == set((reader.layout.indptr[local] // 1000).tolist())

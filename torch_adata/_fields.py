@@ -146,7 +146,7 @@ class CategoryEncoder:
         Raises
         ------
         UnknownCategoryError
-            ``values`` has labels outside :attr:`categories`.
+            ``values`` has labels outside the encoder's ``categories``.
         ValueError
             ``values`` has missing values and ``na="raise"``.
         """

@@ -230,3 +230,25 @@ def test_reads_from_several_threads_at_once():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrong batches: 0" in proc.stdout
+
+
+class _ThreadsSeen(AnnDataset):
+    """Each batch also says how many threads the kernels had in the process that made it."""
+
+    def __getitems__(self, indices):
+        import numba
+
+        return {"X": super().__getitems__(indices), "threads": numba.get_num_threads()}
+
+
+@HANG_GUARD
+def test_each_worker_gets_its_share_of_the_kernel_threads(h5ad_files, in_memory):
+    numba = pytest.importorskip("numba")
+    dataset = _ThreadsSeen(h5ad_files["csr"], engine="numba")
+    loader = DataLoader(dataset, batch_size=8, collate_fn=ta.collate, num_workers=2)
+    share = max(1, numba.config.NUMBA_NUM_THREADS // 2)
+    batches = list(loader)
+    assert {batch["threads"] for batch in batches} == {share}
+    rows = np.arange(len(batches[0]["X"]))
+    np.testing.assert_array_equal(batches[0]["X"].numpy(), expected_matrix(in_memory, rows))
+    assert dataset.__getitems__([0])["threads"] == numba.get_num_threads()  # here: untouched

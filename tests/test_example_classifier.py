@@ -33,6 +33,7 @@ def test_fast_dev_run_through_the_python_api_writes_nothing(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_short_cli_fit_beats_the_majority_class(tmp_path, monkeypatch):
     """Seeds 0-4 at 800 cells x 200 genes, 5 epochs (CPU), measured before setting the margin:
     test accuracy 0.80-0.86 against a majority class of 0.45-0.48 (gap 0.33-0.40).

@@ -523,8 +523,10 @@ def report(suite: dict) -> str:
         "with anndata's backed read. `first batch`: open + build + first batch in a fresh "
         "process (imports excluded); `later passes`: the first batch of each later pass "
         "(workers restart every pass unless persistent). `cells/CPU-s`: cells per CPU second of "
-        "the process and its workers, steadier than wall time on a loaded machine. `peak RSS`: the main process's VmHWM (it also counts the pages of "
-        "a file a reader memory-maps, which are page cache); `peak anon`: "
+        "the process and its workers, steadier than wall time on a loaded machine. "
+        "`peak RSS`: the main process's VmHWM (it would also count the pages of a "
+        "memory-mapped file, which are page cache; torch_adata reads with `pread` and maps "
+        "nothing); `peak anon`: "
         "allocated memory (RssAnon) of the main process plus its workers, sampled every 10 ms.",
         "",
         "### Paired ratios (each comparison in one process, passes alternating)",

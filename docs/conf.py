@@ -68,6 +68,9 @@ typehints_document_rtype = True
 typehints_use_signature = False
 always_document_param_types = False
 
+# Every cross-reference must resolve (with -W, a dangling one fails the build).
+nitpicky = True
+
 # -- intersphinx (offline) -----------------------------------------------------------------------
 _DOCS = {
     "python": "https://docs.python.org/3/",
@@ -111,4 +114,5 @@ def setup(app):
 # -- HTML ----------------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"torch_adata {release}"
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # wide tables scroll, long output lines wrap

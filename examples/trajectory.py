@@ -510,6 +510,114 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def train(args: argparse.Namespace, dm, key: str) -> tuple[DriftModel, pl.Trainer, float]:
+    """Fit the drift model on ``dm`` and save its checkpoint; returns the model (on the
+    training device, in eval mode), the trainer and the training time in seconds."""
+    model = DriftModel(
+        obsm_key=key, sigma=args.sigma, energy_weight=args.energy_weight
+    )  # sizes are read from dm in setup
+    trainer = pl.Trainer(
+        max_epochs=args.max_epochs,
+        accelerator=args.accelerator,
+        devices=1,
+        logger=CSVLogger(args.out, name="logs", version=""),
+        enable_checkpointing=False,
+        fast_dev_run=args.fast_dev_run,
+        log_every_n_steps=1,
+    )
+    fit_started = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    train_seconds = time.perf_counter() - fit_started
+    trainer.save_checkpoint(args.out / "model.ckpt")
+    model.to(trainer.strategy.root_device).eval()  # Lightning hands the model back on the CPU
+    return model, trainer, train_seconds
+
+
+def evaluate_fates(
+    model: DriftModel, adata: ad.AnnData, embedding: np.ndarray, train: np.ndarray, args
+) -> dict[str, Any]:
+    """Fate prediction for the first day's cells whose truth is known (all, when simulated),
+    end points labelled by kNN on the annotated cells of the last training day, next to the
+    same kNN on the cells' own positions (no dynamics)."""
+    times = adata.obs[TIME_KEY].to_numpy(dtype=float)
+    first, last = float(times[train].min()), float(times[train].max())
+    early = np.flatnonzero(times == first)
+    truth, truth_name = fate_truth(adata, args.dataset)
+    scored, truth = early[~np.isnan(truth)], truth[~np.isnan(truth)]
+    reference = train[times[train] == last]
+    reference_labels = adata.obs[LABEL_KEY].astype(str).to_numpy()[reference]
+    predicted = predict_fate_bias(
+        model,
+        embedding[scored],
+        first,
+        last,
+        embedding[reference],
+        reference_labels,
+        n_paths=args.n_paths,
+        seed=args.seed,
+    )
+    static = static_fate_bias(embedding[scored], embedding[reference], reference_labels)
+    return {
+        "first_day": first,
+        "early": early,
+        "scored": scored,
+        "truth": truth,
+        "truth_name": truth_name,
+        "predicted": predicted,
+        "scores": score_fate(predicted, truth),
+        "baseline": score_fate(static, truth),
+    }
+
+
+def write_outputs(
+    args: argparse.Namespace, model: DriftModel, dm, embedding: np.ndarray, key: str, fates: dict
+) -> None:
+    """Predictions in a copy of the AnnData (pushed cells, predicted fate bias) and the plots."""
+    times = dm.adata.obs[TIME_KEY].to_numpy(dtype=float)
+    predictor = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False)
+    outputs = predictor.predict(model, datamodule=dm)
+    predictions = dm.write_predictions(outputs, key={name: name for name in outputs[0]})
+    predictions.obs["fate_bias_pred"] = np.nan
+    column = predictions.obs.columns.get_loc("fate_bias_pred")
+    predictions.obs.iloc[fates["scored"], column] = fates["predicted"]
+    predictions.write_h5ad(args.out / "predictions.h5ad")
+    first, early = fates["first_day"], fates["early"]
+    pushed = {t: predictions.obsm[f"X_pred_day{t:g}"][early] for t in np.unique(times) if t > first}
+    if not args.fast_dev_run:  # fast_dev_run logs nothing
+        plot_losses(args.out / "logs" / "metrics.csv", args.out / "losses.png")
+    plot_populations(embedding, times, pushed, args.out / "populations.png", key)
+    plot_fate(fates["predicted"], fates["truth"], fates["scores"], args.out / "fate_bias.png")
+
+
+def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    """``metrics.json`` and a long-format ``metrics.csv`` (evaluation, metric, value)."""
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    rows = [
+        (evaluation, name, value)
+        for evaluation in ("interpolation", "fate", "fate_baseline_no_dynamics")
+        for name, value in metrics[evaluation].items()
+        if (evaluation, name) not in {("interpolation", "held_out_day"), ("fate", "truth")}
+    ]
+    pd.DataFrame(rows, columns=["evaluation", "metric", "value"]).to_csv(
+        out / "metrics.csv", index=False
+    )
+
+
+def summary(metrics: dict[str, Any], out: Path) -> str:
+    """The lines the script prints (the README quotes them)."""
+    interpolation, fate = metrics["interpolation"], metrics["fate"]
+    baseline, first = metrics["fate_baseline_no_dynamics"], metrics["first_day"]
+    return (
+        f"day {HELD_OUT_DAY} held out, Sinkhorn divergence: model {interpolation['model']:.4f}, "
+        f"earlier population {interpolation['earlier_population']:.4f}, "
+        f"later population {interpolation['later_population']:.4f}\n"
+        f"fate bias vs {fate['truth']}: Pearson r {fate['pearson_r']:.3f}, "
+        f"AUROC {fate['auroc']:.3f} ({fate['n_cells']} cells); kNN on day-{first:g} positions "
+        f"(no dynamics): r {baseline['pearson_r']:.3f}, AUROC {baseline['auroc']:.3f}\n"
+        f"{metrics['total_seconds']:.0f} s; outputs in {out}/"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate, plot and write every output; returns the metrics."""
     args = parse_args(argv)
@@ -532,62 +640,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     adata = dm.adata
     embedding = np.asarray(adata.obsm[key], dtype=np.float32)
     times = adata.obs[TIME_KEY].to_numpy(dtype=float)
-    train = dm.splits["train"]
-    model = DriftModel(
-        obsm_key=key, sigma=args.sigma, energy_weight=args.energy_weight
-    )  # sizes are read from dm in setup
-    trainer = pl.Trainer(
-        max_epochs=args.max_epochs,
-        accelerator=args.accelerator,
-        devices=1,
-        logger=CSVLogger(args.out, name="logs", version=""),
-        enable_checkpointing=False,
-        fast_dev_run=args.fast_dev_run,
-        log_every_n_steps=1,
-    )
-    fit_started = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    train_seconds = time.perf_counter() - fit_started
-    trainer.save_checkpoint(args.out / "model.ckpt")
+    model, trainer, train_seconds = train(args, dm, key)
 
-    # a. interpolation of the held-out day
-    model.to(trainer.strategy.root_device).eval()  # Lightning hands the model back on the CPU
+    # a. interpolation of the held-out day; b. fate prediction
     interpolation = evaluate_interpolation(model, embedding, times, HELD_OUT_DAY, seed=args.seed)
-
-    # b. fate prediction for the first day's cells whose truth is known (all, when simulated),
-    #    end points labelled by kNN on the annotated cells of the last training day
-    first, last = float(times[train].min()), float(times[train].max())
-    early = np.flatnonzero(times == first)
-    truth, truth_name = fate_truth(adata, args.dataset)
-    scored, truth = early[~np.isnan(truth)], truth[~np.isnan(truth)]
-    reference = train[times[train] == last]
-    reference_labels = adata.obs[LABEL_KEY].astype(str).to_numpy()[reference]
-    fate_pred = predict_fate_bias(
-        model,
-        embedding[scored],
-        first,
-        last,
-        embedding[reference],
-        reference_labels,
-        n_paths=args.n_paths,
-        seed=args.seed,
-    )
-    fate = score_fate(fate_pred, truth)
-    static = static_fate_bias(embedding[scored], embedding[reference], reference_labels)
-    fate_baseline = score_fate(static, truth)
-
-    # outputs: predictions in a copy of the AnnData, plots, metrics
-    predictor = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False)
-    outputs = predictor.predict(model, datamodule=dm)
-    predictions = dm.write_predictions(outputs, key={name: name for name in outputs[0]})
-    predictions.obs["fate_bias_pred"] = np.nan
-    predictions.obs.iloc[scored, predictions.obs.columns.get_loc("fate_bias_pred")] = fate_pred
-    predictions.write_h5ad(args.out / "predictions.h5ad")
-    pushed = {t: predictions.obsm[f"X_pred_day{t:g}"][early] for t in np.unique(times) if t > first}
-    if not args.fast_dev_run:  # fast_dev_run logs nothing
-        plot_losses(args.out / "logs" / "metrics.csv", args.out / "losses.png")
-    plot_populations(embedding, times, pushed, args.out / "populations.png", key)
-    plot_fate(fate_pred, truth, fate, args.out / "fate_bias.png")
+    fates = evaluate_fates(model, adata, embedding, dm.splits["train"], args)
+    write_outputs(args, model, dm, embedding, key, fates)
 
     metrics = {
         "dataset": args.dataset,
@@ -596,27 +654,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "epochs": int(trainer.current_epoch),
         "n_cells": int(adata.n_obs),
         "interpolation": {"held_out_day": HELD_OUT_DAY, **interpolation},
-        "fate": {"truth": truth_name, **fate},
-        "fate_baseline_no_dynamics": fate_baseline,
+        "fate": {"truth": fates["truth_name"], **fates["scores"]},
+        "fate_baseline_no_dynamics": fates["baseline"],
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    rows = [("interpolation", name, interpolation[name]) for name in interpolation]
-    rows += [("fate", name, fate[name]) for name in fate]
-    rows += [("fate_baseline_no_dynamics", k, v) for k, v in fate_baseline.items()]
-    pd.DataFrame(rows, columns=["evaluation", "metric", "value"]).to_csv(
-        args.out / "metrics.csv", index=False
-    )
-    print(
-        f"day {HELD_OUT_DAY} held out, Sinkhorn divergence: model {interpolation['model']:.4f}, "
-        f"earlier population {interpolation['earlier_population']:.4f}, "
-        f"later population {interpolation['later_population']:.4f}\n"
-        f"fate bias vs {truth_name}: Pearson r {fate['pearson_r']:.3f}, "
-        f"AUROC {fate['auroc']:.3f} ({fate['n_cells']} cells); kNN on day-{first:g} positions "
-        f"(no dynamics): r {fate_baseline['pearson_r']:.3f}, AUROC {fate_baseline['auroc']:.3f}\n"
-        f"{metrics['total_seconds']:.0f} s; outputs in {args.out}/"
-    )
+    write_metrics(args.out, metrics)
+    print(summary({**metrics, "first_day": fates["first_day"]}, args.out))
     return metrics
 
 

@@ -1,9 +1,10 @@
-"""Backed reads: a path, ``read_h5ad(backed="r")`` and views of it, through the memory map and
-through h5py runs, compressed and chunked files, dense X; values against anndata's slicing."""
+"""Backed reads: a path, ``read_h5ad(backed="r")`` and views of it, through direct ``pread`` reads
+and through h5py runs, compressed and chunked files, dense X; values against anndata's slicing."""
 
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 
 import anndata as ad
 import numpy as np
@@ -24,6 +25,7 @@ from conftest import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packaging.version import Version
 
 import torch_adata as ta
 from torch_adata import AnnDataset, SparseBatch
@@ -142,21 +144,21 @@ def test_gzip_file_falls_back_to_h5py(h5ad_files, in_memory, kind, engine):
 
 
 @pytest.mark.parametrize("engine", ["numba", "numpy"])
-def test_chunked_storage_is_memory_mapped_chunk_by_chunk(h5ad_files, in_memory, engine):
+def test_chunked_storage_is_read_directly_chunk_by_chunk(h5ad_files, in_memory, engine):
     dataset = AnnDataset(h5ad_files["chunked"], engine=engine)
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"
-    assert len(reader._open()["layouts"][0][0]) > 5  # really several chunks
+    assert len(reader.layout.layouts[0][0]) > 5  # really several chunks
     for rows in ([36, 1, 1, 20], list(range(N_OBS))):
         np.testing.assert_array_equal(dataset[rows].numpy(), expected_matrix(in_memory, rows))
 
 
 @pytest.mark.parametrize("engine", ["numba", "numpy"])
-def test_contiguous_storage_is_memory_mapped(h5ad_files, in_memory, engine):
+def test_contiguous_storage_is_read_directly(h5ad_files, in_memory, engine):
     dataset = AnnDataset(h5ad_files["contiguous"], engine=engine, sparse=True)
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"
-    assert len(reader._open()["layouts"][0][0]) == 1  # one block: the contiguous path
+    assert len(reader.layout.layouts[0][0]) == 1  # one block: the contiguous path
     for rows in ([36, 1, 1, 20], list(range(N_OBS))[::-1]):
         got = dataset[rows].to_dense().numpy()
         np.testing.assert_array_equal(got, expected_matrix(in_memory, rows))
@@ -189,7 +191,7 @@ def test_files_written_from_sparse_arrays(tmp_path, fmt):
     np.testing.assert_array_equal(AnnDataset(path)[rows].numpy(), expected_matrix(adata, rows))
 
 
-def test_uncompressed_file_is_memory_mapped(h5ad_files):
+def test_uncompressed_file_is_read_directly(h5ad_files):
     dataset = AnnDataset(h5ad_files["csr"])
     (reader,) = backed_csr_readers(dataset)
     assert reader.mode == "direct"
@@ -266,6 +268,10 @@ def test_path_source_reads_obs_and_names_from_the_file(h5ad_files, in_memory):
     assert dataset.encoders["batch"].categories.equals(in_memory.obs["batch"].cat.categories)
 
 
+@pytest.mark.skipif(
+    Version(version("anndata")) < Version("0.11"),
+    reason="anndata 0.10's own backed view reads fail with scipy >= 1.15 (_validate_indices)",
+)
 def test_backed_anndata_is_not_modified(h5ad_files):
     backed = ad.read_h5ad(h5ad_files["csr"], backed="r")
     try:
@@ -340,9 +346,9 @@ def test_local_batches_announce_their_regions_and_scattered_ones_do_not(wide_fil
     monkeypatch.setattr(gather, "_WINDOW", 1000)  # ~4 rows of ~270 stored values per window
     scattered = [0, 20, 40, 60, 79]  # five runs in five windows: uniform-like, no read-ahead
     np.testing.assert_array_equal(dataset[scattered].numpy(), memory.X[scattered].toarray())
-    assert not reader._state["read_ahead"]
+    assert not reader._open().read_ahead
     local = list(range(0, 16, 2))  # eight runs in about four windows: block-like
     np.testing.assert_array_equal(dataset[local].numpy(), memory.X[local].toarray())
-    announced = set(reader._state["read_ahead"])
+    announced = set(reader._open().read_ahead)
     assert 2 <= len(announced) <= 5
-    assert announced == set((reader._state["indptr"][local] // 1000).tolist())
+    assert announced == set((reader.layout.indptr[local] // 1000).tolist())

@@ -50,6 +50,7 @@ def test_pyproject_declares_the_console_script():
     assert scripts["torch-adata"] == "torch_adata.cli:main"
 
 
+@pytest.mark.slow
 def test_fit_test_predict_round_trip_writes_decoded_predictions(tmp_path, in_repo):
     fitted = cli.run_cli(
         ["fit", "--config", CLASSIFIER, "--trainer.max_epochs", "2", *small(tmp_path)]
@@ -219,6 +220,7 @@ def test_writer_copies_a_backed_file_and_says_where(tmp_path, caplog):
     assert (written.X != original.X).nnz == 0 and "X_two" not in original.obsm
 
 
+@pytest.mark.slow
 def test_console_script_runs_in_a_subprocess(tmp_path):
     # the one installed beside this interpreter (pip install -e .), else one on PATH
     script = shutil.which("torch-adata", path=str(Path(sys.executable).parent)) or shutil.which(

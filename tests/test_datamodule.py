@@ -719,6 +719,7 @@ def test_workers_cover_train_split_once(adata):
         assert np.array_equal(np.sort(rows), dm.splits["train"])
 
 
+@pytest.mark.slow
 def test_time_resolved_population_batches_respect_holdout(adata):
     dm = AnnDataModule(
         adata,

@@ -25,6 +25,7 @@ def _env_importing_this_torch_adata() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ddp_two_ranks_see_every_train_cell_exactly_once(tmp_path):
     env = _env_importing_this_torch_adata()

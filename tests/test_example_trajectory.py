@@ -139,6 +139,7 @@ def test_bad_arguments_are_named(trajectory):
         trajectory.evaluate_interpolation(model, np.zeros((15, 2), np.float32), times, 2.0)
 
 
+@pytest.mark.slow
 def test_quality_beats_baselines_and_predicts_fates(trajectory, tmp_path):
     """2,000 simulated cells, 20 epochs of 64 cells per day, latent space, CPU (about 5 s).
 

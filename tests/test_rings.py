@@ -11,10 +11,16 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 import torch_adata as ta
-from torch_adata._batch import empty_batch
+from torch_adata import _transport
+from torch_adata._transport import BatchArrays, empty_batch
+
+
+def in_worker() -> bool:
+    """What the dataset layer tells the transport: whether this runs in a DataLoader worker."""
+    return get_worker_info() is not None
 
 
 class _RingFill(Dataset):
@@ -24,12 +30,12 @@ class _RingFill(Dataset):
         return 12
 
     def __getitem__(self, i):
-        big = empty_batch((512, 1024), torch.float32)
+        big = empty_batch((512, 1024), torch.float32, in_worker=in_worker())
         big.numpy()[...] = i
         state = getattr(big, "_ring_state", None)
-        small = empty_batch((2, 3), torch.float16)
+        small = empty_batch((2, 3), torch.float16, in_worker=in_worker())
         for _ in range(6):  # batches used up inside the worker give their slots back
-            empty_batch((512, 1024), torch.float32).numpy()[...] = -1
+            empty_batch((512, 1024), torch.float32, in_worker=in_worker()).numpy()[...] = -1
         return {
             "big": big,
             "slot": None if state is None else state[1],
@@ -39,7 +45,7 @@ class _RingFill(Dataset):
 
 
 def test_worker_batches_reuse_shared_slots_while_the_caller_drops_them():
-    in_main = empty_batch((512, 1024), torch.float32)
+    in_main = empty_batch((512, 1024), torch.float32, in_worker=False)
     assert type(in_main) is torch.Tensor and not in_main.is_shared()
     loader = DataLoader(_RingFill(), batch_size=None, num_workers=1, collate_fn=ta.collate)
     slots = []
@@ -74,9 +80,7 @@ class _VariableFill(Dataset):
         return 10
 
     def __getitem__(self, i):
-        from torch_adata._batch import BatchArrays
-
-        out = BatchArrays().tensor(np.full(300_000 + 10_000 * i, i, dtype=np.float32))
+        out = BatchArrays(in_worker()).tensor(np.full(300_000 + 10_000 * i, i, dtype=np.float32))
         state = getattr(out, "_ring_state", None)
         return {"values": out, "slot": None if state is None else state[1]}
 
@@ -104,7 +108,7 @@ class _KeyedFill(Dataset):
         return 8
 
     def __getitem__(self, i):
-        big = empty_batch((512, 1024), torch.float32)
+        big = empty_batch((512, 1024), torch.float32, in_worker=in_worker())
         big.numpy()[...] = i
         state = getattr(big, "_ring_state", None)
         return {"big": big, "ring": None if state is None else state[0].key, "pid": os.getpid()}
@@ -178,50 +182,47 @@ class _SizedFill(Dataset):
         return 2
 
     def __getitem__(self, i):
-        out = empty_batch((self.rows, 1024), torch.float32)
+        out = empty_batch((self.rows, 1024), torch.float32, in_worker=in_worker())
         out.numpy()[...] = i
         return {"big": out, "ring": out._ring_state[0].key}
 
 
 def test_the_main_process_keeps_only_the_newest_ownerless_rings(monkeypatch):
-    from torch_adata import _batch
-
-    monkeypatch.setattr(_batch, "_KEPT_RINGS", 1)
+    monkeypatch.setattr(_transport.TRANSPORT, "kept_rings", 1)
     keys = []
     for rows in (300, 400, 500):  # three slot sizes: no worker can adopt an earlier ring
         loader = DataLoader(_SizedFill(rows), batch_size=None, num_workers=1, collate_fn=ta.collate)
         keys.append({batch["ring"] for batch in loader}.pop())
-    assert keys[0] not in _batch._RECEIVED  # forgotten when the third ring arrived
-    assert keys[1] in _batch._RECEIVED and keys[2] in _batch._RECEIVED
+    assert keys[0] not in _transport.TRANSPORT.received  # forgotten when the third ring arrived
+    assert keys[1] in _transport.TRANSPORT.received and keys[2] in _transport.TRANSPORT.received
 
 
 # -- batches of the main process: recycled buffers ---------------------------------------------
 
 
 def test_a_dropped_batch_buffer_serves_the_next_batch_and_a_kept_one_is_never_reused():
-    first = empty_batch((256, 1024), torch.float32)  # 1 MiB: pooled
+    first = empty_batch((256, 1024), torch.float32, in_worker=False)  # 1 MiB: pooled
     address = first.data_ptr()
     first.fill_(1.0)
     del first
-    second = empty_batch((256, 1024), torch.float32)
+    second = empty_batch((256, 1024), torch.float32, in_worker=False)
     assert second.data_ptr() == address  # no fresh pages to fault in
     second.fill_(2.0)
     view = second[3:5]  # a view keeps the buffer, as the batch itself would
     del second
     for _ in range(3):
-        other = empty_batch((256, 1024), torch.float32)
+        other = empty_batch((256, 1024), torch.float32, in_worker=False)
         assert other.data_ptr() != address
         other.fill_(-1.0)
     assert torch.equal(view, torch.full((2, 1024), 2.0))
 
 
 def test_the_pool_keeps_a_bounded_number_of_size_classes():
-    from torch_adata import _batch
-
-    for k in range(3 * _batch._POOL_CLASSES):
-        empty_batch(((1 << 18) + 1024 * k,), torch.float32)  # each dropped at once
-    assert len(_batch._POOL) <= _batch._POOL_CLASSES
-    assert all(len(free) <= _batch._POOL_KEEP for free in _batch._POOL.values())
+    transport = _transport.TRANSPORT
+    for k in range(3 * transport.pool_classes):
+        empty_batch(((1 << 18) + 1024 * k,), torch.float32, in_worker=False)  # each dropped at once
+    assert len(transport.pool) <= transport.pool_classes
+    assert all(len(free) <= transport.pool_keep for free in transport.pool.values())
 
 
 class _KernelOutput(Dataset):
@@ -231,9 +232,7 @@ class _KernelOutput(Dataset):
         return 6
 
     def __getitem__(self, i):
-        from torch_adata._batch import BatchArrays
-
-        arrays = BatchArrays()
+        arrays = BatchArrays(in_worker())
         values = arrays.empty(300_000, np.dtype(np.float32))
         values[...] = i
         tensor = arrays.tensor(values)

@@ -246,16 +246,21 @@ def test_sequential_ignores_seed_and_epoch():
 
 def test_every_sampler_is_a_distributed_sampler():
     made = [
-        UniformBatchSampler(10, 2),
-        SequentialBatchSampler(10, 2),
-        BlockShuffleSampler(10, 2),
-        TimePointBatchSampler([[0, 1], [2, 3]], 1),
-        ClonalBatchSampler([0, 0, 1, -1], None, 1),
+        (UniformBatchSampler(10, 2), 5),
+        (SequentialBatchSampler(10, 2), 5),
+        (BlockShuffleSampler(10, 2), 5),
+        (TimePointBatchSampler([[0, 1], [2, 3]], 1), 2),
+        (ClonalBatchSampler([0, 0, 1, -1], None, 1), 2),
     ]
-    for s in made:
+    for s, n_batches in made:
         assert isinstance(s, DistributedSampler)
         assert (s.num_replicas, s.rank) == (1, 0)
-        assert len(s) > 0 and len(repr(s)) > 0
+        assert len(s) == n_batches == len(list(s))
+        s.set_epoch(3)
+        assert repr(s) == (
+            f"{type(s).__name__}(batches_per_rank={n_batches}, seed=0, epoch=3, rank=0, "
+            "num_replicas=1)"
+        )
 
 
 def test_real_dataloader_gets_whole_batches():

@@ -288,6 +288,7 @@ def test_small_and_unusual_sizes():
     assert slow.uns["simulation"]["n_founders"] > 300 * 0.22
 
 
+@pytest.mark.slow
 def test_builds_10k_cells(record_property):
     start = time.perf_counter()
     big = simulated()

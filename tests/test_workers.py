@@ -1,7 +1,7 @@
 """Worker processes and pickling: backed datasets cross process boundaries by path.
 
 Each DataLoader test reads from the dataset in the parent first (so the parent holds an open
-file, a memory map and, with numba, started threads), then iterates two epochs with two
+file, ``pread``-based readers and, with numba, started threads), then iterates two epochs with two
 persistent workers and checks that every cell arrives exactly once per epoch with the right
 values.
 """
@@ -51,7 +51,7 @@ def epochs(dataset, context: str, n_epochs: int = 2, **kwargs):
 
 
 @HANG_GUARD
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["path", "backed_view"])
 def test_workers_read_every_cell_once_per_epoch(h5ad_files, in_memory, kind, context):
     path = h5ad_files["csr"]
@@ -155,15 +155,38 @@ def test_pickle_of_in_memory_dataset_keeps_the_anndata():
 
 
 @HANG_GUARD
-def test_sparse_batches_cross_worker_processes_and_pin(h5ad_files, in_memory):
-    """SparseBatch is made of plain tensors: it survives the worker queue and pin_memory."""
+@pytest.mark.parametrize(
+    "pin",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(
+                    not torch.cuda.is_available(), reason="pinning needs a CUDA device"
+                ),
+            ],
+        ),
+    ],
+)
+def test_sparse_batches_cross_worker_processes(h5ad_files, in_memory, pin):
+    """SparseBatch is made of plain tensors: it survives the worker queue and, with a CUDA
+    device, the loader's pin_memory thread (without one, torch turns pinning off)."""
     dataset = AnnDataset(h5ad_files["csr"], sparse=True, return_index=True)
-    (epoch,) = epochs(dataset, "fork", n_epochs=1)
+    (epoch,) = epochs(dataset, "fork", n_epochs=1, pin_memory=pin)
+    assert len(epoch) == -(-N_OBS // 5)  # every batch of the epoch arrived
+    seen = []
     for batch in epoch:
         assert isinstance(batch["X"], ta.SparseBatch)
+        parts = [*batch["X"][:3], batch["index"]]
+        assert all(t.is_pinned() == pin for t in parts)
+        rows = batch["index"].numpy()
         np.testing.assert_array_equal(
-            ta.densify(batch)["X"].numpy(), expected_matrix(in_memory, batch["index"].numpy())
+            ta.densify(batch)["X"].numpy(), expected_matrix(in_memory, rows)
         )
+        seen += rows.tolist()
+    assert sorted(seen) == list(range(N_OBS))
 
 
 THREADS_SCRIPT = """
@@ -194,6 +217,7 @@ sys.exit(1 if bad else 0)
 """
 
 
+@pytest.mark.slow
 def test_reads_from_several_threads_at_once():
     """Run in a subprocess: the failure is an abort of the process, not an exception."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
@@ -206,3 +230,25 @@ def test_reads_from_several_threads_at_once():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrong batches: 0" in proc.stdout
+
+
+class _ThreadsSeen(AnnDataset):
+    """Each batch also says how many threads the kernels had in the process that made it."""
+
+    def __getitems__(self, indices):
+        import numba
+
+        return {"X": super().__getitems__(indices), "threads": numba.get_num_threads()}
+
+
+@HANG_GUARD
+def test_each_worker_gets_its_share_of_the_kernel_threads(h5ad_files, in_memory):
+    numba = pytest.importorskip("numba")
+    dataset = _ThreadsSeen(h5ad_files["csr"], engine="numba")
+    loader = DataLoader(dataset, batch_size=8, collate_fn=ta.collate, num_workers=2)
+    share = max(1, numba.config.NUMBA_NUM_THREADS // 2)
+    batches = list(loader)
+    assert {batch["threads"] for batch in batches} == {share}
+    rows = np.arange(len(batches[0]["X"]))
+    np.testing.assert_array_equal(batches[0]["X"].numpy(), expected_matrix(in_memory, rows))
+    assert dataset.__getitems__([0])["threads"] == numba.get_num_threads()  # here: untouched

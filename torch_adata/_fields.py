@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._batch import BatchArrays, SparseBatch, empty_batch
+from ._batch import SparseBatch
 from ._gather import RowReader
+from ._transport import BatchArrays, empty_batch
 
 _TORCH_TO_NUMPY = {
     torch.float16: np.float16,
@@ -145,7 +146,7 @@ class CategoryEncoder:
         Raises
         ------
         UnknownCategoryError
-            ``values`` has labels outside :attr:`categories`.
+            ``values`` has labels outside the encoder's ``categories``.
         ValueError
             ``values`` has missing values and ``na="raise"``.
         """
@@ -225,12 +226,14 @@ class MatrixField:
     def shape(self) -> tuple[int, ...]:
         return (self.reader.shape[1],)
 
-    def take(self, rows: np.ndarray):
+    def take(self, rows: np.ndarray, in_worker: bool = False):
+        """The rows' batch; ``in_worker``: made in a DataLoader worker (so in shared memory)."""
         if self.sparse:
-            arrays = BatchArrays()  # the kernel writes straight into the batch's tensors
+            arrays = BatchArrays(in_worker)  # the kernel writes straight into the batch's tensors
             p = self.reader.csr(rows, self._np_dtype, arrays.empty)
             return SparseBatch(*map(arrays.tensor, (p.indptr, p.indices, p.values)), p.n_cols)
-        out = empty_batch((len(rows), self.reader.shape[1]), self.dtype)  # shared in a worker
+        shape = (len(rows), self.reader.shape[1])
+        out = empty_batch(shape, self.dtype, in_worker=in_worker)
         self.reader.dense(rows, self._np_dtype, out.numpy())
         return out
 
@@ -295,7 +298,8 @@ class ObsField:
         values = column.to_numpy(dtype=target if kind != "bool" or target == np.bool_ else float)
         return cls(name, np.ascontiguousarray(values.astype(target, copy=False)))
 
-    def take(self, rows: np.ndarray) -> torch.Tensor:
+    def take(self, rows: np.ndarray, in_worker: bool = False) -> torch.Tensor:
+        """The rows' values (small: never worth shared memory, wherever this runs)."""
         return torch.from_numpy(self.values[rows])
 
     def describe(self) -> str:

@@ -24,8 +24,9 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -63,6 +64,11 @@ class CSRPieces:
             matrix.data.astype(dtype, copy=False),
             matrix.shape[1],
         )
+
+    def to_scipy(self) -> sp.csr_matrix:
+        """The rows as a scipy CSR matrix (sharing the arrays)."""
+        n_rows = len(self.indptr) - 1
+        return sp.csr_matrix((self.values, self.indices, self.indptr), shape=(n_rows, self.n_cols))
 
 
 class RowReader:
@@ -350,7 +356,7 @@ _WINDOW = 1 << 17
 _WINDOWS_KEPT = 1024
 
 
-def _read_ahead(st: dict, run_starts: np.ndarray, itemsizes: tuple[int, int]) -> None:
+def _read_ahead(st: _OpenCSR, run_starts: np.ndarray, itemsizes: tuple[int, int]) -> None:
     """Ask the kernel to start reading the file regions around a batch's rows, when the batch
     is local (its rows gather in few regions, as under block shuffling): the next batches of a
     block-shuffle pool read other rows of the same blocks, which are then already in the page
@@ -360,8 +366,8 @@ def _read_ahead(st: dict, run_starts: np.ndarray, itemsizes: tuple[int, int]) ->
     windows = np.unique(run_starts // _WINDOW)
     if 4 * len(windows) > 3 * len(run_starts):  # scattered: no locality to exploit
         return
-    known = st["read_ahead"]
-    fd = st["descriptor"].fd
+    known = st.read_ahead
+    fd = st.descriptor.fd
     for w in windows.tolist():
         if w in known:
             known.move_to_end(w)
@@ -369,12 +375,44 @@ def _read_ahead(st: dict, run_starts: np.ndarray, itemsizes: tuple[int, int]) ->
         known[w] = None
         if len(known) > _WINDOWS_KEPT:
             known.popitem(last=False)
-        for (base, chunk_len), itemsize in zip(st["layouts"], itemsizes, strict=True):
+        for (base, chunk_len), itemsize in zip(st.layout.layouts, itemsizes, strict=True):
             start, stop = w * _WINDOW, (w + 1) * _WINDOW
             for c in range(start // chunk_len, min(-(-stop // chunk_len), len(base))):
                 lo, hi = max(start, c * chunk_len), min(stop, (c + 1) * chunk_len)
                 offset = int(base[c]) + (lo - c * chunk_len) * itemsize
                 os.posix_fadvise(fd, offset, (hi - lo) * itemsize, os.POSIX_FADV_WILLNEED)
+
+
+@dataclass
+class _CSRLayout:
+    """Where a backed CSR matrix's pieces lie: read once, inherited by forked workers, reused
+    while the file is unchanged."""
+
+    #: identity of the file it was read from (:func:`_file_id`): a changed file is re-read
+    file_id: tuple
+    #: the row pointers, in memory
+    indptr: np.ndarray
+    #: ``(chunk_base, chunk_len)`` of ``data`` and ``indices`` in the file, for direct reads;
+    #: ``None``: read through h5py
+    layouts: tuple | None
+    #: h5py path: compressed data is read as whole chunks of this many elements (else ``None``)
+    chunk_len: int | None
+
+
+@dataclass
+class _OpenCSR:
+    """A backed CSR matrix opened in one process: its layout and this process's handles."""
+
+    layout: _CSRLayout
+    pid: int
+    data: Any  # h5py.Dataset
+    indices: Any  # h5py.Dataset
+    #: the file opened for ``pread`` (direct reads only)
+    descriptor: _ReadOnlyDescriptor | None
+    #: per-thread scratch buffers the rows are read into
+    scratch: threading.local = field(default_factory=threading.local)
+    #: file windows already announced to the kernel (see :func:`_read_ahead`), oldest first
+    read_ahead: collections.OrderedDict = field(default_factory=collections.OrderedDict)
 
 
 class BackedCSRReader(RowReader):
@@ -407,7 +445,7 @@ class BackedCSRReader(RowReader):
         self.engine = engine
         self.direct_reads = direct_reads
         self.shape = (shape[0], shape[1] if n_cols is None else n_cols)
-        self._state = None
+        self._state: _OpenCSR | None = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -420,30 +458,34 @@ class BackedCSRReader(RowReader):
         otherwise redo it every epoch (39 ms at 100k cells, ten times that at 1M)."""
         self._open()
 
-    def _open(self):
+    def _open(self) -> _OpenCSR:
+        """The matrix opened in this process (its layout read once, kept across forks while
+        the file is unchanged)."""
         st = self._state
-        if st is not None and st["pid"] == os.getpid():
+        if st is not None and st.pid == os.getpid():
             return st
         group = self.file.get()[self.key]
         data, indices = group["data"], group["indices"]
-        if st is not None and st["file_id"] == _file_id(self.file.path):
-            # a forked worker: the layout read by its parent holds; only handles are new
-            found = {k: st[k] for k in ("file_id", "indptr", "layouts", "chunk_len")}
+        if st is not None and st.layout.file_id == _file_id(self.file.path):
+            layout = st.layout  # a forked worker: its parent's layout holds; only handles are new
         else:
-            found = self._read_layout(data, indices, group["indptr"])
-        layouts = found["layouts"]
-        self._state = {
-            **found,
-            "pid": os.getpid(),
-            "data": data,
-            "indices": indices,
-            "descriptor": _ReadOnlyDescriptor(self.file.path) if layouts is not None else None,
-            "scratch": threading.local(),
-            "read_ahead": collections.OrderedDict(),  # windows already announced to the kernel
-        }
+            layout = self._read_layout(data, indices, group["indptr"])
+        direct = layout.layouts is not None
+        self._state = _OpenCSR(
+            layout=layout,
+            pid=os.getpid(),
+            data=data,
+            indices=indices,
+            descriptor=_ReadOnlyDescriptor(self.file.path) if direct else None,
+        )
         return self._state
 
-    def _read_layout(self, data, indices, indptr) -> dict:
+    @property
+    def layout(self) -> _CSRLayout:
+        """Where the matrix's pieces lie in the file (read on first use)."""
+        return self._open().layout
+
+    def _read_layout(self, data, indices, indptr) -> _CSRLayout:
         file_id = _file_id(self.file.path)
         layouts = None
         if self.direct_reads and hasattr(os, "preadv"):
@@ -462,21 +504,18 @@ class BackedCSRReader(RowReader):
                         RuntimeWarning,
                         stacklevel=2,
                     )
-        return {
-            "file_id": file_id,
-            "indptr": indptr[:].astype(np.int64),
-            # (chunk_base, chunk_len) of data and indices in the file, for direct reads
-            "layouts": layouts,
-            # h5py path: compressed data is read as whole chunks of this many elements
-            "chunk_len": int(data.chunks[0])
-            if data.chunks is not None and data.id.get_create_plist().get_nfilters() > 0
-            else None,
-        }
+        compressed = data.chunks is not None and data.id.get_create_plist().get_nfilters() > 0
+        return _CSRLayout(
+            file_id=file_id,
+            indptr=indptr[:].astype(np.int64),
+            layouts=layouts,
+            chunk_len=int(data.chunks[0]) if compressed else None,
+        )
 
     @property
     def mode(self) -> str:
         """``"direct"`` (``pread`` at file positions verified against h5py) or ``"h5py"``."""
-        return "direct" if self._open()["layouts"] is not None else "h5py"
+        return "direct" if self.layout.layouts is not None else "h5py"
 
     def _read_rows(self, rows: np.ndarray):
         """Read the stored rows ``rows`` (file positions); return compact CSR pieces and order.
@@ -490,32 +529,33 @@ class BackedCSRReader(RowReader):
         9.8 vs 5.2 ms per batch of 256 x 2,000).
         """
         st = self._open()
+        layout = st.layout
         uniq, inverse = np.unique(rows, return_inverse=True)
-        starts = st["indptr"][uniq]
-        lengths = st["indptr"][uniq + 1] - starts
+        starts = layout.indptr[uniq]
+        lengths = layout.indptr[uniq + 1] - starts
         local_indptr = np.zeros(len(uniq) + 1, dtype=np.int64)
         np.cumsum(lengths, out=local_indptr[1:])
         nnz = int(local_indptr[-1])
-        data, indices = _scratch(st["scratch"], nnz, st["data"].dtype, st["indices"].dtype)
+        data, indices = _scratch(st.scratch, nnz, st.data.dtype, st.indices.dtype)
         k = self.kernels
-        if st["layouts"] is not None and nnz:
+        if layout.layouts is not None and nnz:
             # rows whose stored values follow each other in the file form one read
             first = np.flatnonzero(np.r_[True, starts[1:] != starts[:-1] + lengths[:-1]])
             run_starts = starts[first]
             run_lengths = np.add.reduceat(lengths, first)
-            fd = st["descriptor"].fd
+            fd = st.descriptor.fd
             _read_ahead(st, run_starts, (data.itemsize, indices.itemsize))
-            for (base, chunk_len), out in zip(st["layouts"], (data, indices), strict=True):
+            for (base, chunk_len), out in zip(layout.layouts, (data, indices), strict=True):
                 k.read_ranges(
                     fd, base, chunk_len, run_starts, run_lengths, local_indptr[first], out
                 )
-        elif st["layouts"] is None:
+        elif layout.layouts is None:
             ends = starts + lengths
-            chunk = st["chunk_len"]
+            chunk = layout.chunk_len
             if chunk is None:  # uncompressed: read just the rows (and small gaps between them)
                 run_starts, run_ends = _row_runs(uniq, starts, ends, _RUN_GAP)
             else:  # whole chunks: h5py decompresses a chunk whole anyway, so read it once
-                size = st["data"].size
+                size = st.data.size
                 run_starts, run_ends = _row_runs(uniq, starts, ends, chunk)
                 run_starts = run_starts // chunk * chunk
                 run_ends = np.minimum(-(-run_ends // chunk) * chunk, size)
@@ -525,8 +565,8 @@ class BackedCSRReader(RowReader):
             buf_indices = np.empty(int(buf_len.sum()), dtype=indices.dtype)
             o = 0
             for s, e in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
-                st["data"].read_direct(buf_data, np.s_[s:e], np.s_[o : o + e - s])
-                st["indices"].read_direct(buf_indices, np.s_[s:e], np.s_[o : o + e - s])
+                st.data.read_direct(buf_data, np.s_[s:e], np.s_[o : o + e - s])
+                st.indices.read_direct(buf_indices, np.s_[s:e], np.s_[o : o + e - s])
                 o += e - s
             # positions of each wanted row inside the concatenated run buffer
             run_of_row = np.searchsorted(run_starts, starts, side="right") - 1

@@ -283,20 +283,19 @@ os.register_at_fork(after_in_child=_new_lock)
 _THREADS_SET_IN: int | None = None  # pid of the worker process whose thread count is set
 
 
-def _worker_threads() -> None:
-    """Inside a DataLoader worker, give the kernels this worker's share of the cores.
+def share_cores(n_workers: int) -> None:
+    """In one of ``n_workers`` DataLoader worker processes, give the kernels this worker's
+    share of the cores (once per process; the dataset layer, which knows it runs in a worker,
+    calls this).
 
     Every worker otherwise starts one numba thread per core: two workers on two cores would
     run four threads that take turns (measured slower than one thread each).
     """
     global _THREADS_SET_IN
-    if _THREADS_SET_IN == os.getpid():
+    if not HAVE_NUMBA or _THREADS_SET_IN == os.getpid():
         return
-    from torch.utils.data import get_worker_info
-
-    info = get_worker_info()
-    if info is not None:
-        numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS // info.num_workers))
+    with _LOCK:
+        numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS // n_workers))
     _THREADS_SET_IN = os.getpid()
 
 
@@ -309,7 +308,6 @@ def _nb_csr_to_dense_entry(indptr, indices, data, rows, col_map, out):
     if out.dtype == _HALF:
         out = np.empty(out.shape, dtype=np.float32)
     with _LOCK:
-        _worker_threads()
         if col_map is None:
             _nb_csr_to_dense(indptr, indices, data, rows, _EMPTY_MAP, out)
         else:
@@ -331,7 +329,6 @@ def _nb_csr_to_csr_entry(indptr, indices, data, rows, col_map, out_dtype, n_cols
     half = np.dtype(out_dtype) == _HALF  # computed in float32, then cast
     out_vals = np.empty(nnz, dtype=np.float32) if half else alloc(nnz, np.dtype(out_dtype))
     with _LOCK:
-        _worker_threads()
         if col_map is None:
             _nb_csr_fill_all(indptr, indices, data, rows, out_indptr, out_cols, out_vals)
         else:
@@ -351,7 +348,6 @@ def _nb_read_ranges_entry(fd, chunk_base, chunk_len, starts, lengths, offsets, o
     if _libc_pread is None:  # pragma: no cover - platforms without a C pread
         return _np_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
     with _LOCK:
-        _worker_threads()
         failed = _nb_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
     if failed:
         raise OSError(

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._compat import read_elem, view_parent
 from ._gather import MappedReader, RowReader, backed_reader, memory_reader, read_whole
 from ._kernels import get_kernels
 
@@ -99,10 +100,10 @@ class AnnDataSource:
         self._var_names = adata.var_names
         self.n_obs, self.n_vars = adata.n_obs, adata.n_vars
         if adata.is_view:
-            root = adata._adata_ref
+            root, oidx, vidx = view_parent(adata)
             self._root = root
-            self._row_map = _positions(adata._oidx, root.n_obs)
-            self._cols = _positions(adata._vidx, root.n_vars)
+            self._row_map = _positions(oidx, root.n_obs)
+            self._cols = _positions(vidx, root.n_vars)
         else:
             self._root, self._row_map, self._cols = adata, None, None
         self._backed_path = str(self._root.filename) if self._root.isbacked else None
@@ -150,7 +151,6 @@ class AnnDataSource:
 
     def _read_frame(self, key: str) -> pd.DataFrame:
         import h5py
-        from anndata.io import read_elem
 
         with h5py.File(self.path, "r") as f:
             return read_elem(f[key])
@@ -276,7 +276,6 @@ def _read_matrix(path: str, h5_key: str, encoding: str, shape, engine: str):
     """A matrix of an .h5ad file in memory: sparse ones array by array (see
     :func:`~torch_adata._gather.read_whole`), anything else through anndata."""
     import h5py
-    from anndata.io import read_elem
 
     with h5py.File(path, "r") as f:
         if encoding in ("csr_matrix", "csc_matrix"):

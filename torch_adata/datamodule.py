@@ -319,7 +319,7 @@ class AnnDataModule(pl.LightningDataModule):
 
     @property
     def data_fingerprint(self) -> dict[str, int | str]:
-        """What identifies the cells of this module's data: their number and names, in order.
+        """What identifies the cells of this module's data (their number and names, in order).
 
         Computed by :func:`torch_adata.splits.fingerprint` and saved with the split in
         checkpoints; a checkpoint's split is restored only onto data with the same fingerprint.

@@ -8,12 +8,12 @@ from typing import Any, Literal
 import anndata as ad
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from ._batch import SparseBatch, for_fetcher
 from ._counts import RAW_OPTION, check_counts, reader_values
 from ._fields import CategoryEncoder, MatrixField, ObsField
-from ._kernels import warm_up
+from ._kernels import share_cores, warm_up
 from ._source import AnnDataSource, FieldKeyError, Source
 from .genes import FilledReader, GeneAlignment, align_genes
 
@@ -253,7 +253,11 @@ class AnnDataset(Dataset):
 
     def _gather(self, rows: np.ndarray) -> Batch:
         """The batch of int64 positions already checked to lie in ``[0, len(self))``."""
-        batch = {name: field.take(rows) for name, field in self.fields.items()}
+        worker = get_worker_info()
+        if worker is not None:  # kernels and batch memory are told, not left to find out
+            share_cores(worker.num_workers)
+        in_worker = worker is not None
+        batch = {name: field.take(rows, in_worker) for name, field in self.fields.items()}
         if len(batch) == 1:
             return next(iter(batch.values()))
         return batch

@@ -318,12 +318,9 @@ class TimeResolvedAnnDataset(AnnDataset):
         return ids
 
     @staticmethod
-    def _whole(reader) -> Any:
+    def _whole(reader) -> sp.csr_matrix:
         """All rows of a (small) obsm matrix, as CSR."""
-        pieces = reader.csr(np.arange(reader.shape[0], dtype=np.int64), np.float32)
-        return sp.csr_matrix(
-            (pieces.values, pieces.indices, pieces.indptr), shape=(reader.shape[0], pieces.n_cols)
-        )
+        return reader.csr(np.arange(reader.shape[0], dtype=np.int64), np.float32).to_scipy()
 
     def _clone_table(self, ids: np.ndarray) -> pd.DataFrame:
         has = ids >= 0

@@ -142,6 +142,7 @@ INVENTORIES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             ),
             "torch.utils.data.dataset.Dataset": ("class", "data.html#torch.utils.data.Dataset"),
             "torch.utils.data.Subset": ("class", "data.html#$"),
+            "torch.utils.data.dataset.Subset": ("class", "data.html#torch.utils.data.Subset"),
             "torch.utils.data.BatchSampler": ("class", "data.html#$"),
             "torch.utils.data.distributed.DistributedSampler": ("class", "data.html#$"),
             # the same class under its public alias
@@ -185,6 +186,15 @@ INVENTORIES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
                 "class",
                 "api/lightning.pytorch.trainer.trainer.Trainer.html"
                 "#lightning.pytorch.trainer.trainer.Trainer",
+            ),
+            "lightning.pytorch.cli.LightningCLI": (
+                "class",
+                "api/lightning.pytorch.cli.LightningCLI.html#$",
+            ),
+            "lightning.pytorch.callbacks.prediction_writer.BasePredictionWriter": (
+                "class",
+                "api/lightning.pytorch.callbacks.BasePredictionWriter.html"
+                "#lightning.pytorch.callbacks.BasePredictionWriter",
             ),
             "lightning.pytorch.callbacks.ModelCheckpoint": (
                 "class",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pathlib
 import re
 import shutil
 import tempfile
@@ -43,7 +44,7 @@ class DownloadError(RuntimeError):
         One ``(url, reason)`` pair per URL tried, in order.
     """
 
-    def __init__(self, filename: str, failures: Sequence[tuple[str, str]], cache: Path):
+    def __init__(self, filename: str, failures: Sequence[tuple[str, str]], cache: pathlib.Path):
         self.filename = filename
         self.failures = list(failures)
         lines = [f"Could not download {filename!r}; tried {len(self.failures)} URL(s):"]

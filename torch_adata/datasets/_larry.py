@@ -251,6 +251,8 @@ def _join(location: str, filename: str) -> str:
 
 
 def _assemble(experiment: str, paths: Mapping[str, Path], unverified: set[str]) -> ad.AnnData:
+    """The AnnData of one experiment's files: the small tables first, every shape checked
+    against them (:func:`_check_shapes`), then the large matrices."""
     prefix = _prefix(experiment)
 
     def part(name: str) -> Path:
@@ -258,15 +260,52 @@ def _assemble(experiment: str, paths: Mapping[str, Path], unverified: set[str]) 
 
     obs = _parse(part(_METADATA), unverified, _read_metadata)
     genes = _parse(part(_GENES), unverified, _read_genes)
-    counts_shape = _parse(part(_COUNTS), unverified, _mm_shape)
-    clones_shape = _parse(part(_CLONES), unverified, _mm_shape)
+    shapes = {
+        _COUNTS: _parse(part(_COUNTS), unverified, _mm_shape),
+        _CLONES: _parse(part(_CLONES), unverified, _mm_shape),
+    }
     extras = {}
     if experiment == "in_vitro":
         extras[_PSEUDOTIME] = _parse(part(_PSEUDOTIME), unverified, _read_pseudotime)
         extras[_TRAJECTORY] = _parse(part(_TRAJECTORY), unverified, _read_indices)
+    _check_shapes(experiment, obs, genes, shapes, extras, part(_METADATA).parent)
 
-    # Check every shape before reading the (large) matrices.
     n_cells = len(obs)
+    matrix = _parse(part(_COUNTS), unverified, _read_csr)
+    clones = _parse(part(_CLONES), unverified, _read_csr)
+    if clones.shape[0] != n_cells:  # stored clones x cells
+        clones = clones.T.tocsr()
+
+    obs.index = pd.Index([str(i) for i in range(n_cells)])
+    if experiment == "in_vitro":
+        _add_trajectory_columns(obs, extras[_PSEUDOTIME], extras[_TRAJECTORY])
+
+    adata = ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    if not adata.var_names.is_unique:
+        adata.var_names_make_unique()
+    adata.obsm["X_clone"] = clones
+    adata.uns["larry"] = {
+        "experiment": experiment,
+        "X": "total-count (L1) normalised UMI counts",
+        "reference": "Weinreb et al., Science 367, eaaw3381 (2020)",
+        "geo": "GSE140802",
+    }
+    return adata
+
+
+def _check_shapes(
+    experiment: str,
+    obs: pd.DataFrame,
+    genes: list[str],
+    shapes: Mapping[str, tuple[int, int]],
+    extras: Mapping[str, pd.DataFrame],
+    folder: Path,
+) -> None:
+    """Raise a ValueError listing every disagreement between the files' shapes (before the
+    large matrices are read), with all the shapes and the fix."""
+    prefix = _prefix(experiment)
+    n_cells = len(obs)
+    counts_shape, clones_shape = shapes[_COUNTS], shapes[_CLONES]
     counts, metadata, gene_names, clone_matrix = (
         prefix + name for name in (_COUNTS, _METADATA, _GENES, _CLONES)
     )
@@ -289,48 +328,35 @@ def _assemble(experiment: str, paths: Mapping[str, Path], unverified: set[str]) 
                 f"{prefix}{name} refers to cell indices {index.min()}..{index.max()}, "
                 f"outside 0..{n_cells - 1} ({metadata})"
             )
-    if problems:
-        shapes = [
-            f"  {prefix}{_METADATA}: {n_cells} cells x {obs.shape[1]} columns",
-            f"  {prefix}{_GENES}: {len(genes)} genes",
-            f"  {prefix}{_COUNTS}: {counts_shape[0]} x {counts_shape[1]}",
-            f"  {prefix}{_CLONES}: {clones_shape[0]} x {clones_shape[1]}",
-        ] + [f"  {prefix}{name}: {len(table)} rows" for name, table in extras.items()]
-        raise ValueError(
-            f"The LARRY {experiment} files do not agree:\n"
-            + "\n".join(f"- {p}" for p in problems)
-            + "\nShapes:\n"
-            + "\n".join(shapes)
-            + f"\nThe files in {part(_METADATA).parent} may come from different releases or "
-            "hosts; delete them (or pass force=True) to download them again."
-        )
+    if not problems:
+        return
+    listed = [
+        f"  {prefix}{_METADATA}: {n_cells} cells x {obs.shape[1]} columns",
+        f"  {prefix}{_GENES}: {len(genes)} genes",
+        f"  {prefix}{_COUNTS}: {counts_shape[0]} x {counts_shape[1]}",
+        f"  {prefix}{_CLONES}: {clones_shape[0]} x {clones_shape[1]}",
+    ] + [f"  {prefix}{name}: {len(table)} rows" for name, table in extras.items()]
+    raise ValueError(
+        f"The LARRY {experiment} files do not agree:\n"
+        + "\n".join(f"- {p}" for p in problems)
+        + "\nShapes:\n"
+        + "\n".join(listed)
+        + f"\nThe files in {folder} may come from different releases or "
+        "hosts; delete them (or pass force=True) to download them again."
+    )
 
-    matrix = _parse(part(_COUNTS), unverified, _read_csr)
-    clones = _parse(part(_CLONES), unverified, _read_csr)
-    if clones.shape[0] != n_cells:  # stored clones x cells
-        clones = clones.T.tocsr()
 
-    obs.index = pd.Index([str(i) for i in range(n_cells)])
-    if experiment == "in_vitro":
-        pseudotime = extras[_PSEUDOTIME]
-        column = np.full(n_cells, np.nan)
-        column[pseudotime.iloc[:, 0].to_numpy()] = pseudotime.iloc[:, 1].to_numpy(dtype=float)
-        obs["neutrophil_pseudotime"] = column
-        on_trajectory = np.zeros(n_cells, dtype=bool)
-        on_trajectory[extras[_TRAJECTORY].iloc[:, 0].to_numpy()] = True
-        obs["neutrophil_monocyte_trajectory"] = on_trajectory
-
-    adata = ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
-    if not adata.var_names.is_unique:
-        adata.var_names_make_unique()
-    adata.obsm["X_clone"] = clones
-    adata.uns["larry"] = {
-        "experiment": experiment,
-        "X": "total-count (L1) normalised UMI counts",
-        "reference": "Weinreb et al., Science 367, eaaw3381 (2020)",
-        "geo": "GSE140802",
-    }
-    return adata
+def _add_trajectory_columns(
+    obs: pd.DataFrame, pseudotime: pd.DataFrame, trajectory: pd.DataFrame
+) -> None:
+    """The in vitro experiment's neutrophil pseudotime (NaN off it) and its trajectory cells."""
+    n_cells = len(obs)
+    column = np.full(n_cells, np.nan)
+    column[pseudotime.iloc[:, 0].to_numpy()] = pseudotime.iloc[:, 1].to_numpy(dtype=float)
+    obs["neutrophil_pseudotime"] = column
+    on_trajectory = np.zeros(n_cells, dtype=bool)
+    on_trajectory[trajectory.iloc[:, 0].to_numpy()] = True
+    obs["neutrophil_monocyte_trajectory"] = on_trajectory
 
 
 def _parse(path: Path, unverified: set[str], reader):

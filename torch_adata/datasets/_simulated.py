@@ -258,16 +258,7 @@ def simulated(
     schedule.check_feasible(founders, per_day)
     params["n_founders"] = founders
 
-    # Founders: starting population (it shifts the clock) and initial states.
-    population = rng_fate.integers(0, 2, size=founders)
-    x0 = (
-        -params["speed"] * params["branch_day"]
-        + np.where(population == 0, -_POPULATION_SHIFT, _POPULATION_SHIFT)
-        + params["clock_spread"] * rng_fate.standard_normal(founders)
-    )
-    x1 = params["founder_spread"] * rng_fate.standard_normal(founders)
-    nuisance = params["founder_spread"] * rng_nuisance.standard_normal((founders, n_latent - 2))
-
+    population, x0, x1, nuisance = _founders(params, founders, rng_fate, rng_nuisance)
     day, latent, founder = _run_lineages(
         params, schedule, per_day, x0, x1, nuisance, rng_fate, rng_nuisance
     )
@@ -280,36 +271,79 @@ def simulated(
     oracle[early] = _fate_oracle(
         latent[early, 0], latent[early, 1], params, schedule.steps_between_days, rng_oracle
     )
+    obs, x_clone, spring = _cell_metadata(
+        day, founder, population, latent, cell_type, oracle, params, rng_meta
+    )
 
-    # Metadata: wells per founder, barcode detection, clones, libraries, barcodes, layout.
-    founder_well = rng_meta.integers(1, 3, size=founders)
+    loadings, baseline, programs = _gene_programs(n_genes, n_latent, rng_programs)
+    counts = _draw_counts(latent, loadings, baseline, params, rng_counts)
+    normed, target_sum = _normalise_totals(counts)
+    return ad.AnnData(
+        X=normed,
+        obs=obs,
+        var=_gene_table(programs, n_genes),
+        layers={"counts": counts},
+        obsm={
+            "X_clone": x_clone,
+            "X_latent": stored,
+            "X_spring": spring.astype(np.float32),
+        },
+        uns={"simulation": _provenance(params, per_day, x_clone.shape[1], target_sum)},
+    )
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def _founders(
+    params: dict,
+    founders: int,
+    rng_fate: np.random.Generator,
+    rng_nuisance: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each founder's starting population (it shifts the clock) and initial latent state."""
+    population = rng_fate.integers(0, 2, size=founders)
+    x0 = (
+        -params["speed"] * params["branch_day"]
+        + np.where(population == 0, -_POPULATION_SHIFT, _POPULATION_SHIFT)
+        + params["clock_spread"] * rng_fate.standard_normal(founders)
+    )
+    x1 = params["founder_spread"] * rng_fate.standard_normal(founders)
+    n_nuisance = params["n_latent"] - 2
+    nuisance = params["founder_spread"] * rng_nuisance.standard_normal((founders, n_nuisance))
+    return population, x0, x1, nuisance
+
+
+def _cell_metadata(
+    day: np.ndarray,
+    founder: np.ndarray,
+    population: np.ndarray,
+    latent: np.ndarray,
+    cell_type: np.ndarray,
+    oracle: np.ndarray,
+    params: dict,
+    rng: np.random.Generator,
+) -> tuple[pd.DataFrame, sp.csr_matrix, np.ndarray]:
+    """obs (wells per founder, barcode detection, clones, libraries, barcodes, the 2-D layout,
+    fates), the cells' clone matrix and the 2-D layout."""
+    n_cells = day.size
+    early = day == TIME_POINTS[0]
+    founder_well = rng.integers(1, 3, size=population.size)
     well = np.where(early, 0, founder_well[founder]).astype(np.int64)
-    detected = rng_meta.random(n_cells) < params["clone_detection"]
+    detected = rng.random(n_cells) < params["clone_detection"]
     clone_founders, clone_of_detected = np.unique(founder[detected], return_inverse=True)
     clone_id = np.full(n_cells, -1, dtype=np.int64)
     clone_id[detected] = clone_of_detected
     n_clones = int(clone_founders.size)
-    clone_bias = _clone_fate_bias(clone_id, day, cell_type, n_clones)
-    replicate = np.where(early, rng_meta.integers(1, 3, size=n_cells), well)
+    replicate = np.where(early, rng.integers(1, 3, size=n_cells), well)
     pop_of_cell = population[founder]
     tags = np.asarray(_POPULATION_TAGS)[pop_of_cell]
     library = np.char.add(
         np.char.add(np.char.add("d", day.astype(str)), np.char.add("_", tags)),
         np.char.add("_", replicate.astype(str)),
     )
-    barcodes = _unique_barcodes(n_cells, rng_meta)
-    spring = _SPRING_SCALE * latent[:, :2] + _SPRING_NOISE * rng_meta.standard_normal((n_cells, 2))
-
-    # Expression.
-    loadings, baseline, programs = _gene_programs(n_genes, n_latent, rng_programs)
-    counts = _draw_counts(latent, loadings, baseline, params, rng_counts)
-    totals = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
-    target_sum = float(totals.mean())
-    normed = counts.copy()
-    normed.data = (
-        normed.data.astype(np.float64) * np.repeat(target_sum / totals, np.diff(normed.indptr))
-    ).astype(np.float32)
-
+    barcodes = _unique_barcodes(n_cells, rng)
+    spring = _SPRING_SCALE * latent[:, :2] + _SPRING_NOISE * rng.standard_normal((n_cells, 2))
     obs = pd.DataFrame(
         {
             "Library": pd.Categorical(library),
@@ -322,20 +356,40 @@ def simulated(
             "SPRING-y": spring[:, 1],
             "clone_id": clone_id,
             "fate_bias_oracle": oracle,
-            "clone_fate_bias": clone_bias,
+            "clone_fate_bias": _clone_fate_bias(clone_id, day, cell_type, n_clones),
         },
         index=pd.Index([str(i) for i in range(n_cells)]),
-    )
-    width = max(4, len(str(n_genes)))
-    var = pd.DataFrame(
-        {"program": pd.Categorical(programs, categories=_PROGRAMS)},
-        index=pd.Index([f"Gene{i:0{width}d}" for i in range(1, n_genes + 1)]),
     )
     rows = np.flatnonzero(detected)
     x_clone = sp.csr_matrix(
         (np.ones(rows.size, dtype=np.float32), (rows, clone_id[rows])),
         shape=(n_cells, n_clones),
     )
+    return obs, x_clone, spring
+
+
+def _normalise_totals(counts: sp.csr_matrix) -> tuple[sp.csr_matrix, float]:
+    """Counts scaled so every row sums to the mean total count (float32), and that mean."""
+    totals = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
+    target_sum = float(totals.mean())
+    normed = counts.copy()
+    normed.data = (
+        normed.data.astype(np.float64) * np.repeat(target_sum / totals, np.diff(normed.indptr))
+    ).astype(np.float32)
+    return normed, target_sum
+
+
+def _gene_table(programs: np.ndarray, n_genes: int) -> pd.DataFrame:
+    """var: ``Gene0001, ...`` and the program each gene follows."""
+    width = max(4, len(str(n_genes)))
+    return pd.DataFrame(
+        {"program": pd.Categorical(programs, categories=_PROGRAMS)},
+        index=pd.Index([f"Gene{i:0{width}d}" for i in range(1, n_genes + 1)]),
+    )
+
+
+def _provenance(params: dict, per_day: np.ndarray, n_clones: int, target_sum: float) -> dict:
+    """``uns["simulation"]``: every parameter and derived quantity, as h5ad-writable values."""
     simulation = dict(params)
     simulation["day_proportions"] = [float(p) for p in params["day_proportions"]]
     simulation.update(
@@ -349,18 +403,7 @@ def simulated(
         population_shift=_POPULATION_SHIFT,
         neutrophil_sign="x1 > 0",
     )
-    return ad.AnnData(
-        X=normed,
-        obs=obs,
-        var=var,
-        layers={"counts": counts},
-        obsm={
-            "X_clone": x_clone,
-            "X_latent": stored,
-            "X_spring": spring.astype(np.float32),
-        },
-        uns={"simulation": simulation},
-    )
+    return simulation
 
 
 # --------------------------------------------------------------------------- argument checks

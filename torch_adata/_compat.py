@@ -1,0 +1,93 @@
+"""The private or version-dependent APIs of dependencies that torch_adata uses, in one place.
+
+Each is reached through a function here that falls back to a public API or fails with an error
+naming the version in use, the versions tested, and what to do instead. The tested ranges are
+the ones CI runs (``.ci/run``: the newest versions, then the oldest anndata) and the ones
+``pyproject.toml`` declares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import version
+from typing import Any
+
+import anndata as ad
+import torch
+
+#: Oldest anndata CI runs against (its second job); ``pyproject.toml`` requires at least this.
+ANNDATA_OLDEST = "0.10.9"
+#: Oldest torch declared in ``pyproject.toml`` (CI runs only the pinned torch: see the
+#: contributing page for why).
+TORCH_OLDEST = "2.2"
+
+
+def _unsupported(package: str, version: str, what: str, instead: str) -> RuntimeError:
+    oldest = ANNDATA_OLDEST if package == "anndata" else TORCH_OLDEST
+    return RuntimeError(
+        f"{package} {version} no longer provides {what}, which torch_adata relies on (tested "
+        f"with {package} >= {oldest}). {instead} Please report this with your {package} version."
+    )
+
+
+def view_parent(adata: ad.AnnData) -> tuple[ad.AnnData, Any, Any]:
+    """The AnnData a view was sliced from and the view's row and column indices into it.
+
+    anndata keeps these private (``_adata_ref``, ``_oidx``, ``_vidx``); without them a view
+    would have to be copied, which for a backed view means reading the whole matrix.
+    """
+    try:
+        return adata._adata_ref, adata._oidx, adata._vidx
+    except AttributeError as error:
+        raise _unsupported(
+            "anndata",
+            version("anndata"),
+            "the parent of an AnnData view (AnnData._adata_ref, _oidx, _vidx)",
+            "Pass adata.copy() (in memory) or the .h5ad path instead of the view.",
+        ) from error
+
+
+def _find_read_elem() -> Callable[[Any], Any]:
+    try:  # anndata >= 0.11
+        from anndata.io import read_elem
+    except ImportError:  # anndata 0.10
+        from anndata.experimental import read_elem
+    return read_elem
+
+
+#: ``anndata.io.read_elem`` (``anndata.experimental.read_elem`` before anndata 0.11): one element
+#: (a DataFrame, an array) of an open ``.h5ad`` group.
+read_elem: Callable[[Any], Any] = _find_read_elem()
+
+
+def sparse_arrays_supported() -> bool:
+    """Whether this anndata accepts scipy sparse *arrays* (``csr_array``) as X (0.11 and later)."""
+    import scipy.sparse as sp
+
+    try:
+        ad.AnnData(sp.csr_array((1, 1), dtype="float32"))
+    except ValueError:
+        return False
+    return True
+
+
+def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
+    """Uninitialised CPU storage of ``nbytes`` bytes in shared memory, ready to pass to other
+    processes through torch.multiprocessing.
+
+    ``torch.UntypedStorage._new_shared`` maps the shared memory directly; without it (or with a
+    changed signature), :func:`shared_storage_by_copy` is the public route.
+    """
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is not None:
+        try:
+            return new_shared(nbytes)
+        except TypeError:  # a changed signature: the public route still works
+            pass
+    return shared_storage_by_copy(nbytes)
+
+
+def shared_storage_by_copy(nbytes: int) -> torch.UntypedStorage:
+    """:func:`new_shared_storage` through public APIs: a tensor allocated in private memory and
+    moved to shared memory with ``share_memory_`` (one more copy of the bytes, when made)."""
+    return torch.empty(nbytes, dtype=torch.uint8).share_memory_().untyped_storage()

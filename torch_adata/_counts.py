@@ -107,7 +107,7 @@ def check_counts(
     integer: bool = True,
     name: str = "the data",
     needed_by: str = "This model",
-    source: ad.AnnData | AnnDataSource | None = None,
+    source: ad.AnnData | None = None,
     current: str | None = None,
 ) -> None:
     """Raise a clear error unless ``data`` holds non-negative (integer) counts.

@@ -272,7 +272,7 @@ class AnnDataModule(pl.LightningDataModule):
         Raises
         ------
         ValueError
-            ``"validate"`` or ``"test"`` without a split of that name in :attr:`split`.
+            ``"validate"`` or ``"test"`` without a split of that name in ``split=Split(...)``.
         """
         self._stage = stage
         stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)

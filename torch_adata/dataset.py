@@ -37,7 +37,7 @@ class AnnDataset(Dataset):
     var_names
         Genes to batch, in this order (e.g. those a model was trained on): the AnnData's
         genes are matched by name (:func:`~torch_adata.genes.align_genes`), reordered, extra
-        ones dropped. The alignment is in :attr:`gene_alignment`.
+        ones dropped. The alignment is in ``dataset.gene_alignment``.
     fill_missing
         With ``var_names``: fill genes the AnnData lacks with zeros (a warning gives their
         number) instead of raising.

@@ -74,6 +74,10 @@ INVENTORIES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             ),
             "pandas.Series": ("class", "reference/api/pandas.Series.html#$"),
             "pandas.Index": ("class", "reference/api/pandas.Index.html#$"),
+            "pandas.core.indexes.base.Index": (
+                "class",
+                "reference/api/pandas.Index.html#pandas.Index",
+            ),
             "pandas.Categorical": ("class", "reference/api/pandas.Categorical.html#$"),
         },
     ),
@@ -172,6 +176,16 @@ INVENTORIES: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             "lightning.pytorch.core.LightningModule": (
                 "class",
                 "api/lightning.pytorch.core.LightningModule.html#$",
+            ),
+            "lightning.pytorch.callbacks.callback.Callback": (
+                "class",
+                "api/lightning.pytorch.callbacks.Callback.html"
+                "#lightning.pytorch.callbacks.Callback",
+            ),
+            "lightning.pytorch.core.module.LightningModule": (
+                "class",
+                "api/lightning.pytorch.core.LightningModule.html"
+                "#lightning.pytorch.core.LightningModule",
             ),
             "lightning.pytorch.LightningModule": (
                 "class",

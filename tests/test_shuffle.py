@@ -18,6 +18,7 @@ import pytest
 import scipy.sparse as sp
 
 import torch_adata as ta
+from torch_adata import cli
 from torch_adata.samplers import BlockShuffleSampler, UniformBatchSampler
 
 REPO = Path(__file__).parents[1]
@@ -68,10 +69,13 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("x", ["csr", "dense"])
 @pytest.mark.parametrize("chunk_mib", [0.002, 256])  # many small chunks; one chunk
-def test_copy_holds_the_source_rows_under_the_permutation(tmp_path, x, chunk_mib):
+@pytest.mark.parametrize("source_compression", [None, "gzip"])
+def test_copy_holds_the_source_rows_under_the_permutation(
+    tmp_path, x, chunk_mib, source_compression
+):
     source, destination = tmp_path / "sorted.h5ad", tmp_path / "shuffled.h5ad"
     adata = rich_adata(x=x)
-    adata.write_h5ad(source)
+    adata.write_h5ad(source, compression=source_compression)
     before = digest(source)
 
     perm = ta.write_shuffled(source, destination, seed=7, chunk_mib=chunk_mib)
@@ -187,6 +191,7 @@ def test_a_source_that_fails_partway_leaves_nothing(tmp_path):
 INTERRUPTED = """
 import sys
 import torch_adata as ta
+from torch_adata import cli
 ta.write_shuffled(sys.argv[1], sys.argv[2], chunk_mib=0.0005, progress=False)
 """
 
@@ -213,7 +218,7 @@ def test_ctrl_c_midway_leaves_no_destination_and_no_temporary(tmp_path):
     assert not destination.exists() and leftovers(tmp_path) == []
 
 
-def test_command_line_shuffle(tmp_path):
+def test_command_line_shuffle(tmp_path, capsys):
     source, destination = tmp_path / "s.h5ad", tmp_path / "d.h5ad"
     adata = rich_adata(n=60)
     adata.write_h5ad(source)
@@ -230,8 +235,9 @@ def test_command_line_shuffle(tmp_path):
     assert again.returncode == 1
     assert "torch-adata shuffle:" in again.stderr and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
-    forced = subprocess.run([*command, "--overwrite"], env=ENV, capture_output=True, text=True)
-    assert forced.returncode == 0, forced.stderr
+    # in-process, the same entry point as the console script
+    cli.main(["shuffle", str(source), str(destination), "--overwrite", "--chunk-mib", "0.01"])
+    assert "60 cells written" in capsys.readouterr().out
     np.testing.assert_array_equal(
         ad.read_h5ad(destination).obs["source_index"].to_numpy(),
         np.random.default_rng(0).permutation(60),

@@ -148,11 +148,11 @@ def _read_ranges(
     return buffer, w_offset[window] + (starts - w_start[window])
 
 
-def _positions(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(o, o + n) for o, n in zip(offsets, lengths)])``, vectorised."""
-    total = int(lengths.sum())
-    ends = np.cumsum(lengths)
-    return np.repeat(offsets - (ends - lengths), lengths) + np.arange(total)
+def _scatter(out: np.ndarray, buffer: np.ndarray, starts: np.ndarray, bounds: np.ndarray) -> None:
+    """``out[bounds[j]:bounds[j + 1]] = buffer[starts[j]:...]`` for every row ``j``: a loop of
+    slice copies, so no index array as large as the values is built."""
+    for lo, hi, s in zip(bounds[:-1].tolist(), bounds[1:].tolist(), starts.tolist(), strict=True):
+        out[lo:hi] = buffer[s : s + hi - lo]
 
 
 def _chunks(costs: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
@@ -180,6 +180,58 @@ def _new_dataset(
     return out
 
 
+def _allocated(
+    group: h5py.Group, name: str, source: h5py.Dataset, shape: tuple
+) -> tuple[h5py.Dataset, int | None]:
+    """An uncompressed contiguous dataset whose file space is allocated now (not filled), and
+    its byte offset in the file (``None`` if HDF5 gives none, e.g. for an empty dataset)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    out = group.create_dataset(name, shape=shape, dtype=source.dtype, dcpl=dcpl)
+    _copy_attrs(source, out)
+    return out, out.id.get_offset()
+
+
+def _pwrite_rows(fd: int, buffer: np.ndarray, bounds: np.ndarray, targets: np.ndarray) -> None:
+    """Write row ``j`` of ``buffer`` (``buffer[bounds[j]:bounds[j + 1]]``) at byte ``targets[j]``."""
+    view = memoryview(buffer.reshape(-1).view(np.uint8))
+    scale = buffer.dtype.itemsize * (buffer[0].size if buffer.ndim > 1 else 1)
+    for lo, hi, at in zip(
+        (bounds[:-1] * scale).tolist(), (bounds[1:] * scale).tolist(), targets.tolist(), strict=True
+    ):
+        while hi > lo:  # pwrite may write less than asked
+            done = os.pwrite(fd, view[lo:hi], at)
+            lo, at = lo + done, at + done
+
+
+def _scatter_csr(
+    source: h5py.Group,
+    outs: list[tuple[h5py.Dataset, int]],
+    src_indptr: np.ndarray,
+    indptr: np.ndarray,
+    inverse: np.ndarray,
+    budget: int,
+    fd: int,
+    bar: tqdm,
+) -> None:
+    """Read the source in order, a window of rows at a time, and write each row at its place
+    in the copy: one sequential pass over the source (cheap for chunked or compressed files),
+    scattered writes into the copy's allocated space."""
+    arrays = [source["data"], source["indices"]]
+    cell_bytes = sum(a.dtype.itemsize for a in arrays)
+    for s, e in _chunks(np.diff(src_indptr) * cell_bytes, budget):
+        lo, hi = int(src_indptr[s]), int(src_indptr[e])
+        if hi == lo:
+            continue
+        for array, (_, offset) in zip(arrays, outs, strict=True):
+            buffer = np.empty(hi - lo, dtype=array.dtype)
+            array.read_direct(buffer, np.s_[lo:hi])
+            targets = offset + indptr[inverse[s:e]] * array.dtype.itemsize
+            _pwrite_rows(fd, buffer, src_indptr[s : e + 1] - lo, targets)
+        bar.update((hi - lo) * cell_bytes)
+
+
 def _write_csr(
     source: h5py.Group,
     target: h5py.Group,
@@ -188,6 +240,7 @@ def _write_csr(
     budget: int,
     compression: str | None,
     bar: tqdm,
+    fd: int | None = None,
 ) -> None:
     src_indptr = source["indptr"][:].astype(np.int64)
     lengths = np.diff(src_indptr)[perm]
@@ -195,11 +248,18 @@ def _write_csr(
     group = target.create_group(name)
     _copy_attrs(source, group)
     group.create_dataset("indptr", data=indptr.astype(source["indptr"].dtype))
+    nnz = int(indptr[-1])
+    if fd is not None and compression is None and nnz:
+        outs = [_allocated(group, k, source[k], (nnz,)) for k in ("data", "indices")]
+        if all(offset is not None for _, offset in outs):
+            inverse = np.empty_like(perm)
+            inverse[perm] = np.arange(len(perm))
+            _scatter_csr(source, outs, src_indptr, indptr, inverse, budget, fd, bar)
+            return
+        for k in ("data", "indices"):
+            del group[k]
     arrays = [source["data"], source["indices"]]
-    outs = [
-        _new_dataset(group, k, source[k], (int(indptr[-1]),), compression)
-        for k in ("data", "indices")
-    ]
+    outs = [_new_dataset(group, k, source[k], (nnz,), compression) for k in ("data", "indices")]
     cell_bytes = sum(a.dtype.itemsize for a in arrays)
     for a, b in _chunks(lengths * cell_bytes, budget):
         rows = perm[a:b]
@@ -209,9 +269,11 @@ def _write_csr(
             buffer, offset = _read_ranges(array, starts, ends, array.dtype.itemsize)
             in_order = np.empty_like(offset)
             in_order[order] = offset  # each output row's start in the buffer
-            values = buffer[_positions(in_order, lengths[a:b])]
+            values = np.empty(int(indptr[b] - indptr[a]), dtype=buffer.dtype)
+            _scatter(values, buffer, in_order, indptr[a : b + 1] - indptr[a])
             if len(values):
                 out.write_direct(values, dest_sel=np.s_[indptr[a] : indptr[b]])
+            del buffer, values
         bar.update(int(lengths[a:b].sum()) * cell_bytes)
 
 
@@ -223,16 +285,32 @@ def _write_dense(
     budget: int,
     compression: str | None,
     bar: tqdm,
+    fd: int | None = None,
 ) -> None:
-    out = _new_dataset(target, name, source, source.shape, compression)
     row_bytes = int(np.prod(source.shape[1:], dtype=np.int64)) * source.dtype.itemsize
+    if fd is not None and compression is None and source.size:
+        out, offset = _allocated(target, name, source, source.shape)
+        if offset is not None:  # read in order, write each row at its place
+            inverse = np.empty_like(perm)
+            inverse[perm] = np.arange(len(perm))
+            for s, e in _chunks(np.full(len(perm), row_bytes), budget):
+                buffer = np.empty((e - s, *source.shape[1:]), dtype=source.dtype)
+                source.read_direct(buffer, np.s_[s:e])
+                _pwrite_rows(fd, buffer, np.arange(e - s + 1), offset + inverse[s:e] * row_bytes)
+                bar.update((e - s) * row_bytes)
+            return
+        del target[name]
+    out = _new_dataset(target, name, source, source.shape, compression)
     for a, b in _chunks(np.full(len(perm), row_bytes), budget):
         rows = perm[a:b]
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         buffer, offset = _read_ranges(source, sorted_rows, sorted_rows + 1, row_bytes)
+        in_order = np.empty_like(offset)
+        in_order[order] = offset
         values = np.empty((b - a, *source.shape[1:]), dtype=source.dtype)
-        values[order] = buffer[offset]
+        np.take(buffer, in_order, axis=0, out=values)
+        del buffer
         if len(values):
             out.write_direct(values, dest_sel=np.s_[a:b])
         bar.update((b - a) * row_bytes)
@@ -247,11 +325,12 @@ def _write_per_cell(
     budget: int,
     compression: str | None,
     bar: tqdm,
+    fd: int | None = None,
 ) -> None:
     if kind == "csr":
-        _write_csr(source, target, name, perm, budget, compression, bar)
+        _write_csr(source, target, name, perm, budget, compression, bar, fd)
     elif kind == "dense":
-        _write_dense(source, target, name, perm, budget, compression, bar)
+        _write_dense(source, target, name, perm, budget, compression, bar, fd)
     else:  # a data frame in obsm: small, through anndata
         from anndata.io import read_elem, write_elem
 
@@ -337,10 +416,14 @@ def _write(
     with tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=disable
     ) as bar:
-        for path, kind in plan:
-            parent, _, key = path.rpartition("/")
-            target = out[parent] if parent else out
-            _write_per_cell(f[path], target, key, kind, perm, budget, compression, bar)
+        fd = os.open(out.filename, os.O_WRONLY)  # matrices are written straight into their space
+        try:
+            for path, kind in plan:
+                parent, _, key = path.rpartition("/")
+                target = out[parent] if parent else out
+                _write_per_cell(f[path], target, key, kind, perm, budget, compression, bar, fd)
+        finally:
+            os.close(fd)
 
 
 def write_shuffled(
@@ -349,7 +432,7 @@ def write_shuffled(
     seed: int = 0,
     *,
     overwrite: bool = False,
-    chunk_mib: float = 256,
+    chunk_mib: float = 64,
     index_key: str | None = "source_index",
     compression: str | None = None,
     progress: bool | None = None,
@@ -374,7 +457,8 @@ def write_shuffled(
     overwrite
         Replace an existing ``destination`` (only once the copy is complete).
     chunk_mib
-        Matrix data read and written per step, in MiB (about twice this is held at once).
+        Matrix data written per step, in MiB; the reads for a step (with small gaps between
+        wanted rows read through) and the step's values are held at once, about 2-3x this.
     index_key
         obs column that records each cell's position in the source (``None``: not recorded);
         cell names (obs_names) are kept either way.

@@ -439,9 +439,11 @@ def write_shuffled(
 ) -> np.ndarray:
     """Write a copy of an ``.h5ad`` file with its cells in a seeded random order, streaming.
 
-    X, layers, ``obsm`` and ``raw.X`` (CSR or dense) are read and written a chunk at a time, so
-    peak memory is bounded by ``chunk_mib`` (plus a few arrays of one number per cell), not by
-    the matrix size. obs is reordered; var, varm, varp and uns are copied unchanged; obsp
+    X, layers, ``obsm`` and ``raw.X`` (CSR or dense) are read in storage order, a window of
+    ``chunk_mib`` at a time, and each cell is written straight to its place in the copy (whose
+    space is allocated up front): one sequential pass over the source, also for chunked or
+    gzip-compressed sources, and peak memory bounded by ``chunk_mib`` (plus a few arrays of one
+    number per cell), not by the matrix size. obs is reordered; var, varm, varp and uns are copied unchanged; obsp
     graphs are permuted on both axes (in memory). The source is opened read-only and never
     modified. The copy is written to a temporary file in the destination's folder and moved
     into place when complete: an error or Ctrl-C leaves nothing at the destination.
@@ -457,14 +459,15 @@ def write_shuffled(
     overwrite
         Replace an existing ``destination`` (only once the copy is complete).
     chunk_mib
-        Matrix data written per step, in MiB; the reads for a step (with small gaps between
-        wanted rows read through) and the step's values are held at once, about 2-3x this.
+        Matrix data read per step, in MiB (with ``compression``, written per step; the step's
+        reads and values are then held at once, about 2-3x this).
     index_key
         obs column that records each cell's position in the source (``None``: not recorded);
         cell names (obs_names) are kept either way.
     compression
         HDF5 compression of the copy's matrices (``"gzip"``, ``"lzf"``); default none, the
-        fastest to read.
+        fastest to read. A compressed copy is gathered in its own order instead (the source's
+        cells read a few at a time: several times slower).
     progress
         Show a progress bar; ``None`` shows it on a terminal only.
 

@@ -149,6 +149,9 @@ def test_destination_must_differ_and_exist_only_with_overwrite(tmp_path):
     assert ad.read_h5ad(destination).n_obs == 40
     with pytest.raises(FileNotFoundError, match=r"folder .* does not exist"):
         ta.write_shuffled(source, tmp_path / "missing" / "d.h5ad")
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"is not an HDF5 file.*write_h5ad"):
+        ta.write_shuffled(tmp_path / "table.csv", tmp_path / "e.h5ad")
     with pytest.raises(ValueError, match="chunk_mib must be positive"):
         ta.write_shuffled(source, tmp_path / "e.h5ad", chunk_mib=0)
 

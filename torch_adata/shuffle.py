@@ -492,7 +492,14 @@ def write_shuffled(
     if not chunk_mib > 0:
         raise ValueError(f"write_shuffled: chunk_mib must be positive, got {chunk_mib!r}.")
     budget = max(1, int(chunk_mib * 2**20))
-    with h5py.File(source, "r") as f:
+    try:
+        f = h5py.File(source, "r")
+    except OSError as err:
+        raise ValueError(
+            f"write_shuffled: {str(source)!r} is not an HDF5 file ({err}); it reads .h5ad files "
+            "(for other formats, load them with anndata and write_h5ad first)."
+        ) from err
+    with f:
         n_obs = _n_obs(f)
         plan = _plan(f, n_obs)
         _check_space(_stored_bytes(f), destination.parent)

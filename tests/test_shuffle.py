@@ -110,10 +110,11 @@ def test_copy_holds_the_source_rows_under_the_permutation(
     assert leftovers(tmp_path) == []
 
 
-def test_seed_fixes_the_order_and_index_key_is_optional(tmp_path):
+def test_seed_fixes_the_order_and_index_key_is_optional(tmp_path, capsys):
     source = tmp_path / "s.h5ad"
     rich_adata(n=50).write_h5ad(source)
-    a = ta.write_shuffled(source, tmp_path / "a.h5ad", seed=1)
+    a = ta.write_shuffled(source, tmp_path / "a.h5ad", seed=1, progress=True)
+    assert "a.h5ad: 100%" in capsys.readouterr().err  # the progress bar, forced on
     b = ta.write_shuffled(source, tmp_path / "b.h5ad", seed=1, index_key=None, compression="gzip")
     c = ta.write_shuffled(source, tmp_path / "c.h5ad", seed=2)
     np.testing.assert_array_equal(a, b)

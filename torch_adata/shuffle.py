@@ -335,6 +335,7 @@ def _write_per_cell(
         from anndata.io import read_elem, write_elem
 
         write_elem(target, name, read_elem(source).iloc[perm])
+        bar.update(_stored_bytes(source))
 
 
 # -- the copy -----------------------------------------------------------------------------------

@@ -447,7 +447,9 @@ def write_shuffled(
     number per cell), not by the matrix size. obs is reordered; var, varm, varp and uns are copied unchanged; obsp
     graphs are permuted on both axes (in memory). The source is opened read-only and never
     modified. The copy is written to a temporary file in the destination's folder and moved
-    into place when complete: an error or Ctrl-C leaves nothing at the destination.
+    into place when complete: an error or Ctrl-C leaves nothing at the destination (a process
+    killed outright, e.g. ``kill -9``, can leave a hidden ``.<name>.*.partial`` file next to
+    it, never a partial destination).
 
     Parameters
     ----------

@@ -20,6 +20,9 @@ synthetic files (``generate.py``) are written once into ``--data-dir`` and reuse
 4. time-resolved: TimeResolvedAnnDataset population batches, in memory and backed.
 5. batch size sweep: cells/s for batch sizes 64..2048.
 6. memory vs dataset size: peak RSS of backed (and in-memory) AnnDataset.
+7. the disk's limits on the benchmark file (``disk.py``: sequential MiB/s, random reads at depth
+   1 and 32), every cold figure of section 3 as a fraction of them, and a shuffled copy
+   (``shuffle_copy.py``: time, peak RSS, batch mix of block shuffle on it).
 
 Results go to ``<out>/suite_<quick|full>.json``, ``.md`` and ``.png``.
 """
@@ -42,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from disk import limits_text, measure_disk  # noqa: E402
 from generate import write_synthetic  # noqa: E402
 from measure import make_sampler  # noqa: E402
 
@@ -354,9 +358,28 @@ def run_suite(args) -> dict:
         million.unlink()
         print(f"  deleted {million.name}", flush=True)
 
+    print("7. disk limits and a shuffled copy", flush=True)
+    limits = measure_disk(plain)
+    limits["file_bytes"] = {"plain": plain.stat().st_size, "gzip": gz.stat().st_size}
+    print(f"  {limits_text(limits)}", flush=True)
+    copy = subprocess.run(
+        [sys.executable, str(HERE / "shuffle_copy.py"), P],
+        capture_output=True,
+        text=True,
+        env=run.env,
+    )
+    shuffle_copy = (
+        json.loads(copy.stdout.strip().splitlines()[-1])
+        if copy.returncode == 0
+        else {"error": copy.stderr.strip().splitlines()[-1] if copy.stderr else "failed"}
+    )
+    print(f"  shuffled copy: {shuffle_copy}", flush=True)
+
     import torch_adata
 
     return {
+        "disk_limits": limits,
+        "shuffle_copy": shuffle_copy,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "csr_mib": csr_mib,
         "nnz_per_cell": args.nnz,
@@ -660,7 +683,73 @@ def report(suite: dict) -> str:
             rows,
         )
     )
-    return "\n".join(out) + "\n"
+    return "\n".join(out + _limits_report(suite)) + "\n"
+
+
+def _limits_report(suite: dict) -> list[str]:
+    """Section 7: the disk's limits, the cold figures as fractions of them, the shuffled copy."""
+    limits, r = suite.get("disk_limits"), suite["results"]
+    if not limits:
+        return []
+    cells = suite["args"]["cells"]
+    seq = limits["seq_mib_s"] * 2**20
+    out = [
+        "",
+        "### The disk's limits, and cold figures as fractions of them",
+        "",
+        f"Measured on the benchmark file: {limits_text(limits)}.",
+        "",
+    ]
+    rows = []
+    for fname in ("plain", "gzip"):
+        per_cell = limits["file_bytes"][fname] / cells  # stored bytes of one cell
+        parts = r.get(f"paired|disk|{fname}|cold", {}).get("paired", {})
+        for name in DISK_SAMPLERS:
+            rate = parts.get(name, {}).get("cells_per_s")
+            if rate is None:
+                continue
+            rows.append(
+                [
+                    "uncompressed" if fname == "plain" else "gzip",
+                    name,
+                    _fmt(rate),
+                    f"{rate * per_cell / seq:.2f}",
+                    f"{2 * rate / limits['rand_iops_qd1']:.2f}",
+                    f"{2 * rate / limits['rand_iops_qd32']:.2f}",
+                ]
+            )
+    out += [
+        _table(
+            [
+                "file (cold)",
+                "sampler",
+                "cells/s",
+                "of sequential",
+                "of random, depth 1",
+                "of random, depth 32",
+            ],
+            rows,
+            right_from=2,
+        ),
+        "",
+        "`of sequential`: cells/s x stored bytes per cell / sequential bytes/s (1.0: the "
+        "file read start to end at the disk's speed). `of random`: cells/s x 2 / random "
+        "reads/s (a cell's values and gene indices are two reads).",
+    ]
+    copy = suite.get("shuffle_copy") or {}
+    if "seconds" in copy:
+        tv = copy.get("tv", {})
+        out += [
+            "",
+            "### A shuffled copy (`write_shuffled`, source evicted first)",
+            "",
+            f"{copy['file_mib']:,.0f} MiB, {copy['cells']:,} cells: {copy['seconds']:.1f} s "
+            f"({copy['mib_per_s']:,.0f} MiB/s), peak RSS {copy['peak_rss_mib']:,.0f} MiB "
+            f"({copy['rss_before_mib']:,.0f} MiB before writing), chunk_mib "
+            f"{copy['chunk_mib']:g}. Batch mix (mean label TV, 256 cells): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in tv.items()),
+        ]
+    return out
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "datasets",
     "densify",
     "samplers",
+    "write_shuffled",
 ]
 
 # Imported on first use: the data module pulls in Lightning, which DataLoader worker processes
@@ -43,11 +44,12 @@ _LAZY = {
     "samplers": "torch_adata.samplers",
     "AnnDataModule": "torch_adata.datamodule",
     "TimeResolvedAnnDataset": "torch_adata.time_resolved",
+    "write_shuffled": "torch_adata.shuffle",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("AnnDataModule", "TimeResolvedAnnDataset"):
+    if name in ("AnnDataModule", "TimeResolvedAnnDataset", "write_shuffled"):
         return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _LAZY:
         return importlib.import_module(_LAZY[name])

@@ -16,6 +16,10 @@ works from the repository root although ``examples/`` is not installed.
 has an :class:`AnnDataPredictionWriter` callback (the example configs add one); it logs where.
 ``torch-adata --version`` prints the version. The command needs ``jsonargparse`` (the ``cli``
 extra); without it, it says how to install it.
+
+``torch-adata shuffle SOURCE DESTINATION [--seed N] [--overwrite] [--chunk-mib M]`` writes a
+shuffled copy of an ``.h5ad`` file (:func:`~torch_adata.write_shuffled`); it needs no
+jsonargparse.
 """
 
 from __future__ import annotations
@@ -60,7 +64,14 @@ def _missing_jsonargparse() -> str | None:
     )
 
 
-__all__ = ["AnnDataCLI", "AnnDataPredictionWriter", "check_class_path", "main", "run_cli"]
+__all__ = [
+    "AnnDataCLI",
+    "AnnDataPredictionWriter",
+    "check_class_path",
+    "main",
+    "run_cli",
+    "shuffle_command",
+]
 
 
 class AnnDataPredictionWriter(Callback):
@@ -314,6 +325,49 @@ def run_cli(args: Sequence[str] | None = None) -> AnnDataCLI:
     return AnnDataCLI(args=args)
 
 
+def shuffle_command(args: Sequence[str]) -> None:
+    """``torch-adata shuffle``: write a shuffled copy of an ``.h5ad`` (:func:`~torch_adata.write_shuffled`).
+
+    Parameters
+    ----------
+    args
+        The arguments after ``shuffle``: ``SOURCE DESTINATION [--seed N] [--overwrite]
+        [--chunk-mib M] [--compression gzip|lzf] [--no-index]``.
+    """
+    import argparse
+
+    from .shuffle import write_shuffled
+
+    parser = argparse.ArgumentParser(
+        prog="torch-adata shuffle",
+        description="Write the cells of an .h5ad file in a seeded random order (streaming, "
+        "atomic), for block-shuffle training on data larger than memory.",
+    )
+    parser.add_argument("source", help="the .h5ad file to shuffle (never modified)")
+    parser.add_argument("destination", help="where to write the shuffled copy")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument(
+        "--chunk-mib", type=float, default=256, help="matrix data per step in MiB (default 256)"
+    )
+    parser.add_argument("--compression", choices=["gzip", "lzf"], help="compress the copy")
+    parser.add_argument("--no-index", action="store_true", help="do not record obs['source_index']")
+    ns = parser.parse_args(list(args))
+    try:
+        perm = write_shuffled(
+            ns.source,
+            ns.destination,
+            seed=ns.seed,
+            overwrite=ns.overwrite,
+            chunk_mib=ns.chunk_mib,
+            index_key=None if ns.no_index else "source_index",
+            compression=ns.compression,
+        )
+    except (ValueError, OSError) as err:  # clear messages: no traceback on the command line
+        raise SystemExit(f"torch-adata shuffle: {err}") from err
+    print(f"torch-adata shuffle: {len(perm):,} cells written to {ns.destination} (seed {ns.seed})")
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``torch-adata`` console script: :func:`run_cli`, returning nothing.
 
@@ -329,6 +383,9 @@ def main(args: Sequence[str] | None = None) -> None:
         from . import __version__
 
         print(f"torch-adata {__version__}")
+        return
+    if argv[:1] == ["shuffle"]:  # before LightningCLI: needs no jsonargparse
+        shuffle_command(argv[1:])
         return
     run_cli(args)
 

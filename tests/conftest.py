@@ -8,8 +8,7 @@ compare the engine with anndata's own slicing rather than with a re-implementati
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
+import importlib
 from types import ModuleType
 
 import anndata as ad
@@ -24,15 +23,11 @@ from torch_adata import AnnDataset, SparseBatch
 from torch_adata._compat import sparse_arrays_supported
 from torch_adata._gather import BackedCSRReader, MappedReader
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
-
 
 def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` (the examples folder is not a package) as a fresh module."""
-    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The installed example model module ``torch_adata.models.<name>`` (what the scripts in
+    ``examples/`` and the configs in ``examples/configs/`` use)."""
+    return importlib.import_module(f"torch_adata.models.{name}")
 
 
 def cli_args(config: str, root, *extra: str, accelerator: str = "cpu") -> list[str]:

@@ -105,8 +105,11 @@ def test_missing_config_names_the_file_and_the_fix(tmp_path, in_repo):
 @pytest.mark.parametrize(
     ("class_path", "message"),
     [
-        ("examples.classifier.NoSuchModel", r"'NoSuchModel' .* does not exist.*CellTypeClassifier"),
-        ("examples.classifier.LABEL", r"'LABEL' .* is not a LightningModule"),
+        (
+            "torch_adata.models.classifier.NoSuchModel",
+            r"'NoSuchModel' .* does not exist.*CellTypeClassifier",
+        ),
+        ("torch_adata.models.classifier.LABEL", r"'LABEL' .* is not a LightningModule"),
         ("no_such_package.Model", r"cannot import module 'no_such_package'.*current directory"),
     ],
 )

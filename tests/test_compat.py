@@ -63,3 +63,46 @@ def test_shared_storage_is_written_by_another_process(make):
 def test_sparse_array_support_matches_the_anndata_version():
     old = Version(version("anndata")) < Version("0.11")
     assert _compat.sparse_arrays_supported() is not old
+
+
+class _SeesItsFetcher(torch.utils.data.Dataset):
+    """Records the collate_fn that fetcher_collate finds from its __getitems__."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __len__(self):
+        return 8
+
+    def __getitems__(self, indices):
+        import sys
+
+        self.seen.append(_compat.fetcher_collate(sys._getframe(1)))
+        return [torch.tensor(i) for i in indices]
+
+
+def _my_collate(samples):
+    return torch.stack(samples)
+
+
+def test_fetcher_collate_finds_the_loader_s_collate_fn_through_a_subset():
+    dataset = _SeesItsFetcher()
+    batches = list(torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=_my_collate))
+    subset = torch.utils.data.Subset(dataset, range(4))
+    list(torch.utils.data.DataLoader(subset, batch_size=4, collate_fn=_my_collate))
+    assert torch.equal(batches[1], torch.arange(4, 8))
+    assert dataset.seen == [_my_collate] * 3
+    # called from anywhere else (here: the test itself), no fetcher is found
+    dataset.__getitems__([0])
+    assert dataset.seen[-1] is None
+
+
+def test_torch_collate_module_knows_the_samples_of_torch_adata():
+    from torch_adata._batch import SparseBatch, _Row, _Sample
+
+    module = _compat.torch_collate_module()
+    assert module is not None
+    assert {_Row, _Sample, SparseBatch} <= set(module.default_collate_fn_map)
+    pair = [torch.ones(2), torch.zeros(2)]
+    joined = module.collate(pair, collate_fn_map=module.default_collate_fn_map)
+    assert torch.equal(joined, torch.tensor([[1.0, 1.0], [0.0, 0.0]]))

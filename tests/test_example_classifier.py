@@ -1,9 +1,12 @@
-"""examples/classifier.py: trains through AnnDataModule (Python API and CLI), beats the majority
+"""The classifier example (torch_adata/models/classifier.py, run by examples/classifier.py): trains through AnnDataModule (Python API and CLI), beats the majority
 class, writes decoded predictions, probabilities, metrics and a checkpoint."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -88,3 +91,60 @@ def test_sizes_without_a_data_module_are_a_clear_error():
     trainer = pl.Trainer(accelerator="cpu", fast_dev_run=True, logger=False)
     with pytest.raises(ValueError, match="reads n_genes/n_classes from an AnnDataModule"):
         trainer.fit(load_example("classifier").CellTypeClassifier(), train_dataloaders=loader)
+
+
+def test_cli_checkpoint_loads_from_python_outside_the_repository(tmp_path, monkeypatch):
+    """The config names the installed ``torch_adata.models.classifier.CellTypeClassifier``, so
+    a checkpoint of ``torch-adata fit`` loads in a fresh Python where nothing of the repository
+    but the package is importable (issue 19.7)."""
+    monkeypatch.chdir(tmp_path)  # not the repository: the class path must not need it
+    small = ["--data.load_kwargs", "{n_cells: 200, n_genes: 50}", "--trainer.max_epochs", "1"]
+    config = str(REPO / "examples/configs/classifier.yaml")
+    fitted = cli.run_cli(["fit", *cli_args(config, tmp_path / "run", *small)])
+    (checkpoint,) = (tmp_path / "run").rglob("*.ckpt")
+    x = torch.rand(4, 50)
+    fitted.model.eval()
+    with torch.no_grad():
+        want = fitted.model(x)
+    torch.save(x, tmp_path / "x.pt")
+
+    installed = tmp_path / "site"  # the package alone, as pip installs it
+    installed.mkdir()
+    (installed / "torch_adata").symlink_to(REPO / "torch_adata", target_is_directory=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = f"""
+import importlib.util, sys, torch
+assert importlib.util.find_spec("examples") is None, "the repository is importable"
+from torch_adata.models.classifier import CellTypeClassifier
+model = CellTypeClassifier.load_from_checkpoint({str(checkpoint)!r}, map_location="cpu").eval()
+with torch.no_grad():
+    torch.save(model(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
+print(type(model).__module__, model.hparams.n_genes, model.hparams.n_classes)
+"""
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["torch_adata.models.classifier", "50", "3"]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want)
+
+
+def test_import_torch_adata_leaves_the_models_unimported():
+    """The models are the top layer (they import Lightning, torchmetrics): loaded on first use."""
+    script = (
+        "import sys, torch_adata\n"
+        "assert 'torch_adata.models' not in sys.modules\n"
+        "assert torch_adata.models.__name__ == 'torch_adata.models'\n"
+        "assert 'torch_adata.models.classifier' not in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -450,3 +450,65 @@ def test_backed_obsm_is_read_once_into_memory(pbmc, pbmc_file):
     batch = dataset[rows]
     np.testing.assert_array_equal(batch["X_pca"].numpy(), pbmc.obsm["X_pca"][rows])
     np.testing.assert_array_equal(batch["X"].numpy(), pbmc.X[rows])
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def test_predicted_classes_go_back_as_scanpy_categoricals(pbmc, tmp_path):
+    """The issue's row: int codes in obs (a colourbar in ``sc.pl.umap``), decode failing on
+    cells without a prediction, tuple outputs failing in torch. Labels are categoricals now."""
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    classifier = load_example("classifier")
+    dm = ta.AnnDataModule(
+        pbmc,
+        fields=ta.Fields(obs_keys=["bulk_labels"], layer="raw"),
+        split=ta.Split(test_size=0.2),
+        batch_size=128,
+        seed=0,
+    )
+    fit = trainer(tmp_path, max_epochs=5)
+    fit.fit(classifier.CellTypeClassifier(label_key="bulk_labels"), datamodule=dm)
+    named = fit.predict(fit.lightning_module, dataloaders=dm.loader("test"))
+    test = dm.splits["test"]
+    others = np.setdiff1d(np.arange(pbmc.n_obs), test)
+    names = list(pbmc.obs["bulk_labels"].cat.categories)
+
+    out = dm.write_predictions(
+        named, key={"predicted": "predicted"}, labels="bulk_labels", split="test"
+    )
+    column = out.obs["predicted"]
+    assert isinstance(column.dtype, pd.CategoricalDtype)
+    assert list(column.cat.categories) == names
+    assert column.iloc[others].isna().all() and column.iloc[test].notna().all()
+    # the codes themselves (no labels=): <NA> outside the split, and decode takes them
+    codes = dm.write_predictions(named, key={"predicted": "code"}, split="test").obs["code"]
+    assert str(codes.dtype) == "Int64" and codes.isna().sum() == len(others)
+    decoded = dm.decode("bulk_labels", codes)
+    assert decoded[others].tolist() == [None] * len(others)
+    assert set(decoded[test]) <= set(names)
+    np.testing.assert_array_equal(decoded[test], column.iloc[test].astype(str).to_numpy())
+
+    # a tuple output: (probabilities, codes), written by position
+    pieces = [(p["class_probabilities"], p["predicted"]) for p in named]
+    both = dm.write_predictions(
+        pieces,
+        key=["proba", "from_tuple"],
+        labels={"proba": "bulk_labels", "from_tuple": "bulk_labels"},
+        split="test",
+    )
+    for key in ("proba", "from_tuple"):
+        pd.testing.assert_series_equal(both.obs[key], column, check_names=False)
+    assert np.isnan(both.obsm["proba"][others]).all()
+
+    # scanpy draws the column as categories (a legend of label names), not a colourbar
+    ax = sc.pl.umap(out, color="predicted", show=False)
+    try:
+        legend = {text.get_text() for text in ax.get_legend().get_texts()}
+        shown = set(column.dropna().astype(str))
+        assert shown <= legend <= set(names) | {"NA"}
+        assert len(ax.figure.axes) == 1, "a colourbar would be a second axes"
+    finally:
+        plt.close(ax.figure)

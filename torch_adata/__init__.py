@@ -33,6 +33,7 @@ __all__ = [
     "collate",
     "datasets",
     "densify",
+    "models",
     "samplers",
     "write_shuffled",
 ]
@@ -41,6 +42,7 @@ __all__ = [
 # (they unpickle datasets, not data modules) should not pay for.
 _LAZY = {
     "datasets": "torch_adata.datasets",
+    "models": "torch_adata.models",
     "samplers": "torch_adata.samplers",
     "AnnDataModule": "torch_adata.datamodule",
     "TimeResolvedAnnDataset": "torch_adata.time_resolved",

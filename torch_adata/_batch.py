@@ -17,8 +17,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ._compat import fetcher_collate, torch_collate_module
 from ._kernels import get_kernels
-from ._transport import _identity, _RingBatch, empty_batch
+from ._transport import RingBatch, empty_batch, identity
 
 # dtypes the CSR kernels densify on a CPU; others take the torch path of SparseBatch.to_dense
 _SCIPY_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8)
@@ -179,7 +180,7 @@ class _Row(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     def __reduce_ex__(self, protocol):
-        return (_identity, (self.as_subclass(torch.Tensor).clone(),))
+        return (identity, (self.as_subclass(torch.Tensor).clone(),))
 
 
 class _SparseRow(SparseBatch):
@@ -218,7 +219,7 @@ def _rows(values: Any) -> Sequence[Any]:
     :class:`_Row` for a batch in a worker's shared-memory ring."""
     if isinstance(values, SparseBatch):
         return _sparse_rows(values)
-    if not isinstance(values, _RingBatch):
+    if not isinstance(values, RingBatch):
         return values.unbind(0)
     rows = [row.as_subclass(_Row) for row in values.as_subclass(torch.Tensor).unbind(0)]
     for row in rows:  # the slot stays busy while any row of it exists
@@ -240,7 +241,7 @@ def _sparse_rows(batch: SparseBatch) -> list[_SparseRow]:
     )
     new, n_cols = tuple.__new__, batch.n_cols
     rows = [new(_SparseRow, (*piece, n_cols)) for piece in pieces]
-    if any(isinstance(t, _RingBatch) for t in batch[:3]):
+    if any(isinstance(t, RingBatch) for t in batch[:3]):
         for row in rows:  # the slot stays busy while any row of it exists
             row._batch = batch
     return rows
@@ -251,49 +252,9 @@ def for_fetcher(batch: Any, shared: frozenset[str] = frozenset()) -> Any:
     (:func:`per_cell`), or ``batch`` itself when the caller is torch's fetcher with
     ``collate_fn=torch_adata.collate``, which would only take the batch back out of them
     (making the samples costs about a microsecond per cell and field)."""
-    if _fetcher_collate(sys._getframe(2)) is collate:
+    if fetcher_collate(sys._getframe(2)) is collate:
         return batch
     return per_cell(batch, shared)
-
-
-def _fetcher_collate(frame: Any) -> Any:
-    """The ``collate_fn`` of the torch map-style fetcher whose ``fetch`` is ``frame`` or
-    reached from it through ``__getitems__`` calls that pass their dataset's result through
-    unchanged (``Subset``, and datasets that say so with ``_getitems_passes_through``);
-    ``None`` for any other caller, or a torch whose fetcher is not laid out as expected.
-
-    Reads torch's private fetcher frame: the one place that does (see
-    :func:`_register_sample_types` for the other private torch use).
-    """
-    if _FETCH_CODE is None:  # pragma: no cover - another torch layout
-        return None
-    for _ in range(4):
-        if frame is None:
-            return None
-        if frame.f_code is _FETCH_CODE:
-            return getattr(frame.f_locals.get("self"), "collate_fn", None)
-        if frame.f_code.co_name != "__getitems__":
-            return None
-        owner = frame.f_locals.get("self")
-        if not (
-            type(owner) is torch.utils.data.Subset
-            or getattr(owner, "_getitems_passes_through", False)
-        ):
-            return None
-        frame = frame.f_back
-    return None
-
-
-def _fetch_code() -> Any:
-    try:
-        from torch.utils.data._utils.fetch import _MapDatasetFetcher
-
-        return _MapDatasetFetcher.fetch.__code__
-    except (ImportError, AttributeError):  # pragma: no cover - another torch layout
-        return None
-
-
-_FETCH_CODE = _fetch_code()
 
 
 def per_cell(batch: Any, shared: frozenset[str] = frozenset()) -> list[Any]:
@@ -392,21 +353,19 @@ def _collate_dicts(samples, *, collate_fn_map=None):
 
 def _register_sample_types() -> Any:
     """Teach torch's ``default_collate`` the samples (through ``default_collate_fn_map``, its
-    documented extension point); returns torch's collate module, or ``None`` where it has not
-    the expected form (then samples are stacked as any, which still gives the batch).
+    documented extension point); returns torch's collate module (reached through
+    :func:`torch_adata._compat.torch_collate_module`), or ``None`` where it has not the expected
+    form (then samples are stacked as any, which still gives the batch).
 
     Rows of a plain tensor are plain tensors (a subclass per row would cost twice as much as
     the views themselves), so the map's tensor entry is wrapped: a list of samples that
     :func:`per_cell` made and nobody changed gives back its batch; any other list goes to the
     entry it wraps, unchanged.
     """
-    try:
-        from torch.utils.data._utils import collate as module
-
-        registry = module.default_collate_fn_map
-        module.collate, module.collate_tensor_fn  # noqa: B018 - what the fallbacks call
-    except (ImportError, AttributeError):  # pragma: no cover - another torch layout
+    module = torch_collate_module()
+    if module is None:  # pragma: no cover - another torch layout
         return None
+    registry = module.default_collate_fn_map
     wrapped = registry.get(torch.Tensor, module.collate_tensor_fn)
     wrapped = getattr(wrapped, "_torch_adata_wraps", wrapped)  # once, also on a reload
 

@@ -8,6 +8,7 @@ the ones CI runs (``.ci/run``: the newest versions, then the oldest anndata) and
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
@@ -91,3 +92,59 @@ def shared_storage_by_copy(nbytes: int) -> torch.UntypedStorage:
     """:func:`new_shared_storage` through public APIs: a tensor allocated in private memory and
     moved to shared memory with ``share_memory_`` (one more copy of the bytes, when made)."""
     return torch.empty(nbytes, dtype=torch.uint8).share_memory_().untyped_storage()
+
+
+def torch_collate_module() -> types.ModuleType | None:
+    """torch's ``default_collate`` module (``torch.utils.data._utils.collate``), whose
+    ``default_collate_fn_map`` is the documented way to teach ``default_collate`` new types;
+    ``None`` where it lacks ``default_collate_fn_map``, ``collate`` or ``collate_tensor_fn``
+    (then per-cell samples are stacked as any tensors, which still gives the batch)."""
+    try:
+        from torch.utils.data._utils import collate as module
+
+        module.default_collate_fn_map, module.collate, module.collate_tensor_fn  # noqa: B018
+    except (ImportError, AttributeError):  # pragma: no cover - another torch layout
+        return None
+    return module
+
+
+def _map_fetch_code() -> types.CodeType | None:
+    try:
+        from torch.utils.data._utils.fetch import _MapDatasetFetcher
+
+        return _MapDatasetFetcher.fetch.__code__
+    except (ImportError, AttributeError):  # pragma: no cover - another torch layout
+        return None
+
+
+#: The code of torch's map-style fetcher's ``fetch`` (``_MapDatasetFetcher.fetch``), which calls
+#: a dataset's ``__getitems__``; ``None`` on a torch laid out otherwise.
+MAP_FETCH_CODE = _map_fetch_code()
+
+
+def fetcher_collate(frame: types.FrameType | None) -> Any:
+    """The ``collate_fn`` of the torch map-style fetcher whose ``fetch`` is ``frame`` or
+    reached from it through ``__getitems__`` calls that pass their dataset's result through
+    unchanged (``Subset``, and datasets that say so with ``_getitems_passes_through``);
+    ``None`` for any other caller, or a torch whose fetcher is not laid out as expected (then
+    datasets return per-cell samples, which every collate function accepts).
+
+    Reads torch's private fetcher frame (its ``self``), the one place torch_adata does.
+    """
+    if MAP_FETCH_CODE is None:  # pragma: no cover - another torch layout
+        return None
+    for _ in range(4):
+        if frame is None:
+            return None
+        if frame.f_code is MAP_FETCH_CODE:
+            return getattr(frame.f_locals.get("self"), "collate_fn", None)
+        if frame.f_code.co_name != "__getitems__":
+            return None
+        owner = frame.f_locals.get("self")
+        if not (
+            type(owner) is torch.utils.data.Subset
+            or getattr(owner, "_getitems_passes_through", False)
+        ):
+            return None
+        frame = frame.f_back
+    return None

@@ -92,7 +92,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _RingBatch(torch.Tensor):
+class RingBatch(torch.Tensor):
     """A batch living in a ring slot of a worker; unpickles in the main process as a plain
     tensor over the slot's memory (see :class:`_SharedRing`).
 
@@ -105,7 +105,7 @@ class _RingBatch(torch.Tensor):
         state = getattr(self, "_ring_state", None)
         plain = self.as_subclass(torch.Tensor)
         if state is None or state[2]:  # derived from a batch, or sent already: a copy
-            return (_identity, (plain.clone(),))
+            return (identity, (plain.clone(),))
         ring, slot, _ = state
         state[2] = True  # from now on the main process frees the slot
         # the flags and the slot's memory travel (as file descriptors) until the main process
@@ -122,7 +122,9 @@ def _release_unsent(state: list) -> None:
         ring.flags[_BUSY, slot] = 0
 
 
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
+def identity(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself: how a copy of a ring batch or row unpickles (a module-level name,
+    so pickle finds it)."""
     return tensor
 
 
@@ -219,7 +221,7 @@ class Transport:
         if slot is None:
             return torch.empty(0, dtype=dtype).set_(new_shared_storage(size), 0, shape)
         out = torch.empty(0, dtype=dtype).set_(ring.slots[slot], 0, shape)
-        out = out.as_subclass(_RingBatch)
+        out = out.as_subclass(RingBatch)
         out._ring_state = state = [ring, slot, False]  # ring, slot, sent to the main process
         weakref.finalize(out, _release_unsent, state)
         return out
@@ -244,7 +246,7 @@ class Transport:
     # -- the main process's side ---------------------------------------------------------------
 
     def receive(self, key, nbytes, slot, shape, dtype, flags, storage) -> torch.Tensor:
-        """The main process's tensor over a worker's ring slot (see :class:`_RingBatch`)."""
+        """The main process's tensor over a worker's ring slot (see :class:`RingBatch`)."""
         ring = self.received.get(key)
         if ring is None:
             if flags is None:  # pragma: no cover - the worker only omits them once told

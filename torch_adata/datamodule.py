@@ -59,7 +59,7 @@ class SplitDataset(Subset):
         The split's name.
     """
 
-    _getitems_passes_through = True  # see torch_adata._batch._fetcher_collate
+    _getitems_passes_through = True  # see torch_adata._compat.fetcher_collate
 
     def __init__(self, dataset: AnnDataset, indices: Sequence[int] | np.ndarray, name: str):
         super().__init__(dataset, positions(indices, len(dataset)))

@@ -104,7 +104,7 @@ class AnnDataset(Dataset):
 
     # keys of a batch that are batch-level, not per cell (kept once, never stacked)
     _batch_keys: frozenset[str] = frozenset()
-    # __getitems__ of a subclass returns what this one does (see _batch._fetcher_collate)
+    # __getitems__ of a subclass returns what this one does (see _compat.fetcher_collate)
     _getitems_passes_through = True
 
     def __init__(

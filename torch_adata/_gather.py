@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ._kernels import Kernels, _np_read_ranges, get_kernels, index_dtype
+from ._kernels import Kernels, get_kernels, index_dtype, read_ranges_threadsafe
 
 # Row runs closer than this many stored elements are read as one h5py call (reading the gap).
 _RUN_GAP = 4096
@@ -352,9 +352,12 @@ def read_whole(dataset, path: str, engine: str = "auto", piece: int = 1 << 20) -
 
 
 # Read-ahead (direct reads): windows of this many stored elements around rows a batch reads
-# together; the last ones announced are remembered so that each is announced once.
+# together; the last ones announced are remembered so that each is announced once per pool.
+# Few are kept (256 windows: ~256 MB of a file of float32 values and int32 indices): a window
+# remembered long ago may have left the page cache since, and would never be announced again
+# (with 1,024, a 1.5 GB file's second cold pass of block shuffling fell from 20k to 10k cells/s).
 _WINDOW = 1 << 17
-_WINDOWS_KEPT = 1024
+_WINDOWS_KEPT = 256
 
 
 # Concurrent reads (direct reads, rows not in the page cache): a batch whose rows form at least
@@ -414,15 +417,18 @@ def _cached(fd: int, layout: tuple, itemsize: int, run_starts, run_lengths) -> b
     return True
 
 
-def _read_concurrently(fd, layouts, outs, run_starts, run_lengths, offsets, threads) -> None:
+def _read_concurrently(
+    fd, layouts, outs, run_starts, run_lengths, offsets, threads, kernels: Kernels
+) -> None:
     """Read the runs into ``outs`` (one per layout) from ``threads`` threads at once, each
-    taking a contiguous share of the runs (``os.preadv`` releases the GIL while it waits)."""
+    taking a contiguous share of the runs (the reads release the GIL while they wait)."""
+    read = read_ranges_threadsafe(kernels.name)
     bounds = np.linspace(0, len(run_starts), threads + 1).astype(np.int64)
 
     def work(lo: int, hi: int) -> None:
         s, n, o = run_starts[lo:hi], run_lengths[lo:hi], offsets[lo:hi]
         for (base, chunk_len), out in zip(layouts, outs, strict=True):
-            _np_read_ranges(fd, base, chunk_len, s, n, o, out)
+            read(fd, base, chunk_len, s, n, o, out)
 
     pool = _io_pool()
     futures = [
@@ -649,6 +655,7 @@ class BackedCSRReader(RowReader):
                     run_lengths,
                     local_indptr[first],
                     threads,
+                    k,
                 )
             else:
                 for (base, chunk_len), out in zip(layout.layouts, (data, indices), strict=True):

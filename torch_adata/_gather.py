@@ -24,7 +24,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,6 +436,7 @@ def _read_concurrently(
         for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
         if hi > lo
     ]
+    wait(futures)  # all done before a reader's error is raised: none still writes into `outs`
     for f in futures:
         f.result()  # raises a reader's error (a short read: file truncated)
 

@@ -404,7 +404,8 @@ def _cached(fd: int, layout: tuple, itemsize: int, run_starts, run_lengths) -> b
     for k in np.unique(picks).tolist():
         start = int(run_starts[k])
         c = start // chunk_len
-        n = min(int(run_lengths[k]), (c + 1) * chunk_len - start) * itemsize
+        # the run's first page at most: enough to tell, and cheap for long (block) runs
+        n = min(int(run_lengths[k]) * itemsize, ((c + 1) * chunk_len - start) * itemsize, 4096)
         position = int(base[c]) + (start - c * chunk_len) * itemsize
         try:
             got = os.preadv(fd, [bytearray(n)], position, flag)

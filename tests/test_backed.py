@@ -352,3 +352,80 @@ def test_local_batches_announce_their_regions_and_scattered_ones_do_not(wide_fil
     announced = set(reader._open().read_ahead)
     assert 2 <= len(announced) <= 5
     assert announced == set((reader.layout.indptr[local] // 1000).tolist())
+
+
+def _evict(path) -> None:
+    """Drop the file's pages from the page cache (written pages are flushed first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def tall_file(h5ad_dir):
+    """Rows of ~1,100 stored values (a few pages each), so that scattered rows are separate
+    reads; both chunked (anndata's default) and contiguous storage."""
+    adata = make_adata("csr", n_obs=600, n_vars=2000, seed=5)
+    adata.X = sp.random(600, 2000, density=0.55, format="csr", random_state=5, dtype=np.float32)
+    path = h5ad_dir / "tall.h5ad"
+    write_h5ad(adata, path)
+    return path, adata.X.toarray()
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv2's RWF_NOWAIT (Linux)")
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+def test_rows_not_in_the_page_cache_are_read_concurrently(tall_file, engine):
+    path, expected = tall_file
+    dataset = AnnDataset(str(path), engine=engine, sparse=True)
+    (reader,) = backed_csr_readers(dataset)
+    assert reader.mode == "direct"
+    rng = np.random.default_rng(0)
+    for rows in (
+        rng.integers(0, 600, 256).tolist(),  # scattered, unsorted, duplicates
+        [599, 3, 3, 300, *range(40, 0, -2), 0, 599, *range(100, 500, 9)],
+    ):
+        _evict(path)
+        before = reader._open().concurrent_batches
+        got = dataset[rows].to_dense().numpy()
+        assert reader._open().concurrent_batches == before + 1
+        np.testing.assert_array_equal(got, expected[rows])
+        # now in the page cache: read one run after another, as before
+        np.testing.assert_array_equal(dataset[rows].to_dense().numpy(), expected[rows])
+        assert reader._open().concurrent_batches == before + 1
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv2's RWF_NOWAIT (Linux)")
+def test_concurrent_reads_in_forked_workers_and_one_thread(tall_file):
+    path, expected = tall_file
+    rng = np.random.default_rng(1)
+    plan = [rng.integers(0, 600, 128).tolist() for _ in range(6)]
+    dataset = AnnDataset(str(path))
+    sequential = AnnDataset(str(path))
+    for r in backed_csr_readers(sequential):
+        r.io_threads = 1
+    _ = dataset[plan[0]]  # the parent's reader threads exist before the fork
+    for ds in (dataset, sequential):
+        _evict(path)
+        loader = torch.utils.data.DataLoader(
+            ds,
+            sampler=plan,
+            batch_size=None,
+            collate_fn=ta.collate,
+            num_workers=2,
+            multiprocessing_context="fork",
+        )
+        for rows, batch in zip(plan, loader, strict=True):
+            np.testing.assert_array_equal(batch.numpy(), expected[rows])
+    (reader,) = backed_csr_readers(sequential)
+    _evict(path)
+    _ = sequential[plan[1]]
+    assert reader._open().concurrent_batches == 0
+
+
+def test_io_threads_must_be_a_positive_whole_number(tall_file):
+    path, _ = tall_file
+    with pytest.raises(ValueError, match=r"io_threads must be None .* got 0; use 1"):
+        BackedCSRReader(path, "X", (600, 2000), io_threads=0)

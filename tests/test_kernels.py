@@ -16,9 +16,14 @@ import scipy.sparse as sp
 
 import torch_adata as ta
 from torch_adata._gather import _ReadOnlyDescriptor, _storage_layout, read_whole
-from torch_adata._kernels import get_kernels
+from torch_adata._kernels import get_kernels, read_ranges_threadsafe
 
 ENGINES = ["numba", "numpy"]
+
+
+def _read_ranges(engine: str, threadsafe: bool):
+    """The engine's read_ranges, or the variant reader threads run concurrently."""
+    return read_ranges_threadsafe(engine) if threadsafe else get_kernels(engine).read_ranges
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +115,9 @@ def stored(tmp_path_factory, request):
     return path, values
 
 
+@pytest.mark.parametrize("threadsafe", [False, True], ids=["kernel", "threadsafe"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_read_ranges_crosses_chunks_and_lands_at_offsets(stored, engine):
+def test_read_ranges_crosses_chunks_and_lands_at_offsets(stored, engine, threadsafe):
     path, values = stored
     with h5py.File(path, "r") as f:
         base, chunk_len = _storage_layout(f["a"])
@@ -122,13 +128,14 @@ def test_read_ranges_crosses_chunks_and_lands_at_offsets(stored, engine):
     offsets = np.cumsum(lengths) - lengths
     out = np.full(int(lengths.sum()), -1, dtype=np.float32)
     fd = _ReadOnlyDescriptor(str(path))
-    get_kernels(engine).read_ranges(fd.fd, base, chunk_len, starts, lengths, offsets, out)
+    _read_ranges(engine, threadsafe)(fd.fd, base, chunk_len, starts, lengths, offsets, out)
     want = np.concatenate([values[s : s + n] for s, n in zip(starts, lengths, strict=True)])
     np.testing.assert_array_equal(out, want)
 
 
+@pytest.mark.parametrize("threadsafe", [False, True], ids=["kernel", "threadsafe"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_read_ranges_past_the_end_of_the_file_raises(stored, engine):
+def test_read_ranges_past_the_end_of_the_file_raises(stored, engine, threadsafe):
     path, _ = stored
     with h5py.File(path, "r") as f:
         base, chunk_len = _storage_layout(f["a"])
@@ -137,7 +144,7 @@ def test_read_ranges_past_the_end_of_the_file_raises(stored, engine):
     out = np.empty(4, dtype=np.float32)
     one = np.array([0], dtype=np.int64)
     with pytest.raises(OSError, match="shorter than its HDF5 layout"):
-        get_kernels(engine).read_ranges(fd.fd, far, chunk_len, one, one + 3, one * 0, out)
+        _read_ranges(engine, threadsafe)(fd.fd, far, chunk_len, one, one + 3, one * 0, out)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -256,6 +256,35 @@ if numba is not None:
                     start = stop
             return failed
 
+        # the same, one range after another on the calling thread: several Python threads
+        # may run it at once (it uses no numba threads, so it needs no lock)
+        @numba.njit(nogil=True, cache=True)
+        def _nb_read_ranges_serial(
+            fd, chunk_base, chunk_len, starts, lengths, offsets, out
+        ):  # pragma: no cover
+            size = out.itemsize
+            address = out.ctypes.data
+            failed = 0
+            for k in range(starts.shape[0]):
+                start = starts[k]
+                end = start + lengths[k]
+                o = offsets[k]
+                while start < end:
+                    c = start // chunk_len
+                    stop = min(end, (c + 1) * chunk_len)
+                    want = (stop - start) * size
+                    position = chunk_base[c] + (start - c * chunk_len) * size
+                    done = 0
+                    while done < want:
+                        got = _pread(fd, address + o * size + done, want - done, position + done)
+                        if got <= 0:
+                            failed += 1
+                            break
+                        done += got
+                    o += stop - start
+                    start = stop
+            return failed
+
     @_jit
     def _nb_copy_ranges(src, starts, offsets, lengths, out):  # pragma: no cover
         for k in numba.prange(starts.shape[0]):
@@ -357,6 +386,24 @@ def _nb_read_ranges_entry(fd, chunk_base, chunk_len, starts, lengths, offsets, o
     return out
 
 
+def read_ranges_threadsafe(engine_name: str):
+    """``read_ranges`` that several Python threads may run at once (reads on the calling
+    thread; the GIL is released while it waits): compiled where numba and a C ``pread`` are."""
+    if engine_name != "numba" or _libc_pread is None:
+        return _np_read_ranges
+
+    def read(fd, chunk_base, chunk_len, starts, lengths, offsets, out):
+        failed = _nb_read_ranges_serial(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
+        if failed:
+            raise OSError(
+                f"{failed} reads came back short: the file is shorter than its HDF5 layout "
+                "says (truncated or changed while open)."
+            )
+        return out
+
+    return read
+
+
 def _nb_copy_ranges_entry(src, starts, lengths, out):
     with _LOCK:
         return _nb_copy_ranges(src, starts, _offsets(lengths), lengths, out)
@@ -389,6 +436,7 @@ def warm_up(engine: str = "auto") -> None:
             if _libc_pread is not None:
                 with _LOCK:
                     _nb_read_ranges(-1, indptr, 1, none, none, none, array)
+                _nb_read_ranges_serial(-1, indptr, 1, none, none, none, array)
 
 
 # --------------------------------------------------------------------------- selection

@@ -199,3 +199,21 @@ def test_a_float_batch_key_is_refused_with_the_fix(adata):
 def test_scanvi_needs_labels():
     with pytest.raises(ValueError, match="pass labels_key="):
         SCVIDataModule(ad.AnnData(np.ones((3, 2))), model_name="SCANVI")
+
+
+@needs_scvi
+def test_worker_processes_serve_the_same_batches(adata):
+    """Two DataLoader workers: scvi trains on what in-process loading gives, batch for batch."""
+    options = {"layer": "counts", "batch_key": "donor", "batch_size": 64, "seed": 3}
+    alone = SCVIDataModule(adata, **options)
+    workers = SCVIDataModule(adata, **options, num_workers=2)
+    for one, other in zip(alone.train_dataloader(), workers.train_dataloader(), strict=True):
+        one, other = (
+            alone.on_before_batch_transfer(one, 0),
+            workers.on_before_batch_transfer(other, 0),
+        )
+        for key in ("X", "batch", "labels"):
+            torch.testing.assert_close(one[key], other[key])
+    model = scvi.model.SCVI(registry=workers.registry, n_latent=4)
+    model.train(datamodule=workers, max_epochs=1, accelerator="cpu", **TRAIN_QUIET)
+    assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()

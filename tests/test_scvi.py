@@ -44,6 +44,7 @@ def adata():
     a.obs["cell_type"] = np.where(rng.random(n) < 0.3, "Unknown", types)
     a.obs["donor"] = rng.choice([7, 3], n)  # integers: codes as scvi gives them
     a.obs["percent_mito"] = rng.random(n).astype(np.float32)
+    a.obs["treated"] = rng.random(n) < 0.5
     return a
 
 
@@ -85,14 +86,16 @@ def test_batches_hold_scvi_own_codes_and_anndata_rows(adata):
     setup = {
         "layer": "counts",
         "batch_key": "sample",
-        "categorical_covariate_keys": ["donor"],
+        "categorical_covariate_keys": ["donor", "treated"],
         "continuous_covariate_keys": ["percent_mito"],
     }
     dm = SCVIDataModule(adata, **setup, batch_size=50, loader={"shuffle": False})
     own, model = _scvi_own(adata, **setup)
     ours, theirs = dm.registry["field_registries"], model.registry["field_registries"]
-    for field in ("batch", "extra_categorical_covs"):
+    assert dict(ours["X"]["data_registry"]) == dict(theirs["X"]["data_registry"])
+    for field in ("batch", "extra_categorical_covs", "extra_continuous_covs"):
         assert ours[field]["summary_stats"] == theirs[field]["summary_stats"]
+    assert list(ours["extra_categorical_covs"]["state_registry"]["n_cats_per_key"]) == [2, 2]
     np.testing.assert_array_equal(
         ours["batch"]["state_registry"]["categorical_mapping"],
         theirs["batch"]["state_registry"]["categorical_mapping"],

@@ -166,7 +166,7 @@ class SCVIDataModule(AnnDataModule):
             load_kwargs=load_kwargs,
         )
         self._categories: dict[str, np.ndarray] | None = None
-        self._lookups: dict[str, tuple[np.ndarray | None, torch.Tensor]] = {}
+        self._lookups: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     # -- data ------------------------------------------------------------------------------
 
@@ -212,6 +212,7 @@ class SCVIDataModule(AnnDataModule):
                     )
                 values = np.unique(column.to_numpy())
                 ours = values.astype(object)
+                values = torch.as_tensor(values.astype(np.int64))
             theirs = ours
             if key == self.labels_key and self.unlabeled_category is not None:
                 theirs = np.asarray(
@@ -228,7 +229,7 @@ class SCVIDataModule(AnnDataModule):
         """scvi's codes ``(B, 1)`` of a categorical field of a batch."""
         raw, order = self._lookups[key]
         if raw is not None:  # integer or bool column: its values are sorted into codes
-            values = torch.searchsorted(torch.as_tensor(raw), values.to(torch.as_tensor(raw).dtype))
+            values = torch.searchsorted(raw.to(values.device), values.to(torch.int64))
         return order.to(values.device)[values.long()][:, None]
 
     # -- what scvi-tools reads -------------------------------------------------------------
@@ -369,7 +370,10 @@ class SCVIDataModule(AnnDataModule):
             },
             "field_registries": {
                 "X": {
-                    "data_registry": {"attr_name": "X", "attr_key": self.fields.layer},
+                    "data_registry": {
+                        "attr_name": "X" if self.fields.layer is None else "layers",
+                        "attr_key": self.fields.layer,
+                    },
                     "state_registry": {
                         "n_obs": self.n_obs,
                         "n_vars": self.n_vars,

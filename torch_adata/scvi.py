@@ -458,7 +458,15 @@ class SCVIDataModule(AnnDataModule):
         return tensors, labelled
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning's hook: batches under scvi's keys (:meth:`to_scvi`) for every loader."""
+        """Lightning's hook: batches under scvi's keys (:meth:`to_scvi`) for every loader.
+
+        Parameters
+        ----------
+        batch
+            A batch of this module's loaders.
+        dataloader_idx
+            Lightning's loader index (unused).
+        """
         tensors = self.to_scvi(batch)
         trainer = getattr(self, "trainer", None)
         fitting = trainer is not None and (trainer.training or trainer.sanity_checking)

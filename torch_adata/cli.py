@@ -8,9 +8,11 @@ is any ``LightningModule``, named by ``class_path`` under ``model:``. Example co
     torch-adata fit --config examples/configs/classifier.yaml --trainer.accelerator auto
     torch-adata predict --config examples/configs/classifier.yaml --ckpt_path <checkpoint>
 
-Class paths are resolved from the current directory too (the directory is put first on
-``sys.path``, as ``python -m`` does), so ``class_path: examples.classifier.CellTypeClassifier``
-works from the repository root although ``examples/`` is not installed.
+The example configs name installed classes (``class_path:
+torch_adata.models.classifier.CellTypeClassifier``), so their checkpoints load from any Python
+session. Class paths are also resolved from the current directory (it is put first on
+``sys.path``, as ``python -m`` does), so a model of your own in ``mymodels.py`` is found as
+``mymodels.MyModel``.
 
 ``predict`` writes the predictions back into the AnnData and saves an ``.h5ad`` when the trainer
 has an :class:`AnnDataPredictionWriter` callback (the example configs add one); it logs where.
@@ -268,7 +270,7 @@ def check_class_path(class_path: str) -> type:
             f"torch-adata: cannot import module {module_name!r} of model class_path "
             f"{class_path!r} ({err}). Modules are looked up in the installed packages and in "
             f"the current directory ({os.getcwd()}): run from the directory that holds it "
-            "(the repository root for examples.*) or install it."
+            "(e.g. the folder of your model's module) or install it."
         ) from err
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
@@ -291,7 +293,7 @@ def run_cli(args: Sequence[str] | None = None) -> AnnDataCLI:
     """Run the ``torch-adata`` command and return the finished :class:`AnnDataCLI`.
 
     The current directory goes first on ``sys.path``, so model class paths may name modules in
-    it (``examples.classifier.CellTypeClassifier`` from the repository root). A missing config
+    it (``mymodels.MyModel`` for a ``mymodels.py`` there). A missing config
     file or a model class path that does not import stops the command (``SystemExit``) with a
     message that says what is wrong and how to fix it, before anything runs.
 

@@ -458,7 +458,7 @@ def write_shuffled(
     destination
         Where to write the copy; must not be the source.
     seed
-        Seed of the permutation (:func:`numpy.random.default_rng`).
+        Seed of the permutation (``numpy.random.default_rng(seed)``).
     overwrite
         Replace an existing ``destination`` (only once the copy is complete).
     chunk_mib

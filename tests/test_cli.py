@@ -41,7 +41,7 @@ def small(root: Path, n_cells: int = 400) -> list[str]:
 
 @pytest.fixture
 def in_repo(monkeypatch):
-    """Run from the repository root, where the configs' ``examples.*`` class paths resolve."""
+    """Run from the repository root, where the configs' relative paths resolve."""
     monkeypatch.chdir(REPO)
 
 

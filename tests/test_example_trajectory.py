@@ -189,7 +189,7 @@ def test_quality_beats_baselines_and_predicts_fates(trajectory, tmp_path):
 def test_cli_fit_trains_the_drift_model(trajectory, tmp_path, monkeypatch):
     from torch_adata import cli
 
-    monkeypatch.chdir(REPO)  # where the config's examples.* class path resolves
+    monkeypatch.chdir(REPO)  # where the config's relative paths resolve
     fitted = cli.run_cli(
         ["fit", *cli_args(CONFIG, tmp_path, *SMALL, "--trainer.fast_dev_run", "true")]
     )

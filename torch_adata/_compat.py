@@ -48,17 +48,17 @@ def view_parent(adata: ad.AnnData) -> tuple[ad.AnnData, Any, Any]:
         ) from error
 
 
-def _find_read_elem() -> Callable[[Any], Any]:
+def _find_elem_io() -> tuple[Callable[..., Any], Callable[..., Any]]:
     try:  # anndata >= 0.11
-        from anndata.io import read_elem
+        from anndata.io import read_elem, write_elem
     except ImportError:  # anndata 0.10
-        from anndata.experimental import read_elem
-    return read_elem
+        from anndata.experimental import read_elem, write_elem
+    return read_elem, write_elem
 
 
-#: ``anndata.io.read_elem`` (``anndata.experimental.read_elem`` before anndata 0.11): one element
-#: (a DataFrame, an array) of an open ``.h5ad`` group.
-read_elem: Callable[[Any], Any] = _find_read_elem()
+#: ``anndata.io.read_elem`` / ``write_elem`` (``anndata.experimental`` before anndata 0.11): one
+#: element (a DataFrame, an array) of an open ``.h5ad`` group, read or written.
+read_elem, write_elem = _find_elem_io()
 
 
 def sparse_arrays_supported() -> bool:

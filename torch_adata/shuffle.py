@@ -332,7 +332,7 @@ def _write_per_cell(
     elif kind == "dense":
         _write_dense(source, target, name, perm, budget, compression, bar, fd)
     else:  # a data frame in obsm: small, through anndata
-        from anndata.io import read_elem, write_elem
+        from ._compat import read_elem, write_elem
 
         write_elem(target, name, read_elem(source).iloc[perm])
         bar.update(_stored_bytes(source))
@@ -355,7 +355,7 @@ def _plan(f: h5py.File, n_obs: int) -> list[tuple[str, str]]:
 
 
 def _n_obs(f: h5py.File) -> int:
-    from anndata.io import read_elem
+    from ._compat import read_elem
 
     if _encoding(f) != "anndata" and "obs" not in f:
         raise ValueError(
@@ -377,7 +377,7 @@ def _write(
     progress: bool | None,
     name: str,
 ) -> None:
-    from anndata.io import read_elem, write_elem
+    from ._compat import read_elem, write_elem
 
     _copy_attrs(f, out)
     obs = read_elem(f["obs"]).iloc[perm]

@@ -36,18 +36,18 @@ _INSTALL = "pip install 'torch-adata[scvi]'"
 _MODELS = ("SCVI", "SCANVI")
 
 
-def require_scvi():
+def require_scvi() -> Any:
     """Import scvi-tools, checking that its version is supported.
 
     Returns
     -------
-    module
-        The ``scvi`` package.
+    Any
+        The ``scvi`` package (a module).
 
     Raises
     ------
     ImportError
-        scvi-tools is missing, or its version is outside :data:`SCVI_VERSIONS`.
+        scvi-tools is missing, or its version is outside ``torch_adata.scvi.SCVI_VERSIONS``.
     """
     low, high = (".".join(map(str, v)) for v in SCVI_VERSIONS)
     try:
@@ -112,7 +112,7 @@ class SCVIDataModule(AnnDataModule):
     Raises
     ------
     ImportError
-        scvi-tools is missing or of an unsupported version (see :data:`SCVI_VERSIONS`).
+        scvi-tools is missing or of an unsupported version (see ``torch_adata.scvi.SCVI_VERSIONS``).
     ValueError
         An unknown ``model_name``, or ``SCANVI`` without ``labels_key``.
     """
@@ -320,7 +320,7 @@ class SCVIDataModule(AnnDataModule):
 
     @property
     def registry(self) -> dict[str, Any]:
-        """The registry to build a model from: ``scvi.model.SCVI(registry=dm.registry)``.
+        """The registry to build a model from, as in ``scvi.model.SCVI(registry=dm.registry)``.
 
         Laid out as the registry of scvi's own ``setup_anndata`` (``setup_args``,
         ``field_registries`` with their ``state_registry`` and ``summary_stats``), with

@@ -229,6 +229,28 @@ if numba is not None:
     if _libc_pread is not None:
         _pread = _libc_pread
 
+        @numba.njit(nogil=True, cache=True)
+        def _nb_read_range(
+            fd, chunk_base, chunk_len, start, length, o, address, size
+        ):  # pragma: no cover
+            """Read elements ``[start, start + length)`` into element ``o`` of the buffer at
+            ``address``: one pread per chunk the range touches; 1 if a read failed."""
+            end = start + length
+            while start < end:
+                c = start // chunk_len
+                stop = min(end, (c + 1) * chunk_len)
+                want = (stop - start) * size
+                position = chunk_base[c] + (start - c * chunk_len) * size
+                done = 0
+                while done < want:
+                    got = _pread(fd, address + o * size + done, want - done, position + done)
+                    if got <= 0:
+                        return 1
+                    done += got
+                o += stop - start
+                start = stop
+            return 0
+
         @_jit
         def _nb_read_ranges(
             fd, chunk_base, chunk_len, starts, lengths, offsets, out
@@ -237,23 +259,9 @@ if numba is not None:
             address = out.ctypes.data
             failed = 0
             for k in numba.prange(starts.shape[0]):
-                start = starts[k]
-                end = start + lengths[k]
-                o = offsets[k]
-                while start < end:  # one pread per chunk the range touches
-                    c = start // chunk_len
-                    stop = min(end, (c + 1) * chunk_len)
-                    want = (stop - start) * size
-                    position = chunk_base[c] + (start - c * chunk_len) * size
-                    done = 0
-                    while done < want:
-                        got = _pread(fd, address + o * size + done, want - done, position + done)
-                        if got <= 0:
-                            failed += 1
-                            break
-                        done += got
-                    o += stop - start
-                    start = stop
+                failed += _nb_read_range(
+                    fd, chunk_base, chunk_len, starts[k], lengths[k], offsets[k], address, size
+                )
             return failed
 
         # the same, one range after another on the calling thread: several Python threads
@@ -266,23 +274,9 @@ if numba is not None:
             address = out.ctypes.data
             failed = 0
             for k in range(starts.shape[0]):
-                start = starts[k]
-                end = start + lengths[k]
-                o = offsets[k]
-                while start < end:
-                    c = start // chunk_len
-                    stop = min(end, (c + 1) * chunk_len)
-                    want = (stop - start) * size
-                    position = chunk_base[c] + (start - c * chunk_len) * size
-                    done = 0
-                    while done < want:
-                        got = _pread(fd, address + o * size + done, want - done, position + done)
-                        if got <= 0:
-                            failed += 1
-                            break
-                        done += got
-                    o += stop - start
-                    start = stop
+                failed += _nb_read_range(
+                    fd, chunk_base, chunk_len, starts[k], lengths[k], offsets[k], address, size
+                )
             return failed
 
     @_jit

@@ -372,6 +372,11 @@ def _nb_read_ranges_entry(fd, chunk_base, chunk_len, starts, lengths, offsets, o
         return _np_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
     with _LOCK:
         failed = _nb_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
+    return _all_read(failed, out)
+
+
+def _all_read(failed: int, out: np.ndarray) -> np.ndarray:
+    """``out``, once the compiled readers report no range they could not read in full."""
     if failed:
         raise OSError(
             f"{failed} reads came back short: the file is shorter than its HDF5 layout says "
@@ -388,12 +393,7 @@ def read_ranges_threadsafe(engine_name: str):
 
     def read(fd, chunk_base, chunk_len, starts, lengths, offsets, out):
         failed = _nb_read_ranges_serial(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
-        if failed:
-            raise OSError(
-                f"{failed} reads came back short: the file is shorter than its HDF5 layout "
-                "says (truncated or changed while open)."
-            )
-        return out
+        return _all_read(failed, out)
 
     return read
 

@@ -101,7 +101,9 @@ class AnnDataPredictionWriter(Callback):
     Notes
     -----
     For a data module that reads a backed ``.h5ad``, the file is loaded into memory once to
-    write the copy. Run ``predict`` on one device: the predictions of all batches must be in this process.
+    write the copy. For a collection of sources, the file holds every cell in the collection's
+    order with the sources' ``obs`` (and the source column), the predictions and no ``X`` (see
+    :meth:`~torch_adata.AnnDataModule.write_predictions`). Run ``predict`` on one device: the predictions of all batches must be in this process.
     It is a plain ``Callback`` that reads the predict loop's outputs at the end of the epoch,
     not a ``BasePredictionWriter``: it needs no batch indices, so Lightning has none to infer
     (and no "Couldn't infer the batch indices" warning to give).
@@ -169,8 +171,8 @@ class AnnDataPredictionWriter(Callback):
                 '(e.g. key: "X_model", or a list of names for a tuple) to name the output.'
             )
         target = None
-        if datamodule.adata is None:  # rows were read from a backed file: write into a copy
-            target = ad.read_h5ad(datamodule.source)
+        if datamodule.collection is None and datamodule.adata is None:
+            target = ad.read_h5ad(datamodule.source)  # a backed file: write into a copy
         adata = datamodule.write_predictions(
             predictions, key=self.key, labels=self.decode or None, adata=target
         )

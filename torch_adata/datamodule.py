@@ -20,6 +20,7 @@ from . import samplers
 from ._batch import collate, densify, for_fetcher
 from ._fields import CategoryEncoder, UnknownCategoryError
 from ._source import FieldKeyError
+from .collection import SourceCollection, is_collection
 from .dataset import AnnDataset, fetched_positions, positions
 from .options import Fields, Loader, Split, TimeSampling, as_options
 from .splits import fingerprint, make_splits
@@ -28,6 +29,16 @@ from .time_resolved import TimeResolvedAnnDataset
 log = logging.getLogger("torch_adata")
 
 SPLITS = ("train", "val", "test", "predict")
+
+# Collections first: the command line (jsonargparse) tries the types in this order, and a
+# string would otherwise take a list written in YAML as its text.
+DataSource = (
+    list[str | os.PathLike | ad.AnnData]
+    | dict[str, str | os.PathLike | ad.AnnData]
+    | str
+    | os.PathLike
+    | ad.AnnData
+)
 
 
 class SplitDataset(Subset):
@@ -115,6 +126,13 @@ class AnnDataModule(pl.LightningDataModule):
     source
         An AnnData (never modified), a path to an ``.h5ad`` file, or a dataset name from
         :func:`torch_adata.datasets.available_datasets` (e.g. ``"simulated"``, ``"larry"``).
+        Or a collection read as one dataset (cells source after source, see
+        :class:`~torch_adata.collection.SourceCollection`): a list of paths and/or AnnData
+        objects, a mapping ``{name: path or AnnData}``, a folder (its ``*.h5ad`` files, sorted)
+        or a glob such as ``"atlas/*.h5ad"``. Its genes are joined per ``Fields(join=...)``,
+        and ``obs`` gains the column ``Fields(source_key=...)`` (default ``"source"``) naming
+        each cell's source, usable in ``split=`` (e.g. ``Split(holdout={"source":
+        ["donor3.h5ad"]})``) and ``obs_keys``.
     fields
         What each batch carries (:class:`~torch_adata.Fields`, or a dict of its fields).
     time
@@ -137,7 +155,10 @@ class AnnDataModule(pl.LightningDataModule):
         Keyword arguments of the named dataset's loader (e.g. ``{"n_cells": 4000}``).
     backed
         For a path: load the file into memory (``False``, the default) or read rows from the
-        file on demand (``True``, for files larger than memory).
+        file on demand (``True``, for files larger than memory). For a collection, the same
+        for each of its files: ``False`` loads the matrices batched (not the whole AnnData)
+        of every file into memory, ``True`` reads rows from the files; AnnData objects in
+        the collection are read as they are.
     preprocess
         Keyword arguments of :func:`torch_adata.datasets.preprocess` to run after loading
         (e.g. ``{"n_pcs": 50}`` to batch ``obsm["X_pca"]``); ``None`` for none.
@@ -158,7 +179,7 @@ class AnnDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: str | os.PathLike | ad.AnnData,
+        source: DataSource,
         *,
         fields: Fields | dict[str, Any] | None = None,
         time: TimeSampling | dict[str, Any] | None = None,
@@ -206,9 +227,9 @@ class AnnDataModule(pl.LightningDataModule):
         self._checkpoint_split: dict[str, Any] | None = None  # restored once data is loaded
         self._stage: str | None = None  # Lightning's stage between setup and teardown
         # Plain values only (loadable with weights_only=True); encoders travel in state_dict.
-        in_memory = isinstance(source, ad.AnnData)
+        in_memory = not _plain_source(source)
         hparams = {
-            "source": None if in_memory else source if isinstance(source, str) else str(source),
+            "source": None if in_memory else _plain_source(source),
             "fields": {k: v for k, v in asdict(self.fields).items() if k != "encoders"},
             "time": None if self.time is None else asdict(self.time),
             "split": asdict(self.split),
@@ -233,7 +254,22 @@ class AnnDataModule(pl.LightningDataModule):
             isinstance(self.source, str)
             and not str(self.source).endswith(".h5ad")
             and not (os.path.exists(self.source))
+            and not is_collection(self.source)
         )
+
+    @property
+    def is_collection(self) -> bool:
+        """Whether the source is a collection (a list, mapping, folder or glob of sources)."""
+        return is_collection(self.source)
+
+    @property
+    def collection(self) -> SourceCollection | None:
+        """The dataset's :class:`~torch_adata.collection.SourceCollection` (``keys``,
+        ``offsets``, ``paths``, ``locate``), or ``None`` for one AnnData or file."""
+        if self.dataset is None:
+            self.setup()
+        source = self.dataset.source
+        return source if isinstance(source, SourceCollection) else None
 
     def prepare_data(self) -> None:
         """Download a named dataset into its cache (Lightning calls this on one process only)."""
@@ -242,7 +278,16 @@ class AnnDataModule(pl.LightningDataModule):
 
             load_dataset(self.source, **self.load_kwargs)
 
-    def _load(self) -> ad.AnnData | str:
+    def _load(self) -> ad.AnnData | str | Any:
+        if self.is_collection:
+            if self.preprocess is not None:
+                raise ValueError(
+                    "preprocess= runs on one AnnData, and this data module reads a collection "
+                    "of sources: preprocess each file first (e.g. with "
+                    "torch_adata.datasets.preprocess and adata.write_h5ad), then pass the "
+                    "preprocessed files."
+                )
+            return self.source  # each file opened by the dataset, backed or loaded
         if isinstance(self.source, ad.AnnData):
             adata = self.source
         elif self._is_registry_name():
@@ -319,7 +364,8 @@ class AnnDataModule(pl.LightningDataModule):
 
     @property
     def data_fingerprint(self) -> dict[str, int | str]:
-        """What identifies the cells of this module's data (their number and names, in order).
+        """What identifies the cells of this module's data (their number and names, in order;
+        for a collection also its sources' keys and sizes, in order).
 
         Computed by :func:`torch_adata.splits.fingerprint` and saved with the split in
         checkpoints; a checkpoint's split is restored only onto data with the same fingerprint.
@@ -327,7 +373,11 @@ class AnnDataModule(pl.LightningDataModule):
         if self.dataset is None:
             self.setup()
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.dataset.obs_names)
+            source = self.dataset.source
+            sources = None
+            if isinstance(source, SourceCollection):
+                sources = list(zip(source.keys, np.diff(source.offsets).tolist(), strict=True))
+            self._fingerprint = fingerprint(self.dataset.obs_names, sources)
         return self._fingerprint
 
     def _build_dataset(self) -> AnnDataset:
@@ -438,11 +488,18 @@ class AnnDataModule(pl.LightningDataModule):
                 **common,
             )
         if train and options.sampler == "block":
+            boundaries = None
+            source = self.dataset.source
+            if isinstance(source, SourceCollection):
+                # where each source starts among the split's (sorted) rows: blocks of the
+                # split's positions never span two files
+                boundaries = np.searchsorted(rows, source.offsets)
             return samplers.BlockShuffleSampler(
                 n,
                 self.batch_size,
                 block_size=options.block_size,
                 pool_batches=options.pool_batches,
+                boundaries=boundaries,
                 drop_last=options.drop_last,
                 **common,
             )
@@ -624,8 +681,26 @@ class AnnDataModule(pl.LightningDataModule):
             theirs = f"more cells than the {n} this data module holds"
         else:
             ours = self.data_fingerprint
-            same = all(drawn_on.get(k) == v for k, v in ours.items())
-            if drawn_on.get("n_obs") == n:
+            # both ways: one AnnData vs a collection of the same cells differ too
+            same = all(drawn_on.get(k) == ours.get(k) for k in {*ours, *drawn_on})
+            if drawn_on.get("n_obs") == n and drawn_on.get("sources_sha256") != ours.get(
+                "sources_sha256"
+            ):
+                theirs = (
+                    f"other sources ({n} cells too, but "
+                    + (
+                        f"a collection of {drawn_on['n_sources']} sources with other names, "
+                        "order or sizes"
+                        if "n_sources" in drawn_on
+                        else "one AnnData"
+                    )
+                    + (
+                        f"; this data is a collection of {ours['n_sources']} sources)"
+                        if "n_sources" in ours
+                        else "; this data is one AnnData)"
+                    )
+                )
+            elif drawn_on.get("n_obs") == n:
                 theirs = f"other cells ({n} cells too, but other obs_names or another order)"
             else:
                 theirs = f"other cells ({drawn_on.get('n_obs')} cells; this data has {n})"
@@ -703,9 +778,10 @@ class AnnDataModule(pl.LightningDataModule):
         key: str | Sequence[str] | Mapping[str, str] | None = None,
         *,
         labels: str | Mapping[str, str] | None = None,
-        adata: ad.AnnData | None = None,
+        adata: ad.AnnData | Mapping[str, ad.AnnData] | None = None,
         split: str = "predict",
-    ) -> ad.AnnData:
+        per_source: bool = False,
+    ) -> ad.AnnData | dict[str, ad.AnnData]:
         """Put ``trainer.predict`` outputs into a copy of the AnnData, in the original cell order.
 
         Where each output goes (``key``), by what ``predict_step`` returns:
@@ -735,14 +811,26 @@ class AnnDataModule(pl.LightningDataModule):
             ``obsm[key]``, and its arg-max label is written to ``obs[key]`` as well.
         adata
             Target AnnData (default: a copy of the module's AnnData). It is modified and
-            returned.
+            returned. For a collection, the default is one AnnData of every cell in the
+            collection's order (source after source): the sources' ``obs`` concatenated with
+            the source column (``Fields(source_key=...)``, default ``"source"``), the
+            dataset's genes as ``var``, and no ``X`` (the matrices stay in the sources); with
+            ``per_source=True``, ``{source key: AnnData}`` to write into instead.
         split
             The split that was predicted (default ``"predict"``: every cell).
+        per_source
+            For a collection: write each source's cells into that source's own AnnData and
+            return ``{source key: AnnData}`` (in the collection's order). Each is a copy of
+            the source given as an AnnData, or the source's file read into memory (one at a
+            time, as ``anndata.read_h5ad`` reads it), unless ``adata=`` maps each key to an
+            AnnData of that source's cells (e.g. opened with ``backed="r"``, or of its
+            ``obs`` alone) to write into.
 
         Returns
         -------
-        anndata.AnnData
-            The AnnData with the predictions.
+        anndata.AnnData or dict
+            The AnnData with the predictions; with ``per_source=True``, ``{source key:
+            AnnData}``.
 
         Raises
         ------
@@ -750,8 +838,20 @@ class AnnDataModule(pl.LightningDataModule):
             ``key`` of the wrong kind for the outputs (the message says which kind).
         ValueError
             No predictions, a count that does not match the split, or label codes or score
-            columns that do not fit the label column's categories.
+            columns that do not fit the label column's categories; ``per_source=True``
+            without a collection, or ``adata=`` that does not match the sources.
         """
+        collection = self.collection
+        if per_source and collection is None:
+            raise ValueError(
+                "per_source=True writes each source of a collection into its own AnnData; "
+                "this data module reads one AnnData: drop per_source."
+            )
+        if isinstance(adata, Mapping) and not per_source:
+            raise TypeError(
+                "adata= maps sources to AnnData objects, which only per_source=True writes "
+                "into: pass per_source=True, or one AnnData of every cell."
+            )
         if len(predictions) == 0:
             raise ValueError("No predictions to write (trainer.predict returned nothing).")
         arrays = self.prediction_arrays(predictions, split=split)
@@ -770,7 +870,12 @@ class AnnDataModule(pl.LightningDataModule):
                 f"labels= names {unknown}, which are not written; the outputs are written as "
                 f"{list(outputs)}."
             )
-        if adata is None:
+        if per_source:
+            targets = self._source_targets(collection, adata)
+            adata = None
+        if adata is None and collection is not None:
+            adata = self._collection_frame(collection)
+        elif adata is None:
             if self.adata is None:
                 raise ValueError("This module reads a backed file: pass adata= to write into.")
             adata = self.adata.copy()
@@ -782,7 +887,49 @@ class AnnDataModule(pl.LightningDataModule):
                 adata.obs[name] = _missing_elsewhere(values, rows, adata.n_obs)
             else:
                 adata.obsm[name] = _missing_elsewhere(values, rows, adata.n_obs)
+        if per_source:
+            return _split_by_source(adata, list(outputs), collection, targets)
         return adata
+
+    def _collection_frame(self, collection: SourceCollection) -> ad.AnnData:
+        """An AnnData of every cell of the collection, in order: obs (with the source
+        column) and var, no matrix."""
+        var = pd.DataFrame(index=pd.Index(self.dataset.var_names).astype(str))
+        with warnings.catch_warnings():  # cell names may repeat across sources
+            warnings.filterwarnings("ignore", message=".*names are not unique")
+            return ad.AnnData(obs=collection.obs.copy(), var=var)
+
+    def _source_targets(
+        self, collection: SourceCollection, given: Mapping[str, ad.AnnData] | ad.AnnData | None
+    ) -> dict[str, ad.AnnData]:
+        """Where ``per_source=True`` writes each source's cells (see write_predictions)."""
+        keys, sizes = collection.keys, np.diff(collection.offsets)
+        if given is not None:
+            if not isinstance(given, Mapping):
+                raise TypeError(
+                    "With per_source=True, adata= maps each source key to the AnnData to write "
+                    f"its cells into ({keys[:5]}...), not one AnnData."
+                )
+            if list(given) != list(keys) and set(given) != set(keys):
+                raise ValueError(
+                    f"adata= has the sources {sorted(given)[:10]} but the collection has "
+                    f"{keys[:10]}: give one AnnData per source key."
+                )
+            targets = {k: given[k] for k in keys}
+        else:
+            targets = {}
+            for key, source in zip(keys, collection.sources, strict=True):
+                if source.adata is not None:
+                    targets[key] = source.adata.copy()
+                else:
+                    targets[key] = ad.read_h5ad(source.path)
+        for key, size in zip(keys, sizes, strict=True):
+            if targets[key].n_obs != size:
+                raise ValueError(
+                    f"adata[{key!r}] has {targets[key].n_obs} cells but source {key!r} has "
+                    f"{size}: pass that source's AnnData (same cells, same order)."
+                )
+        return targets
 
     def _write_labels(self, adata, name: str, values: np.ndarray, column: str, rows) -> None:
         """Label codes (1-D) or per-class scores (2-D) of obs ``column`` as a categorical."""
@@ -820,6 +967,40 @@ class AnnDataModule(pl.LightningDataModule):
         loader_sampler = self._sampler(self.splits[split], train=False)
         order = np.concatenate(list(iter(loader_sampler)))
         return self.splits[split][order]
+
+
+def _split_by_source(
+    written: ad.AnnData,
+    names: list[str],
+    collection: SourceCollection,
+    targets: dict[str, ad.AnnData],
+) -> dict[str, ad.AnnData]:
+    """Copy the obs columns and obsm entries ``names`` of ``written`` (every cell of the
+    collection) into each source's target, that source's rows."""
+    offsets = collection.offsets
+    for s, target in enumerate(targets.values()):
+        rows = slice(int(offsets[s]), int(offsets[s + 1]))
+        for name in names:
+            if name in written.obsm:
+                target.obsm[name] = np.asarray(written.obsm[name][rows])
+            if name in written.obs.columns:  # dtype kept (categorical labels, Int64 with <NA>)
+                target.obs[name] = written.obs[name].iloc[rows].set_axis(target.obs.index)
+    return targets
+
+
+def _plain_source(source) -> str | list[str] | dict[str, str] | None:
+    """``source`` as plain values for the saved hyperparameters (a path, or a list or dict of
+    paths), or ``None`` when it holds AnnData objects (those are not saved)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, Mapping):
+        values = {str(k): _plain_source(v) for k, v in source.items()}
+        plain = all(isinstance(v, str) for v in values.values())
+        return values if plain and values else None
+    if isinstance(source, (list, tuple)):
+        items = [_plain_source(v) for v in source]
+        return items if items and all(isinstance(v, str) for v in items) else None
+    return None
 
 
 def _concatenate(predictions: Sequence[Any]):

@@ -211,26 +211,43 @@ def make_splits(
     return splits
 
 
-def fingerprint(obs_names: Sequence[str]) -> dict[str, int | str]:
+def _sha256(parts) -> str:
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def fingerprint(
+    obs_names: Sequence[str], sources: Sequence[tuple[str, int]] | None = None
+) -> dict[str, int | str]:
     """What a split's row positions refer to: the cells' number and their names, in order.
 
     Saved with a split (e.g. in a checkpoint) so that it is only applied to the cells it was
     drawn on: the same names in the same order give the same fingerprint, on every process
-    and in every session; a cell added, removed, renamed or moved changes it.
+    and in every session; a cell added, removed, renamed or moved changes it. For a
+    collection of sources, the sources' keys and sizes enter it too, so a split is not applied
+    to another collection whose cells happen to carry the same names (files renamed,
+    reordered, or cells moved from one file to another).
 
     Parameters
     ----------
     obs_names
-        The AnnData's ``obs_names``, in row order.
+        The AnnData's ``obs_names`` (a collection's, concatenated), in row order.
+    sources
+        For a collection: ``(key, n_obs)`` of each source, in order; ``None`` for one AnnData.
 
     Returns
     -------
     dict
-        ``{"n_obs": number of cells, "obs_names_sha256": hex SHA-256 digest of the names}``.
+        ``{"n_obs": number of cells, "obs_names_sha256": hex SHA-256 digest of the names}``,
+        and for a collection ``"n_sources"`` and ``"sources_sha256"`` (the digest of the
+        sources' keys and sizes).
     """
     names = pd.Index(obs_names).astype(str)
-    digest = hashlib.sha256("\x00".join(names).encode("utf-8", "surrogatepass")).hexdigest()
-    return {"n_obs": len(names), "obs_names_sha256": digest}
+    out: dict[str, int | str] = {"n_obs": len(names), "obs_names_sha256": _sha256(names)}
+    if sources is not None:
+        pairs = [(str(key), int(n)) for key, n in sources]
+        out["n_sources"] = len(pairs)
+        out["sources_sha256"] = _sha256(f"{key}\x01{n}" for key, n in pairs)
+    return out
 
 
 def _explicit(indices: Mapping[str, Sequence[int]], n: int) -> dict[str, np.ndarray]:

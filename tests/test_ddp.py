@@ -151,3 +151,23 @@ def test_two_nodes_see_every_train_cell_exactly_once(tmp_path):
     assert {node["sampler"] for node in nodes} == {"UniformBatchSampler"}
     epochs = assert_partition_per_epoch(nodes)
     assert epochs[0][0] != epochs[1][0], "set_epoch did not reshuffle"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_nodes_share_a_collection_of_files_exactly_once_with_block_shuffle(tmp_path):
+    """The recipe of docs/distributed.md: both nodes read the same folder of files."""
+    folder = tmp_path / "atlas"
+    folder.mkdir()
+    sizes = [70, 41, 92]  # no file a multiple of the block size
+    for k, n in enumerate(sizes):
+        ad.AnnData(
+            sp.random(n, 20, density=0.3, format="csr", dtype=np.float32, random_state=k),
+            obs=pd.DataFrame(index=[f"f{k}_c{i}" for i in range(n)]),
+        ).write_h5ad(folder / f"sample{k}.h5ad")
+    nodes = run_two_nodes(tmp_path, str(folder), "--backed", "--sampler", "block")
+    assert {node["sampler"] for node in nodes} == {"BlockShuffleSampler"}
+    assert {node["n_obs"] for node in nodes} == {sum(sizes)}
+    assert nodes[0]["sources"] == [f"sample{k}.h5ad" for k in range(3)]
+    assert all(len(files) == 1 for node in nodes for files in node["block_files"])
+    assert_partition_per_epoch(nodes)

@@ -48,6 +48,15 @@ class Recorder(pl.LightningModule):
             "n_obs": len(dm.dataset),
             "seen": self.seen,
         }
+        if dm.collection is not None:
+            record["sources"] = dm.collection.keys
+            sampler = self.trainer.train_dataloader.sampler
+            if hasattr(sampler, "_blocks"):  # block shuffle: which files each block reads
+                train = dm.splits["train"]
+                record["block_files"] = [
+                    sorted(set(dm.collection.source_of(train[start : start + length])))
+                    for start, length in zip(*sampler._blocks, strict=True)
+                ]
         (self.out / f"node{self.trainer.node_rank}.json").write_text(json.dumps(record))
 
     def configure_optimizers(self):

@@ -23,6 +23,7 @@ from torch_adata import AnnDataset, TimeResolvedAnnDataset
 from torch_adata._source import AnnDataSource
 from torch_adata.collection import (
     ConcatReader,
+    SourceChangedError,
     SourceCollection,
     is_collection,
     open_source,
@@ -314,3 +315,195 @@ def test_each_file_one_time_point(files):
     np.testing.assert_array_equal(by_column.time_index, dataset.time_index)
     with pytest.raises(ValueError, match=r"no time for the sources \['part2\.h5ad'\]"):
         TimeResolvedAnnDataset(files, time_key={"part0.h5ad": 0, "part1.h5ad": 2})
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def copies(tmp_path, parts):
+    """The three files, written afresh for tests that change or break them."""
+    paths = []
+    for i, adata in enumerate(parts):
+        path = tmp_path / f"part{i}.h5ad"
+        write_h5ad(adata, path)
+        paths.append(str(path))
+    return paths
+
+
+def write_variant(path, adata: ad.AnnData) -> str:
+    write_h5ad(adata, path)
+    return str(path)
+
+
+def test_an_empty_collection(tmp_path):
+    for empty in ([], (), {}):
+        with pytest.raises(ValueError, match=r"The collection is empty: pass at least one"):
+            AnnDataset(empty)
+    with pytest.raises(FileNotFoundError, match=r"glob pattern '.*nothing\*\.h5ad' matches no"):
+        AnnDataset(str(tmp_path / "nothing*.h5ad"))
+
+
+def test_a_missing_path_in_a_list(copies, tmp_path):
+    before = file_state(copies)
+    with pytest.raises(FileNotFoundError, match=r"No such file: '.*absent\.h5ad'"):
+        AnnDataset([copies[0], str(tmp_path / "absent.h5ad")])
+    assert file_state(copies) == before
+
+
+def test_a_file_that_is_not_h5ad(copies, tmp_path):
+    text = tmp_path / "notes.h5ad"
+    text.write_text("cell,gene\n")
+    before = file_state([*copies, str(text)])
+    with pytest.raises(ValueError, match=r"'.*notes\.h5ad' is not an \.h5ad file \(not HDF5\)"):
+        AnnDataset([*copies, str(text)])
+    assert file_state([*copies, str(text)]) == before
+
+
+def test_no_common_gene(tmp_path, parts):
+    a = write_variant(tmp_path / "human.h5ad", parts[0])
+    mouse = parts[1].copy()
+    mouse.var_names = [f"m{g}" for g in mouse.var_names]
+    b = write_variant(tmp_path / "mouse.h5ad", mouse)
+    before = file_state([a, b])
+    with pytest.raises(
+        ValueError,
+        match=r"No gene is common to all 2 sources \('.*human\.h5ad': 8 genes, e\.g\. "
+        r"\['a', 'b', 'c'\]; '.*mouse\.h5ad': 8 genes.*pass join='outer'",
+    ):
+        AnnDataset([a, b])
+    assert list(AnnDataset([a, b], join="outer").var_names)[:9] == [*"abcdefgh", "mh"]
+    assert file_state([a, b]) == before
+
+
+def test_duplicate_var_names(tmp_path, parts):
+    dup = parts[1].copy()
+    dup.var_names = ["a", "b", "c", "d", "e", "f", "g", "a"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = [
+            write_variant(tmp_path / "ok.h5ad", parts[0]),
+            write_variant(tmp_path / "dup.h5ad", dup),
+        ]
+    before = file_state(paths)
+    with pytest.raises(
+        ValueError,
+        match=r"'.*dup\.h5ad' has duplicate var_names \(\['a'\]\).*var_names_make_unique",
+    ):
+        AnnDataset(paths)
+    assert file_state(paths) == before
+
+
+def test_an_obs_column_missing_without_na_code(tmp_path, parts):
+    lacking = parts[2].copy()
+    del lacking.obs["cell_type"]
+    paths = [
+        write_variant(tmp_path / "a.h5ad", parts[0]),
+        write_variant(tmp_path / "b.h5ad", lacking),
+    ]
+    before = file_state(paths)
+    with pytest.raises(
+        KeyError,
+        match=r"obs column 'cell_type' is missing from 1 of the 2 sources \('.*b\.h5ad'\)\. "
+        r"Add it to those files, or pass na='code'",
+    ):
+        AnnDataset(paths, obs_keys="cell_type")
+    with pytest.raises(KeyError, match=r"Unknown obs column 'donor': no source has it"):
+        AnnDataset(paths, obs_keys="donor")
+    assert file_state(paths) == before
+
+
+def test_categories_that_clash_in_dtype(tmp_path, parts):
+    numbered = parts[1].copy()
+    numbered.obs["cell_type"] = pd.Categorical(np.arange(numbered.n_obs) % 3)
+    paths = [
+        write_variant(tmp_path / "labels.h5ad", parts[0]),
+        write_variant(tmp_path / "numbers.h5ad", numbered),
+    ]
+    before = file_state(paths)
+    with pytest.raises(
+        TypeError,
+        match=r"obs column 'cell_type' holds values of different types across the sources "
+        r"\(number in '.*numbers\.h5ad'; string in '.*labels\.h5ad'\)",
+    ):
+        AnnDataset(paths, obs_keys="cell_type")
+    AnnDataset(paths, obs_keys="size")  # the other columns are fine
+    assert file_state(paths) == before
+
+
+def test_a_file_replaced_between_construction_and_reading(copies, parts):
+    dataset = AnnDataset(copies)
+    rows_in_part1 = np.arange(23, 30)
+    first = dataset[rows_in_part1].numpy()
+    other = parts[1].copy()
+    other.X = other.X * 3
+    write_h5ad(other, copies[1] + ".new")
+    os.replace(copies[1] + ".new", copies[1])  # another file at the same path
+    with pytest.raises(
+        SourceChangedError, match=r"'.*part1\.h5ad' changed on disk after the dataset was built"
+    ):
+        dataset[rows_in_part1]
+    with pytest.raises(SourceChangedError, match=r"part1\.h5ad"):
+        dataset[ROWS]  # a batch over every file
+    assert dataset[np.arange(0, 23)].shape == (23, 7)  # the other files still read
+    fresh = AnnDataset(copies)
+    np.testing.assert_array_equal(fresh[rows_in_part1].numpy(), first * 3)
+
+
+def test_a_file_touched_or_removed_after_construction(copies):
+    dataset = AnnDataset(copies, sparse=True)
+    st = os.stat(copies[2])
+    os.utime(copies[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, new mtime
+    with pytest.raises(SourceChangedError, match=r"'.*part2\.h5ad' changed on disk"):
+        dataset[ROWS]
+    os.remove(copies[0])
+    with pytest.raises(
+        FileNotFoundError, match=r"'.*part0\.h5ad' is gone: it was part of the collection"
+    ):
+        dataset[np.arange(5)]
+
+
+def test_other_bad_collections(copies, parts):
+    with pytest.raises(ValueError, match=r"Two sources are named 'part0\.h5ad'.*Pass a mapping"):
+        AnnDataset([copies[0], copies[0]])
+    with pytest.raises(ValueError, match=r"join must be 'inner', 'outer' or a list of genes"):
+        AnnDataset(copies, join="left")
+    with pytest.raises(ValueError, match=r"2 genes of join= are in none of the 3 sources"):
+        AnnDataset(copies, join=["a", "nope", "never"])
+    labelled = parts[0].copy()
+    labelled.obs["source"] = "lab A"
+    with pytest.raises(
+        ValueError, match=r"'adata0' already has an obs column 'source'.*source_key='source_file'"
+    ):
+        AnnDataset([labelled, parts[1]], obs_keys="cell_type")
+    dataset = AnnDataset([labelled, parts[1]], obs_keys="origin", source_key="origin")
+    assert list(dataset.decode("origin", dataset[[0, 30]]["origin"])) == ["adata0", "adata1"]
+    assert dataset.obs["source"].iloc[0] == "lab A"
+    no_layer = parts[1].copy()
+    del no_layer.layers["counts"]
+    with pytest.raises(
+        KeyError, match=r"layers\['counts'\] is missing from 1 of the 2 sources \('adata1'\)"
+    ):
+        AnnDataset([parts[0], no_layer], layer="counts")
+    wide = parts[1].copy()
+    wide.obsm["X_pca"] = np.zeros((wide.n_obs, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"obsm\['X_pca'\] has a different number of columns"):
+        AnnDataset([parts[0], wide], obsm_keys="X_pca")
+    with pytest.raises(TypeError, match=r"time_key as a mapping"):
+        TimeResolvedAnnDataset(copies[0], time_key={"part0.h5ad": 0})
+
+
+def test_backed_csc_stays_an_error(tmp_path, parts):
+    csc = parts[1].copy()
+    csc.X = sp.csc_matrix(csc.X)
+    paths = [
+        write_variant(tmp_path / "a.h5ad", parts[0]),
+        write_variant(tmp_path / "csc.h5ad", csc),
+    ]
+    with pytest.raises(ValueError, match=r"csc\.h5ad'?:X is stored as CSC"):
+        AnnDataset(paths)
+    ref = concat(paths)
+    dataset = AnnDataset(paths, backed=False)  # in memory it reads
+    np.testing.assert_array_equal(
+        dataset[ROWS[ROWS < 40]].numpy(), expected(ref, ROWS[ROWS < 40], dataset.var_names)
+    )

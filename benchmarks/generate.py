@@ -145,6 +145,75 @@ def write_synthetic(
     return path
 
 
+def split_rows(path: str | Path, n_files: int, out_dir: str | Path) -> list[Path]:
+    """Write ``path``'s cells into ``n_files`` files of consecutive rows (near-equal counts):
+    the same matrix as a collection. Files already there are reused.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file to split (CSR, read backed one part at a time).
+    n_files
+        How many files.
+    out_dir
+        Where the parts go, as ``part_000.h5ad``, ``part_001.h5ad``, ...
+
+    Returns
+    -------
+    The paths of the parts, in row order.
+    """
+    import anndata as ad
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [out_dir / f"part_{k:03d}.h5ad" for k in range(n_files)]
+    if all(p.exists() for p in parts):
+        return parts
+    source = ad.read_h5ad(path, backed="r")
+    bounds = np.linspace(0, source.n_obs, n_files + 1).round().astype(int)
+    for part, start, stop in zip(parts, bounds[:-1], bounds[1:], strict=True):
+        tmp = part.with_suffix(".partial.h5ad")
+        source[start:stop].to_memory().write_h5ad(tmp)
+        tmp.rename(part)
+    source.file.close()
+    return parts
+
+
+def rename_genes(paths: list[Path], share: float, out_dir: str | Path, seed: int = 0) -> list[Path]:
+    """Copies of ``paths`` whose gene sets differ by ``share``: the same randomly chosen
+    ``share`` of the columns is renamed in every copy to names of that copy's own, so each
+    file has ``share`` genes no other file has and an inner join keeps the other
+    ``1 - share`` (at the same columns of every file). Only ``var`` is rewritten.
+
+    Returns
+    -------
+    The copies' paths, in the order of ``paths``.
+    """
+    import shutil
+
+    import h5py
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copies = [out_dir / p.name for p in paths]
+    if all(c.exists() for c in copies):
+        return copies
+    for k, (path, copy) in enumerate(zip(paths, copies, strict=True)):
+        tmp = copy.with_suffix(".partial.h5ad")
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            var = f["var"]
+            index = var[var.attrs["_index"]]
+            names = index.asstr()[:].astype(object)
+            own = np.random.default_rng(seed).choice(
+                len(names), round(share * len(names)), replace=False
+            )
+            names[own] = [f"file{k}_{names[j]}" for j in own]
+            index[...] = names.astype(str).astype(object)
+        tmp.rename(copy)
+    return copies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="the .h5ad file to write")

@@ -26,6 +26,9 @@ The AnnDataset loaders take ``"workers"`` (DataLoader worker processes, forked) 
 ``"persistent"`` (``persistent_workers=True``: one DataLoader serves every pass, so its workers
 live across passes as they do across epochs in training); ``"sampler"`` is ``"uniform"``,
 ``"block"`` or ``"block:<block_size>:<pool_batches>"``.
+``"paths": [...]`` (instead of ``"path"``)
+    The AnnDataset loader over a collection of files (``"join"``: the gene join, default
+    ``"inner"``), in memory or backed as above.
 ``empty``
     Nothing: the resident memory of python + torch + anndata + torch_adata.
 
@@ -152,9 +155,10 @@ def resident_mib(path: str | Path) -> float | None:
 # -- loaders ------------------------------------------------------------------------------------
 
 
-def make_sampler(n: int, batch_size: int, sampler: str, seed: int = 0):
+def make_sampler(n: int, batch_size: int, sampler: str, seed: int = 0, boundaries=None):
     """A one-process uniform (``"uniform"``) or block-shuffle (``"block"``, or
-    ``"block:<block_size>:<pool_batches>"``) batch sampler of torch_adata."""
+    ``"block:<block_size>:<pool_batches>"``) batch sampler of torch_adata; ``boundaries``:
+    a collection's offsets, which blocks do not cross."""
     from torch_adata import samplers
 
     if sampler == "uniform":
@@ -163,6 +167,8 @@ def make_sampler(n: int, batch_size: int, sampler: str, seed: int = 0):
         block = getattr(samplers, "BlockShuffleBatchSampler", None) or samplers.BlockShuffleSampler
         params = [int(v) for v in sampler.split(":")[1:]]
         options = dict(zip(("block_size", "pool_batches"), params, strict=False))
+        if boundaries is not None:
+            options["boundaries"] = boundaries
         return block(n, batch_size, seed=seed, num_replicas=1, rank=0, **options)
     raise ValueError(
         f"sampler must be 'uniform', 'block' or 'block:<block_size>:<pool_batches>', got "
@@ -170,10 +176,12 @@ def make_sampler(n: int, batch_size: int, sampler: str, seed: int = 0):
     )
 
 
-def _plan(n: int, batch_size: int, sampler: str, seed: int, count: int) -> list[np.ndarray]:
+def _plan(
+    n: int, batch_size: int, sampler: str, seed: int, count: int, boundaries=None
+) -> list[np.ndarray]:
     """``count`` batches of the uniform or block-shuffle sampler seeded ``seed``, from its
     epochs 0, 1, ... (more than one epoch only when an epoch has fewer batches)."""
-    s = make_sampler(n, batch_size, sampler, seed)
+    s = make_sampler(n, batch_size, sampler, seed, boundaries)
     batches: list[np.ndarray] = []
     while len(batches) < count:
         s.set_epoch(s.epoch + (1 if batches else 0))
@@ -189,7 +197,7 @@ def build(cfg: dict):
 
     import torch_adata as ta
 
-    loader, path, mode = cfg["loader"], cfg["path"], cfg.get("mode", "memory")
+    loader, path, mode = cfg["loader"], cfg.get("path"), cfg.get("mode", "memory")
     sampler, workers = cfg.get("sampler", "uniform"), int(cfg.get("workers", 0))
     backed = mode == "backed"
 
@@ -231,11 +239,19 @@ def build(cfg: dict):
     # in memory: AnnDataset loads the file itself (backed=False reads the batched matrices
     # straight into memory); "anndata" = an AnnData from ad.read_h5ad, as the baselines use
     source = ad.read_h5ad(path) if cfg.get("source") == "anndata" else path
+    options = {}
+    if "paths" in cfg:  # a collection of files, read as one dataset
+        source = cfg["paths"]
+        options = {"join": cfg.get("join", "inner")}
     if loader == "AnnDataset":
-        dataset = ta.AnnDataset(source, sparse=bool(cfg.get("sparse", False)), backed=backed)
+        dataset = ta.AnnDataset(
+            source, sparse=bool(cfg.get("sparse", False)), backed=backed, **options
+        )
+
+        boundaries = dataset.source.offsets if "paths" in cfg else None
 
         def plan(batch_size, seed, count):
-            return _plan(len(dataset), batch_size, sampler, seed, count)
+            return _plan(len(dataset), batch_size, sampler, seed, count, boundaries)
 
     elif loader == "TimeResolvedAnnDataset":
         dataset = ta.TimeResolvedAnnDataset(source, time_key="Time point", backed=backed)

@@ -23,6 +23,11 @@ synthetic files (``generate.py``) are written once into ``--data-dir`` and reuse
 7. the disk's limits on the benchmark file (``disk.py``: sequential MiB/s, random reads at depth
    1 and 32), every cold figure of section 3 as a fraction of them, and a shuffled copy
    (``shuffle_copy.py``: time, peak RSS, batch mix of block shuffle on it).
+8. collections: the main matrix split into 10 files against the one file (paired, in memory
+   and backed, uniform and block shuffle), 100 files (peak memory over the one file's, time
+   to the first batch), and an inner join over 10 files whose gene sets differ by 10 %
+   against the aligned files (paired). ``--collections-only`` runs this section alone
+   (``--quick --cells 2000 --collections-only`` is a smoke run of a minute).
 
 Results go to ``<out>/suite_<quick|full>.json``, ``.md`` and ``.png``.
 """
@@ -46,7 +51,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from disk import limits_text, measure_disk  # noqa: E402
-from generate import write_synthetic  # noqa: E402
+from generate import rename_genes, split_rows, write_synthetic  # noqa: E402
 from measure import make_sampler  # noqa: E402
 
 SWEEP_SIZES = [64, 128, 256, 512, 1024, 2048]
@@ -375,9 +380,12 @@ def run_suite(args) -> dict:
     )
     print(f"  shuffled copy: {shuffle_copy}", flush=True)
 
+    collections = run_collections(args, plain, run)
+
     import torch_adata
 
     return {
+        "collections": collections,
         "disk_limits": limits,
         "shuffle_copy": shuffle_copy,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -395,6 +403,184 @@ def run_suite(args) -> dict:
         "commit_end": _commit(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+COLLECTION_CASES = [
+    (f"{mode}|{sampler}", mode, sampler)
+    for mode in ("memory", "backed")
+    for sampler in ("uniform", "block")
+]
+
+
+def run_collections(args, plain: Path, run: Runner) -> dict:
+    """Section 8: the main file as 10 and 100 files, and an inner join over differing genes.
+
+    The 10 and 100 files hold the main file's rows in order (``generate.split_rows``), so
+    every loader reads the same cells; the join files are the 10 files with the same 10 % of
+    their genes renamed per file (``generate.rename_genes``). Ratios are paired (one process,
+    passes alternating); memory is measured in fresh processes.
+    """
+    print("8. collections: 10 and 100 files vs one, an inner join", flush=True)
+    stem = args.data_dir / plain.stem
+    ten = [str(p) for p in split_rows(plain, 10, f"{stem}_10_files")]
+    hundred = [str(p) for p in split_rows(plain, 100, f"{stem}_100_files")]
+    joined = [str(p) for p in rename_genes([Path(p) for p in ten], 0.1, f"{stem}_10_join")]
+    one = {"loader": "AnnDataset", "path": str(plain)}
+    for key, mode, sampler in COLLECTION_CASES:
+        cfg = {"mode": mode, "sampler": sampler}
+        run.paired(
+            f"collection|10|{key}",
+            {"1 file": {**one, **cfg}, "10 files": {"loader": "AnnDataset", "paths": ten, **cfg}},
+        )
+    for mode in ("backed", "memory"):
+        run(f"collection|1|{mode}", **one, mode=mode)
+        run(f"collection|100|{mode}", loader="AnnDataset", paths=hundred, mode=mode)
+    for mode in ("memory", "backed"):
+        run.paired(
+            f"collection|join|{mode}",
+            {
+                "aligned": {"loader": "AnnDataset", "paths": ten, "mode": mode},
+                "inner join": {"loader": "AnnDataset", "paths": joined, "mode": mode},
+            },
+        )
+    return {"files": {"10": len(ten), "100": len(hundred)}}
+
+
+def _collections_report(suite: dict) -> list[str]:
+    """Section 8's tables."""
+    r = suite["results"]
+    if not any(k.startswith("collection|") for k in r):
+        return []
+    rows = []
+    for key, mode, sampler in COLLECTION_CASES:
+        parts = r.get(f"collection|10|{key}", {}).get("paired", {})
+        one, ten = parts.get("1 file", {}), parts.get("10 files", {})
+        runs = ten.get("ratio_runs") or []
+        rows.append(
+            [
+                mode,
+                sampler,
+                _fmt(one.get("cells_per_s")),
+                _fmt(ten.get("cells_per_s")),
+                _fmt(ten.get("ratio"), ".2f")
+                + (f" ({min(runs):.2f}-{max(runs):.2f})" if runs else ""),
+                "yes" if ten.get("ratio", 0) >= 0.9 else "**no**",
+            ]
+        )
+    out = [
+        "",
+        "### Collections: the same cells in 10 files (paired, 0 workers)",
+        "",
+        _table(
+            ["data", "sampler", "1 file cells/s", "10 files cells/s", "10 / 1", ">= 0.9x"],
+            rows,
+            right_from=2,
+        ),
+        "",
+        "### 100 files: memory and the first batch (fresh processes, uniform, 0 workers)",
+        "",
+    ]
+    rows = []
+    for mode in ("backed", "memory"):
+        one, many = r.get(f"collection|1|{mode}", {}), r.get(f"collection|100|{mode}", {})
+        extra = (
+            many["peak_rss_mib"] - one["peak_rss_mib"]
+            if "peak_rss_mib" in many and "peak_rss_mib" in one
+            else None
+        )
+        rows.append(
+            [
+                mode,
+                _fmt(one.get("peak_rss_mib"), ",.0f", " MiB"),
+                _fmt(many.get("peak_rss_mib"), ",.0f", " MiB"),
+                _fmt(extra, ",.0f", " MiB")
+                + ("" if extra is None else " (goal <= 150)" if extra <= 150 else " (**> 150**)"),
+                _fmt(one.get("first_batch_s"), ".2f", " s"),
+                _fmt(many.get("first_batch_s"), ".2f", " s"),
+                _fmt(one.get("cells_per_s")),
+                _fmt(many.get("cells_per_s")),
+            ]
+        )
+    out.append(
+        _table(
+            [
+                "data",
+                "1 file peak RSS",
+                "100 files peak RSS",
+                "100 files - 1 file",
+                "1 file first batch",
+                "100 files first batch",
+                "1 file cells/s",
+                "100 files cells/s",
+            ],
+            rows,
+        )
+    )
+    rows = []
+    for mode in ("memory", "backed"):
+        parts = r.get(f"collection|join|{mode}", {}).get("paired", {})
+        aligned, inner = parts.get("aligned", {}), parts.get("inner join", {})
+        runs = inner.get("ratio_runs") or []
+        rows.append(
+            [
+                mode,
+                _fmt(aligned.get("cells_per_s")),
+                _fmt(inner.get("cells_per_s")),
+                _fmt(inner.get("ratio"), ".2f")
+                + (f" ({min(runs):.2f}-{max(runs):.2f})" if runs else ""),
+            ]
+        )
+    out += [
+        "",
+        "`first batch`: open + build + first batch in a fresh process (imports excluded). "
+        "Peak RSS: the process's VmHWM.",
+        "",
+        "### Inner join: 10 files whose gene sets differ by 10 % (paired, uniform, 0 workers)",
+        "",
+        _table(["data", "aligned cells/s", "inner join cells/s", "join / aligned"], rows),
+        "",
+        "Each join file has the same 10 % of its columns renamed to genes of its own, so the "
+        "inner join keeps 90 % of the genes (batches are that much narrower).",
+    ]
+    return out
+
+
+def run_collections_only(args) -> dict:
+    """Section 8 alone (``--collections-only``), with the run's context."""
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("data", flush=True)
+    plain = _data(args, args.cells)
+    run = Runner({"batch_size": args.batch_size, "batches": args.batches, "repeats": args.repeats})
+    collections = run_collections(args, plain, run)
+    import torch_adata
+
+    return {
+        "collections": collections,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "csr_mib": _csr_mib(plain),
+        "results": run.results,
+        "duration_s": time.perf_counter() - t_start,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "torch_adata": torch_adata.__file__,
+        "commit": _commit(),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _context(suite: dict) -> str:
+    a = suite["args"]
+    return (
+        f"{a['cells']:,} cells x {a['genes']:,} genes, ~{a['nnz']:,} non-zeros per cell, CSR "
+        f"{suite['csr_mib']:,.0f} MiB; batches of {a['batch_size']}, median of {a['repeats']} "
+        f"passes of {a['batches']} batches; {suite['machine']}; load average "
+        f"{suite['loadavg_start'][0]:.1f} at start, {suite['loadavg_end'][0]:.1f} at end; "
+        f"commit {suite['commit']}; {suite['when']}; ran {suite['duration_s'] / 60:.1f} min."
+    )
 
 
 def _commit() -> str:
@@ -683,7 +869,7 @@ def report(suite: dict) -> str:
             rows,
         )
     )
-    return "\n".join(out + _limits_report(suite)) + "\n"
+    return "\n".join(out + _limits_report(suite) + _collections_report(suite)) + "\n"
 
 
 def _limits_report(suite: dict) -> list[str]:
@@ -775,6 +961,11 @@ def main() -> None:
         "--repeats", type=int, help="timed passes per configuration (default 5; 2 with --quick)"
     )
     parser.add_argument("--cells-per-time", type=int, default=128)
+    parser.add_argument(
+        "--collections-only",
+        action="store_true",
+        help="run only section 8 (collections of files); with --quick --cells 2000: a smoke run",
+    )
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -786,6 +977,15 @@ def main() -> None:
     args.sweep_cells = 8_192 if quick else 32_768
     args.sweep_repeats = 1 if quick else 3
     args.size_cells = [5_000] if quick else [10_000]
+    if args.collections_only:
+        suite = run_collections_only(args)
+        text = "\n".join([_context(suite), *_collections_report(suite)]) + "\n"
+        print("\n" + text)
+        stem = args.out / f"collections_{'quick' if quick else 'full'}"
+        stem.with_suffix(".json").write_text(json.dumps(suite, indent=1))
+        stem.with_suffix(".md").write_text(text)
+        print(f"wrote {stem}.json and .md ({suite['duration_s'] / 60:.1f} min)")
+        return
     suite = run_suite(args)
     text = report(suite)
     print("\n" + text)

@@ -218,6 +218,7 @@ def test_training_on_a_collection_never_sees_a_held_out_source(paths, tmp_path):
         fields=Fields(return_index=True),
         split=Split(val_size=0.1, holdout={"source": ["c.h5ad"]}),
         batch_size=16,
+        num_workers=2,  # forked DataLoader workers read the files too
         seed=1,
     )
     model = Recorder()
@@ -263,6 +264,10 @@ def test_a_checkpoint_split_is_restored_only_onto_the_same_collection(paths, par
     dm, ckpt = _fit_checkpoint(paths, tmp_path)
     saved = torch.load(ckpt, weights_only=True)["AnnDataModule"]["data"]
     assert saved["n_sources"] == 3
+    rebuilt = AnnDataModule.load_from_checkpoint(ckpt, weights_only=True)  # paths saved
+    rebuilt.setup("fit")
+    assert rebuilt.collection.keys == list(SIZES)
+    np.testing.assert_array_equal(rebuilt.splits["val"], dm.splits["val"])
     # the same files (here as a mapping with the same keys): the split comes back
     same = AnnDataModule(
         dict(zip(SIZES, paths, strict=True)),

@@ -28,7 +28,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ._gather import CSRPieces, RowReader
+from ._gather import BackedCSRReader, CSRPieces, CSRReader, RowReader
 from ._kernels import get_kernels
 from ._source import AnnDataSource, FieldKeyError, Source
 from .genes import FilledReader
@@ -685,6 +685,15 @@ def _file_reader(reader: RowReader) -> bool:
     return False
 
 
+def _stores_csr(reader: RowReader) -> bool:
+    """Whether ``reader`` gathers from CSR arrays (in memory or in a file)."""
+    while reader is not None:
+        if isinstance(reader, (BackedCSRReader, CSRReader)):
+            return True
+        reader = getattr(reader, "base", None)
+    return False
+
+
 class ConcatReader(RowReader):
     """Rows of several readers stacked one after the other (a collection's matrix).
 
@@ -712,6 +721,8 @@ class ConcatReader(RowReader):
             raise ValueError(f"Readers of different widths cannot be stacked: {sorted(widths)}.")
         self.shape = (int(self.offsets[-1]), widths.pop())
         self.engine = engine
+        # stored sparse everywhere: batches are gathered from every source's CSR pieces
+        self.sparse = all(_stores_csr(r) for r in readers)
         # a file is checked only where rows are read from it at every batch
         self.checks = [
             (p, st) if st is not None and _file_reader(r) else None
@@ -726,27 +737,65 @@ class ConcatReader(RowReader):
     def _check(self, s: int) -> None:
         check = self.checks[s]
         if check is not None:
-            _check_stamp(*check)
+            try:  # about 3 us per file a batch touches
+                st = os.stat(check[0])
+                if (st.st_size, st.st_mtime_ns) == check[1]:
+                    return
+            except OSError:
+                pass
+            _check_stamp(*check)  # raises, with the message
 
-    def dense(self, rows, dtype, out=None):
-        rows = np.asarray(rows, dtype=np.int64)
-        if len(self.readers) == 1 or len(rows) == 0:
-            self._check(0)
-            return self.readers[0].dense(rows, dtype, out)
+    def _groups(self, rows: np.ndarray):
+        """Split a batch over several sources: ``(order, [(source, batch positions)],
+        local rows)``, the files touched checked first."""
         source, local = self._split(rows)
-        first = int(source[0])
-        if (source == first).all():
-            self._check(first)
-            return self.readers[first].dense(local, dtype, out)
         touched = np.unique(source)
         for s in touched.tolist():
             self._check(s)
-        if out is None:
-            out = np.empty((len(rows), self.shape[1]), dtype=dtype)
         order = np.argsort(source, kind="stable")
         bounds = [*np.searchsorted(source[order], touched).tolist(), len(rows)]
-        for j, s in enumerate(touched.tolist()):
-            idx = order[bounds[j] : bounds[j + 1]]
+        groups = [(s, order[bounds[j] : bounds[j + 1]]) for j, s in enumerate(touched.tolist())]
+        return order, groups, local
+
+    def _one_source(self, rows: np.ndarray):
+        """``(source, local rows)`` when every row lies in one source, else ``None``."""
+        if len(self.readers) == 1 or len(rows) == 0:
+            return 0, rows
+        source, local = self._split(rows)
+        first = int(source[0])
+        if (source == first).all():
+            return first, local
+        return None
+
+    def _stacked(self, rows: np.ndarray, dtype):
+        """The rows as CSR pieces stacked source after source (each source's rows read in one
+        call), and for each requested row its row among them."""
+        order, groups, local = self._groups(rows)
+        pieces = [self.readers[s].csr(local[idx], dtype) for s, idx in groups]
+        lengths = np.concatenate([np.diff(p.indptr) for p in pieces])
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        indices = np.concatenate([p.indices for p in pieces])
+        values = np.concatenate([p.values for p in pieces])
+        inverse = np.empty(len(rows), dtype=np.int64)
+        inverse[order] = np.arange(len(rows), dtype=np.int64)
+        return indptr, indices, values, inverse
+
+    def dense(self, rows, dtype, out=None):
+        rows = np.asarray(rows, dtype=np.int64)
+        one = self._one_source(rows)
+        if one is not None:
+            self._check(one[0])
+            return self.readers[one[0]].dense(one[1], dtype, out)
+        if out is None:
+            out = np.empty((len(rows), self.shape[1]), dtype=dtype)
+        if self.sparse:
+            # one gather of every source's stored values straight into ``out``, in the
+            # requested order: no per-source dense block, no copy of it into ``out``
+            indptr, indices, values, inverse = self._stacked(rows, out.dtype)
+            return self.kernels.csr_to_dense(indptr, indices, values, inverse, None, out)
+        _, groups, local = self._groups(rows)
+        for s, idx in groups:
             lo, hi = int(idx[0]), int(idx[-1]) + 1
             if hi - lo == len(idx):  # contiguous in the batch: read straight into out
                 self.readers[s].dense(local[lo:hi], dtype, out[lo:hi])
@@ -756,35 +805,26 @@ class ConcatReader(RowReader):
 
     def csr(self, rows, dtype, alloc: Callable = np.empty) -> CSRPieces:
         rows = np.asarray(rows, dtype=np.int64)
-        if len(self.readers) == 1 or len(rows) == 0:
-            self._check(0)
-            return self.readers[0].csr(rows, dtype, alloc)
-        source, local = self._split(rows)
-        first = int(source[0])
-        if (source == first).all():
-            self._check(first)
-            return self.readers[first].csr(local, dtype, alloc)
-        touched = np.unique(source)
-        for s in touched.tolist():
-            self._check(s)
-        order = np.argsort(source, kind="stable")
-        bounds = [*np.searchsorted(source[order], touched).tolist(), len(rows)]
-        pieces = []
-        for j, s in enumerate(touched.tolist()):
-            idx = order[bounds[j] : bounds[j + 1]]
-            pieces.append(self.readers[s].csr(local[idx], dtype))
-        # the pieces stacked in source order, then gathered into the requested order
-        lengths = np.concatenate([np.diff(p.indptr.astype(np.int64)) for p in pieces])
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        indices = np.concatenate([p.indices.astype(np.int64, copy=False) for p in pieces])
-        values = np.concatenate([p.values for p in pieces])
-        inverse = np.empty(len(rows), dtype=np.int64)
-        inverse[order] = np.arange(len(rows), dtype=np.int64)
+        one = self._one_source(rows)
+        if one is not None:
+            self._check(one[0])
+            return self.readers[one[0]].csr(one[1], dtype, alloc)
+        indptr, indices, values, inverse = self._stacked(rows, dtype)
         p, i, v = self.kernels.csr_to_csr(
             indptr, indices, values, inverse, None, np.dtype(dtype), self.shape[1], alloc
         )
         return CSRPieces(p, i, v, self.shape[1])
+
+    def prefetch(self, rows) -> None:
+        """Announce rows to come to every source reader that can read ahead."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        _, groups, local = self._groups(rows)
+        for s, idx in groups:
+            ahead = getattr(self.readers[s], "prefetch", None)
+            if ahead is not None:
+                ahead(np.sort(local[idx]))
 
     def prepare(self) -> None:
         for r in self.readers:

@@ -336,6 +336,19 @@ def test_predictions_into_one_anndata_and_back_into_each_source(paths, parts, tm
         assert adata.obsm["scores"].shape == (adata.n_obs, len(LABELS))
         assert "row_sum" not in original.obs  # the user's objects stay untouched
         start += adata.n_obs
+    # a backed module writes into each file opened backed: X stays on disk, the file as it was
+    stamps = [(Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths]
+    backed = AnnDataModule(paths, fields=Fields(return_index=True), batch_size=32, backed=True)
+    backed.setup("predict")
+    opened = backed.write_predictions(predictions, key={"row": "row"}, per_source=True)
+    assert all(adata.isbacked for adata in opened.values())
+    np.testing.assert_array_equal(opened["b.h5ad"].obs["row"].to_numpy(), np.arange(60, 105))
+    copy = tmp_path / "b_predicted.h5ad"
+    opened["b.h5ad"].write_h5ad(copy)
+    saved = ad.read_h5ad(copy)
+    np.testing.assert_allclose(saved.X, parts["b.h5ad"].X)
+    np.testing.assert_array_equal(saved.obs["row"].to_numpy(), np.arange(60, 105))
+    assert [(Path(p).stat().st_mtime_ns, Path(p).stat().st_size) for p in paths] == stamps
     # into AnnData objects of one's own: each source's obs alone
     targets = {k: ad.AnnData(obs=parts[k].obs.copy()) for k in SIZES}
     into = dm.write_predictions(predictions, key={"row": "row"}, adata=targets, per_source=True)

@@ -821,10 +821,13 @@ class AnnDataModule(pl.LightningDataModule):
         per_source
             For a collection: write each source's cells into that source's own AnnData and
             return ``{source key: AnnData}`` (in the collection's order). Each is a copy of
-            the source given as an AnnData, or the source's file read into memory (one at a
-            time, as ``anndata.read_h5ad`` reads it), unless ``adata=`` maps each key to an
-            AnnData of that source's cells (e.g. opened with ``backed="r"``, or of its
-            ``obs`` alone) to write into.
+            the source given as an AnnData in memory; for a file, the file opened again as
+            this module reads it: with ``backed=True`` an AnnData opened with
+            ``backed="r"`` (its ``X`` stays on disk, the predictions go into its ``obs`` and
+            ``obsm`` in memory, and the file is never modified; ``adata.write_h5ad(new
+            path)`` saves a copy), with ``backed=False`` the whole file read into memory.
+            ``adata=`` may instead map each key to an AnnData of that source's cells (e.g.
+            of its ``obs`` alone) to write into.
 
         Returns
         -------
@@ -899,6 +902,17 @@ class AnnDataModule(pl.LightningDataModule):
             warnings.filterwarnings("ignore", message=".*names are not unique")
             return ad.AnnData(obs=collection.obs.copy(), var=var)
 
+    def _source_copy(self, source) -> ad.AnnData:
+        """A new AnnData of one source's cells, to write its predictions into."""
+        given = source.adata
+        if given is None:  # a path: read backed or into memory, as this module reads it
+            return ad.read_h5ad(source.path, backed="r" if self.backed else None)
+        if not given.isbacked:
+            return given.copy()
+        if given.is_view:
+            return given.to_memory()
+        return ad.read_h5ad(given.filename, backed="r")
+
     def _source_targets(
         self, collection: SourceCollection, given: Mapping[str, ad.AnnData] | ad.AnnData | None
     ) -> dict[str, ad.AnnData]:
@@ -917,12 +931,10 @@ class AnnDataModule(pl.LightningDataModule):
                 )
             targets = {k: given[k] for k in keys}
         else:
-            targets = {}
-            for key, source in zip(keys, collection.sources, strict=True):
-                if source.adata is not None:
-                    targets[key] = source.adata.copy()
-                else:
-                    targets[key] = ad.read_h5ad(source.path)
+            targets = {
+                key: self._source_copy(source)
+                for key, source in zip(keys, collection.sources, strict=True)
+            }
         for key, size in zip(keys, sizes, strict=True):
             if targets[key].n_obs != size:
                 raise ValueError(

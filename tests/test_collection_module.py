@@ -458,3 +458,32 @@ def test_the_command_line_takes_a_list_of_paths_or_a_folder(
     assert list(written.obs_names) == list(predicted.datamodule.dataset.obs_names)
     assert set(written.obs["predicted"].dropna()) <= set(LABELS)
     np.testing.assert_allclose(written.obsm["class_probabilities"].sum(1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_prediction_writer_saves_one_file_per_source(folder, paths, parts, tmp_path):
+    from torch_adata.cli import AnnDataPredictionWriter
+
+    dm = AnnDataModule(
+        str(folder), fields=Fields(obs_keys=[LABEL], return_index=True), batch_size=32, backed=True
+    )
+    writer = AnnDataPredictionWriter(tmp_path / "out", decode={"scores": LABEL}, per_source=True)
+    _trainer(tmp_path, callbacks=[writer]).predict(Recorder(), datamodule=dm)
+    assert writer.written_path == tmp_path / "out"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(SIZES)
+    start = 0
+    for name, original in parts.items():
+        saved = ad.read_h5ad(tmp_path / "out" / name)
+        assert list(saved.obs_names) == list(original.obs_names)
+        assert list(saved.var_names) == list(original.var_names)  # each file's own genes
+        np.testing.assert_array_equal(saved.obs["scores"].astype(str), original.obs[LABEL])
+        np.testing.assert_array_equal(saved.obs["row"], np.arange(start, start + len(saved)))
+        start += len(saved)
+    into_sources = AnnDataPredictionWriter(folder, per_source=True)
+    with pytest.raises(ValueError, match=r"would overwrite the source files \['a.h5ad'"):
+        _trainer(tmp_path, callbacks=[into_sources]).predict(Recorder(), datamodule=dm)
+    one = AnnDataModule(paths[0], fields=Fields(return_index=True), batch_size=32)
+    with pytest.raises(ValueError, match="per_source=True\\) writes one file per source"):
+        _trainer(tmp_path, callbacks=[AnnDataPredictionWriter(per_source=True)]).predict(
+            Recorder(), datamodule=one
+        )

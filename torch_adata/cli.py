@@ -97,6 +97,13 @@ class AnnDataPredictionWriter(Callback):
         :meth:`~torch_adata.AnnDataModule.write_predictions`: label codes (or per-class scores)
         become a categorical obs column of label names (e.g.
         ``{"predicted": "Cell type annotation"}``).
+    per_source
+        For a collection of sources: save one ``.h5ad`` per source instead, each source's own
+        AnnData with its cells' predictions (``per_source=True`` of
+        :meth:`~torch_adata.AnnDataModule.write_predictions`), named after the source key
+        (``.h5ad`` added when it lacks it), in the folder ``output_path`` (default
+        ``<trainer.default_root_dir>/predictions/``). A source file is never overwritten: a
+        folder that holds them is refused.
 
     Notes
     -----
@@ -114,9 +121,11 @@ class AnnDataPredictionWriter(Callback):
         output_path: str | os.PathLike | None = None,
         key: str | Mapping[str, str] | None = None,
         decode: Mapping[str, str] | None = None,
+        per_source: bool = False,
     ):
         super().__init__()
         self.output_path = None if output_path is None else Path(output_path)
+        self.per_source = per_source
         self.key = key
         self.decode = dict(decode or {})
         self.written_path: Path | None = None  # set once predictions are saved
@@ -170,6 +179,9 @@ class AnnDataPredictionWriter(Callback):
                 "The model's predict_step returns a tensor (or a tuple): give the writer a key "
                 '(e.g. key: "X_model", or a list of names for a tuple) to name the output.'
             )
+        if self.per_source:
+            self._write_per_source(trainer, datamodule, predictions)
+            return
         target = None
         if datamodule.collection is None and datamodule.adata is None:
             target = ad.read_h5ad(datamodule.source)  # a backed file: write into a copy
@@ -181,6 +193,35 @@ class AnnDataPredictionWriter(Callback):
         adata.write_h5ad(path)
         self.written_path = path
         rank_zero_info(f"torch-adata: predictions of {adata.n_obs} cells written to {path}")
+
+    def _write_per_source(self, trainer, datamodule: AnnDataModule, predictions) -> None:
+        """One ``.h5ad`` per source of the collection, in the folder ``output_path``."""
+        collection = datamodule.collection
+        if collection is None:
+            raise ValueError(
+                "AnnDataPredictionWriter(per_source=True) writes one file per source of a "
+                "collection, and this data module reads one AnnData: drop per_source."
+            )
+        folder = self.output_path or Path(trainer.default_root_dir) / "predictions"
+        names = [key if key.endswith(".h5ad") else f"{key}.h5ad" for key in collection.keys]
+        sources = {Path(p).resolve() for p in collection.paths if p is not None}
+        clash = [n for n in names if (folder / n).resolve() in sources]
+        if clash:
+            raise ValueError(
+                f"AnnDataPredictionWriter(per_source=True) would overwrite the source files "
+                f"{clash[:5]} in '{folder}': give output_path another folder."
+            )
+        written = datamodule.write_predictions(
+            predictions, key=self.key, labels=self.decode or None, per_source=True
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, adata in zip(names, written.values(), strict=True):
+            adata.write_h5ad(folder / name)
+        self.written_path = folder
+        rank_zero_info(
+            f"torch-adata: predictions of {collection.n_obs} cells written to {len(names)} "
+            f"files in {folder}"
+        )
 
 
 class AnnDataCLI(LightningCLI):

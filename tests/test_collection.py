@@ -180,6 +180,18 @@ def test_memory_backed_and_paths_mix(files, parts):
     )
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_views_and_half_precision(files, parts, sparse):
+    view = parts[0][parts[0].obs["cell_type"] == "T"]
+    dataset = AnnDataset([view, files[2]], dtype=torch.float16, sparse=sparse)
+    ref = concat([view, ad.read_h5ad(files[2])])
+    rows = np.array([len(view) + 3, 0, len(view), 1, len(view) + 28])
+    x = dataset[rows]
+    x = x.to_dense() if sparse else x
+    assert x.dtype == torch.float16
+    np.testing.assert_array_equal(x.numpy(), expected(ref, rows, dataset.var_names))
+
+
 def test_obs_is_concatenated_from_obs_alone(files):
     dataset = AnnDataset(files, obs_keys=["cell_type", "size", "batch", "source"])
     ref = concat(files)

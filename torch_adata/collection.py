@@ -692,6 +692,13 @@ def _file_reader(reader: RowReader) -> bool:
     return False
 
 
+def _work_dtype(dtype) -> np.dtype:
+    """The dtype pieces are gathered in before the batch's: float32 for float16 (the compiled
+    kernels compute float16 batches in float32)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
 def _stores_csr(reader: RowReader) -> bool:
     """Whether ``reader`` gathers from CSR arrays (in memory or in a file)."""
     while reader is not None:
@@ -799,7 +806,7 @@ class ConcatReader(RowReader):
         if self.sparse:
             # one gather of every source's stored values straight into ``out``, in the
             # requested order: no per-source dense block, no copy of it into ``out``
-            indptr, indices, values, inverse = self._stacked(rows, out.dtype)
+            indptr, indices, values, inverse = self._stacked(rows, _work_dtype(out.dtype))
             return self.kernels.csr_to_dense(indptr, indices, values, inverse, None, out)
         _, groups, local = self._groups(rows)
         for s, idx in groups:
@@ -816,7 +823,7 @@ class ConcatReader(RowReader):
         if one is not None:
             self._check(one[0])
             return self.readers[one[0]].csr(one[1], dtype, alloc)
-        indptr, indices, values, inverse = self._stacked(rows, dtype)
+        indptr, indices, values, inverse = self._stacked(rows, _work_dtype(dtype))
         p, i, v = self.kernels.csr_to_csr(
             indptr, indices, values, inverse, None, np.dtype(dtype), self.shape[1], alloc
         )

@@ -180,6 +180,18 @@ def test_memory_backed_and_paths_mix(files, parts):
     )
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_views_and_half_precision(files, parts, sparse):
+    view = parts[0][parts[0].obs["cell_type"] == "T"]
+    dataset = AnnDataset([view, files[2]], dtype=torch.float16, sparse=sparse)
+    ref = concat([view, ad.read_h5ad(files[2])])
+    rows = np.array([len(view) + 3, 0, len(view), 1, len(view) + 28])
+    x = dataset[rows]
+    x = x.to_dense() if sparse else x
+    assert x.dtype == torch.float16
+    np.testing.assert_array_equal(x.numpy(), expected(ref, rows, dataset.var_names))
+
+
 def test_obs_is_concatenated_from_obs_alone(files):
     dataset = AnnDataset(files, obs_keys=["cell_type", "size", "batch", "source"])
     ref = concat(files)
@@ -507,3 +519,41 @@ def test_backed_csc_stays_an_error(tmp_path, parts):
     np.testing.assert_array_equal(
         dataset[ROWS[ROWS < 40]].numpy(), expected(ref, ROWS[ROWS < 40], dataset.var_names)
     )
+
+
+# --------------------------------------------------------------------------- many files
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd (Linux)")
+def test_a_hundred_files_cost_a_small_constant_each(tmp_path):
+    rng = np.random.default_rng(0)
+    genes = [f"g{k}" for k in range(50)]
+    paths, parts = [], []
+    for i in range(100):
+        x = sp.random(12, 50, density=0.2, format="csr", dtype=np.float32, random_state=rng)
+        adata = ad.AnnData(x, var=pd.DataFrame(index=genes))
+        adata.obs_names = [f"f{i}c{j}" for j in range(12)]
+        path = tmp_path / f"s{i:03d}.h5ad"
+        write_h5ad(adata, path)
+        paths.append(str(path))
+        parts.append(adata)
+    fds, rss = _open_fds(), _rss_mib()
+    dataset = AnnDataset(str(tmp_path), sparse=True)
+    assert len(dataset.source.sources) == 100 and len(dataset) == 1200
+    ref = ad.concat(parts)
+    for batch in UniformBatchSampler(1200, 64, seed=0):  # every file, many times
+        got = dataset[batch].to_dense().numpy()
+        np.testing.assert_array_equal(got, ref.X[batch].toarray())
+    # two descriptors per file (h5py's and the one direct reads use), nothing per batch
+    assert _open_fds() - fds <= 2 * 100 + 5
+    assert _rss_mib() - rss < 2.5 * 100  # about 1.2 MiB per open file (HDF5's own state)

@@ -169,8 +169,22 @@ class AnnDataSource:
     @property
     def var_names(self) -> pd.Index:
         if self._var_names is None:
-            self._var_names = self._read_frame("var").index
+            self._var_names = self._read_index("var")
         return self._var_names
+
+    def _read_index(self, key: str) -> pd.Index:
+        """The index of the table ``key`` of the file (its index array alone where the file
+        names one: a var table's annotation columns are never read for its names)."""
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            elem = f[key]
+            name = elem.attrs.get("_index")
+            if isinstance(name, str) and name in elem:
+                index = pd.Index(read_elem(elem[name]))
+                index.name = None if name == "_index" else name
+                return index
+        return self._read_frame(key).index
 
     @property
     def raw_var_names(self) -> pd.Index:
@@ -178,7 +192,7 @@ class AnnDataSource:
         if not self.has_raw:
             raise self.no_raw()
         if self._raw_var_names is None:
-            self._raw_var_names = self._read_frame("raw/var").index
+            self._raw_var_names = self._read_index("raw/var")
         return self._raw_var_names
 
     def require_obs(self, key: str, na: str = "raise") -> None:

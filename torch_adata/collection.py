@@ -1,7 +1,7 @@
 """Many AnnData objects or ``.h5ad`` files read as one: the sources of a collection.
 
-:func:`open_source` turns what a user passes as data into a source: one AnnData or one
-``.h5ad`` path stays an :class:`~torch_adata._source.AnnDataSource` (exactly as fast as
+``open_source`` turns what a user passes as data into a source: one AnnData or one
+``.h5ad`` path stays an ``AnnDataSource`` (exactly as fast as
 before); a list or tuple of paths and/or AnnData objects, a mapping ``{key: path or AnnData}``,
 a folder (its ``*.h5ad`` files, sorted by name) or a glob pattern (matches sorted) becomes a
 :class:`SourceCollection`, which has the same surface: its cells are the sources' cells one
@@ -22,7 +22,6 @@ import glob
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import anndata as ad
 import numpy as np
@@ -41,7 +40,8 @@ __all__ = [
     "open_source",
 ]
 
-Join = Literal["inner", "outer"] | Sequence[str]
+# "inner", "outer" or a list of genes (str | Sequence: types.UnionType, which the docs render)
+Join = str | Sequence[str]
 Collection = Sequence[Source] | Mapping[str, Source] | str | os.PathLike
 _GLOB_CHARS = frozenset("*?[")
 
@@ -59,7 +59,7 @@ def _is_glob(text: str) -> bool:
 
 
 def is_collection(data) -> bool:
-    """Whether ``data`` names several sources (see :func:`open_source`).
+    """Whether ``data`` names several sources (see ``open_source``).
 
     Parameters
     ----------
@@ -89,7 +89,7 @@ def open_source(
     ----------
     data
         An AnnData (in memory, backed, or a view) or a path to an ``.h5ad`` file: an
-        :class:`~torch_adata._source.AnnDataSource`. A list or tuple of those, a mapping
+        ``AnnDataSource``. A list or tuple of those, a mapping
         ``{key: AnnData or path}``, a folder (its ``*.h5ad`` files, sorted by name) or a glob
         pattern such as ``"atlas/*.h5ad"`` (matches sorted by name): a
         :class:`SourceCollection`. A source or collection already built is returned as is.
@@ -232,7 +232,7 @@ def _concat_column(name: str, parts: list[pd.Series | None], lengths: list[int])
 class SourceCollection:
     """Several AnnData objects or ``.h5ad`` files read as one source, one after the other.
 
-    The surface of :class:`~torch_adata._source.AnnDataSource` (``n_obs``, ``n_vars``,
+    The surface of a dataset's single source, ``AnnDataSource`` (``n_obs``, ``n_vars``,
     ``obs``, ``obs_names``, ``var_names``, ``layer_keys``, ``obsm_keys``, ``has_raw``,
     ``raw_var_names``, ``matrix_reader``...), so datasets read it as they read one source.
 
@@ -258,7 +258,7 @@ class SourceCollection:
     Attributes
     ----------
     sources
-        The sources, in order (:class:`~torch_adata._source.AnnDataSource`).
+        The sources, in order (``AnnDataSource``).
     keys
         Each source's name: the mapping's key, else the file name for a path (or a backed
         AnnData), else ``"adata<i>"`` for the ``i``-th item.
@@ -458,7 +458,7 @@ class SourceCollection:
 
     @property
     def var_names(self) -> pd.Index:
-        """The joined genes: the columns of X and layers."""
+        """The joined genes, the columns of X and layers."""
         return self._var_names
 
     @property
@@ -471,7 +471,10 @@ class SourceCollection:
         return self._raw_var_names
 
     def no_raw(self) -> FieldKeyError:
-        """The error for asking for ``adata.raw`` when a source has none."""
+        """The error for asking for ``adata.raw`` when a source has none.
+
+        :meta private:
+        """
         lacking = [i for i, s in enumerate(self.sources) if not s.has_raw]
         return FieldKeyError(
             f"{len(lacking)} of the {len(self.sources)} sources have no .raw "
@@ -538,7 +541,9 @@ class SourceCollection:
 
         Raises ``KeyError`` for a column no source has, or (unless ``na="code"``) one that
         some sources lack, and ``TypeError`` for a column whose values are strings in some
-        sources and numbers in others.
+        sources and numbers in others. Used by datasets.
+
+        :meta private:
         """
         obs = self.obs
         if key not in obs.columns:
@@ -593,8 +598,10 @@ class SourceCollection:
     ) -> RowReader:
         """A reader over ``X``, ``raw``, a layer or an obsm entry of every source, in order.
 
-        As :meth:`torch_adata._source.AnnDataSource.matrix_reader`; ``columns`` are positions
-        among the joined genes. Genes a source lacks read as 0.
+        As ``AnnDataSource.matrix_reader``; ``columns`` are positions among the joined genes.
+        Genes a source lacks read as 0. Used by datasets.
+
+        :meta private:
         """
         if kind == "raw" and not self.has_raw:
             raise self.no_raw()
@@ -683,6 +690,13 @@ def _file_reader(reader: RowReader) -> bool:
             return True
         reader = getattr(reader, "base", None)
     return False
+
+
+def _work_dtype(dtype) -> np.dtype:
+    """The dtype pieces are gathered in before the batch's: float32 for float16 (the compiled
+    kernels compute float16 batches in float32)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
 def _stores_csr(reader: RowReader) -> bool:
@@ -792,7 +806,7 @@ class ConcatReader(RowReader):
         if self.sparse:
             # one gather of every source's stored values straight into ``out``, in the
             # requested order: no per-source dense block, no copy of it into ``out``
-            indptr, indices, values, inverse = self._stacked(rows, out.dtype)
+            indptr, indices, values, inverse = self._stacked(rows, _work_dtype(out.dtype))
             return self.kernels.csr_to_dense(indptr, indices, values, inverse, None, out)
         _, groups, local = self._groups(rows)
         for s, idx in groups:
@@ -809,7 +823,7 @@ class ConcatReader(RowReader):
         if one is not None:
             self._check(one[0])
             return self.readers[one[0]].csr(one[1], dtype, alloc)
-        indptr, indices, values, inverse = self._stacked(rows, dtype)
+        indptr, indices, values, inverse = self._stacked(rows, _work_dtype(dtype))
         p, i, v = self.kernels.csr_to_csr(
             indptr, indices, values, inverse, None, np.dtype(dtype), self.shape[1], alloc
         )

@@ -96,7 +96,7 @@ class Fields:
     obs_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     encoders: dict[str, CategoryEncoder] = field(default_factory=dict)
     engine: Literal["auto", "numba", "numpy"] = "auto"
-    join: Literal["inner", "outer"] | list[str] = "inner"
+    join: str | list[str] = "inner"
     source_key: str = "source"
 
     def __post_init__(self):

@@ -487,3 +487,28 @@ def test_the_prediction_writer_saves_one_file_per_source(folder, paths, parts, t
         _trainer(tmp_path, callbacks=[AnnDataPredictionWriter(per_source=True)]).predict(
             Recorder(), datamodule=one
         )
+
+
+class _FirstGene(Recorder):
+    def predict_step(self, batch, batch_idx):
+        return {"first_gene": batch["X"][:, 0], "row": batch["index"].double()}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_gives_another_collection_the_genes_in_the_training_order(
+    paths, parts, tmp_path
+):
+    _, ckpt = _fit_checkpoint(paths, tmp_path)  # genes: GENES, the order of a.h5ad
+    other = AnnDataModule([paths[1], paths[0]], fields=Fields(return_index=True), batch_size=32)
+    outputs = _trainer(tmp_path).predict(_FirstGene(), datamodule=other, ckpt_path=ckpt)
+    assert list(other.dataset.var_names) == GENES  # b.h5ad's own order would come first
+    first = torch.cat([o["first_gene"] for o in outputs]).numpy()
+    expected = np.concatenate(
+        [
+            np.asarray(
+                parts[k][:, "g0"].X.todense() if sp.issparse(parts[k].X) else parts[k][:, "g0"].X
+            ).ravel()
+            for k in ("b.h5ad", "a.h5ad")
+        ]
+    )
+    np.testing.assert_allclose(first, expected, rtol=1e-6)

@@ -557,3 +557,57 @@ def test_a_hundred_files_cost_a_small_constant_each(tmp_path):
     # two descriptors per file (h5py's and the one direct reads use), nothing per batch
     assert _open_fds() - fds <= 2 * 100 + 5
     assert _rss_mib() - rss < 2.5 * 100  # about 1.2 MiB per open file (HDF5's own state)
+
+
+@pytest.fixture
+def aligned(tmp_path):
+    """Three CSR files with the same genes: read by two compiled calls per batch."""
+    genes = list("abcdefghij")
+    paths = []
+    for i, n in enumerate((31, 9, 40)):
+        path = tmp_path / f"same{i}.h5ad"
+        write_h5ad(make_part(10 + i, n, genes, "csr", ["T", "B"]), path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_files_with_the_same_genes_read_in_one_pass(aligned, engine, sparse):
+    from torch_adata import _kernels
+
+    if engine == "numba" and not (_kernels.HAVE_NUMBA and _kernels.MULTI_FILE_READS):
+        pytest.skip("needs numba and a C pread")
+    ref = concat(aligned)
+    dataset = AnnDataset(aligned, engine=engine, sparse=sparse)
+    reader = dataset.fields["X"].reader
+    assert (reader._direct is not None) == (engine == "numba")
+    for rows in (np.array([79, 0, 35, 31, 31, 40, 39, 30, 2]), np.arange(80)[::-1].copy()):
+        x = dataset[rows]
+        x = x.to_dense() if sparse else x
+        np.testing.assert_array_equal(x.numpy(), expected(ref, rows, dataset.var_names))
+    os.utime(aligned[1], ns=(0, 10**9))
+    with pytest.raises(SourceChangedError, match=r"same1\.h5ad' changed on disk"):
+        dataset[np.array([0, 35])]
+    assert dataset[np.array([0, 45])].shape[0] == 2  # the other files still read
+
+
+def test_one_pass_reads_in_forked_and_spawned_workers(aligned):
+    ref = concat(aligned)
+    dataset = AnnDataset(aligned, return_index=True)
+    for context in ("fork", "spawn"):
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            sampler=BlockShuffleSampler(80, 16, block_size=8, boundaries=dataset.source.offsets),
+            batch_size=None,
+            collate_fn=ta.collate,
+            num_workers=2,
+            multiprocessing_context=context,
+        )
+        seen = []
+        for batch in loader:
+            rows = batch["index"].numpy()
+            want = expected(ref, rows, dataset.var_names)
+            np.testing.assert_array_equal(batch["X"].numpy(), want)
+            seen.append(rows)
+        np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(80))

@@ -314,6 +314,32 @@ if numba is not None:
                 )
             return failed
 
+    if _libc_pread is not None:
+
+        @_jit
+        def _nb_read_ranges_multi(
+            fds, bases, base_first, chunk_lens, source, starts, lengths, offsets, out
+        ):  # pragma: no cover
+            """:func:`_nb_read_ranges` over several files: range ``k`` is read from file
+            ``source[k]`` (descriptor ``fds[s]``, chunk bases ``bases[base_first[s]:
+            base_first[s + 1]]``, ``chunk_lens[s]`` elements per chunk)."""
+            size = out.itemsize
+            address = out.ctypes.data
+            failed = 0
+            for k in numba.prange(starts.shape[0]):
+                s = source[k]
+                failed += _nb_read_range(
+                    fds[s],
+                    bases[base_first[s] : base_first[s + 1]],
+                    chunk_lens[s],
+                    starts[k],
+                    lengths[k],
+                    offsets[k],
+                    address,
+                    size,
+                )
+            return failed
+
     @_jit
     def _nb_copy_ranges(src, starts, offsets, lengths, out):  # pragma: no cover
         for k in numba.prange(starts.shape[0]):
@@ -324,6 +350,9 @@ if numba is not None:
 
 
 _EMPTY_MAP = np.empty(0, dtype=np.int64)
+
+#: whether :func:`read_ranges_multi` is available (numba and a C ``pread``)
+MULTI_FILE_READS = numba is not None and globals().get("_libc_pread") is not None
 
 # Calls of fewer rows (or byte ranges) than this run on the calling thread, not in parallel.
 _SERIAL_BELOW = 64
@@ -425,6 +454,21 @@ def _nb_read_ranges_entry(fd, chunk_base, chunk_len, starts, lengths, offsets, o
     return _all_read(failed, out)
 
 
+def read_ranges_multi(fds, bases, base_first, chunk_lens, source, starts, lengths, offsets, out):
+    """Element ranges of one array stored uncompressed in several files, into ``out``.
+
+    Range ``k`` (``starts[k]``, ``lengths[k]``, landing at element ``offsets[k]`` of ``out``)
+    is read from file ``source[k]``: descriptor ``fds[s]``, chunk bases
+    ``bases[base_first[s]:base_first[s + 1]]`` of ``chunk_lens[s]`` elements (see
+    ``read_ranges``). Compiled (numba and a C ``pread``) only: check :data:`MULTI_FILE_READS`.
+    """
+    with _LOCK:
+        failed = _nb_read_ranges_multi(
+            fds, bases, base_first, chunk_lens, source, starts, lengths, offsets, out
+        )
+    return _all_read(failed, out)
+
+
 def _all_read(failed: int, out: np.ndarray) -> np.ndarray:
     """``out``, once the compiled readers report no range they could not read in full."""
     if failed:
@@ -489,6 +533,10 @@ def warm_up(engine: str = "auto") -> None:
                 with _LOCK:
                     _nb_read_ranges(-1, indptr, 1, none, none, none, array)
                 _nb_read_ranges_serial(-1, indptr, 1, none, none, none, array)
+                with _LOCK:  # a collection's reads over several files
+                    _nb_read_ranges_multi(
+                        np.empty(0, np.int32), none, indptr, none, none, none, none, none, array
+                    )
 
 
 # --------------------------------------------------------------------------- selection

@@ -27,6 +27,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from . import _kernels
 from ._gather import BackedCSRReader, CSRPieces, CSRReader, RowReader
 from ._kernels import get_kernels
 from ._source import AnnDataSource, FieldKeyError, Source
@@ -708,6 +709,100 @@ def _stores_csr(reader: RowReader) -> bool:
     return False
 
 
+class _DirectFiles:
+    """Backed CSR sources read directly (uncompressed, ``pread``) as one: a batch's rows of
+    every file are read by two compiled calls (values, column indices), not one reader call
+    per file.
+
+    Built per process from the sources' own layouts (inherited by forked workers). Holds each
+    global row's start and length in its file (16 bytes per cell), and every file's chunk
+    bases; descriptors are the sources' own.
+    """
+
+    def __init__(self, readers: list[BackedCSRReader], offsets: np.ndarray):
+        self.readers = readers
+        self.offsets = offsets
+        layouts = [r.layout for r in readers]  # read here, or inherited from the parent
+        self.row_start = np.concatenate([lay.indptr[:-1] for lay in layouts])
+        self.row_length = np.concatenate([np.diff(lay.indptr) for lay in layouts])
+        self.arrays = []
+        for a in (0, 1):  # data, indices
+            bases = [lay.layouts[a][0] for lay in layouts]
+            first = np.zeros(len(bases) + 1, dtype=np.int64)
+            np.cumsum([len(b) for b in bases], out=first[1:])
+            lens = np.array([lay.layouts[a][1] for lay in layouts], dtype=np.int64)
+            self.arrays.append((np.concatenate(bases).astype(np.int64), first, lens))
+        self.pid = -1
+        self.fds = None
+        self.dtypes = None
+
+    @staticmethod
+    def build(readers: list[RowReader], offsets: np.ndarray) -> _DirectFiles | None:
+        """The set for ``readers``, or ``None`` unless every one is a plain direct-read
+        backed CSR reader (no column selection) with the same value and index dtypes."""
+        if not _kernels.MULTI_FILE_READS:
+            return None
+        if not all(type(r) is BackedCSRReader and r.col_map is None for r in readers):
+            return None
+        if any(r.mode != "direct" for r in readers):
+            return None
+        states = [r._open() for r in readers]
+        if len({(st.data.dtype, st.indices.dtype) for st in states}) != 1:
+            return None
+        return _DirectFiles(readers, offsets)
+
+    def _handles(self) -> None:
+        """This process's descriptors (the sources' own, opened here if need be)."""
+        if self.pid != os.getpid():
+            states = [r._open() for r in self.readers]
+            self.fds = np.array([st.descriptor.fd for st in states], dtype=np.int32)
+            self.dtypes = (states[0].data.dtype, states[0].indices.dtype)
+            self.pid = os.getpid()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["pid"], state["fds"] = -1, None
+        return state
+
+    def read(self, rows: np.ndarray):
+        """CSR pieces of the distinct rows and each requested row's position among them."""
+        self._handles()
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        source = np.searchsorted(self.offsets, uniq, side="right") - 1
+        starts = self.row_start[uniq]
+        lengths = self.row_length[uniq]
+        indptr = np.zeros(len(uniq) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        nnz = int(indptr[-1])
+        data = np.empty(nnz, dtype=self.dtypes[0])
+        indices = np.empty(nnz, dtype=self.dtypes[1])
+        if nnz:
+            # rows stored one after the other in the same file: one read
+            first = np.flatnonzero(
+                np.r_[
+                    True, (source[1:] != source[:-1]) | (starts[1:] != starts[:-1] + lengths[:-1])
+                ]
+            )
+            run_source = source[first]
+            run_starts = starts[first]
+            run_lengths = np.add.reduceat(lengths, first)
+            for (bases, base_first, chunk_lens), out in zip(
+                self.arrays, (data, indices), strict=True
+            ):
+                _kernels.read_ranges_multi(
+                    self.fds,
+                    bases,
+                    base_first,
+                    chunk_lens,
+                    run_source,
+                    run_starts,
+                    run_lengths,
+                    indptr[first],
+                    out,
+                )
+        return indptr, indices, data, inverse.reshape(-1).astype(np.int64)
+
+
 class ConcatReader(RowReader):
     """Rows of several readers stacked one after the other (a collection's matrix).
 
@@ -737,6 +832,7 @@ class ConcatReader(RowReader):
         self.engine = engine
         # stored sparse everywhere: batches are gathered from every source's CSR pieces
         self.sparse = all(_stores_csr(r) for r in readers)
+        self._direct: _DirectFiles | None = None  # set by prepare() where it applies
         # a file is checked only where rows are read from it at every batch
         self.checks = [
             (p, st) if st is not None and _file_reader(r) else None
@@ -803,6 +899,10 @@ class ConcatReader(RowReader):
             return self.readers[one[0]].dense(one[1], dtype, out)
         if out is None:
             out = np.empty((len(rows), self.shape[1]), dtype=dtype)
+        if self._direct is not None:  # every file's rows in two compiled reads
+            self._check_rows(rows)
+            indptr, indices, values, inverse = self._direct.read(rows)
+            return self.kernels.csr_to_dense(indptr, indices, values, inverse, None, out)
         if self.sparse:
             # one gather of every source's stored values straight into ``out``, in the
             # requested order: no per-source dense block, no copy of it into ``out``
@@ -823,7 +923,11 @@ class ConcatReader(RowReader):
         if one is not None:
             self._check(one[0])
             return self.readers[one[0]].csr(one[1], dtype, alloc)
-        indptr, indices, values, inverse = self._stacked(rows, _work_dtype(dtype))
+        if self._direct is not None:
+            self._check_rows(rows)
+            indptr, indices, values, inverse = self._direct.read(rows)
+        else:
+            indptr, indices, values, inverse = self._stacked(rows, _work_dtype(dtype))
         p, i, v = self.kernels.csr_to_csr(
             indptr, indices, values, inverse, None, np.dtype(dtype), self.shape[1], alloc
         )
@@ -840,9 +944,28 @@ class ConcatReader(RowReader):
             if ahead is not None:
                 ahead(np.sort(local[idx]))
 
+    def _check_rows(self, rows: np.ndarray) -> None:
+        """Check the files of ``rows`` (each once) against what they were: one ``stat`` per
+        file touched, 2-7 us each (a uniform batch of 256 over 100 files touches 92)."""
+        source = np.searchsorted(self.offsets, rows, side="right") - 1
+        checks = self.checks
+        for s in np.unique(source).tolist():
+            check = checks[s]
+            if check is None:
+                continue
+            try:
+                st = os.stat(check[0])
+                if st.st_size == check[1][0] and st.st_mtime_ns == check[1][1]:
+                    continue
+            except OSError:
+                pass
+            _check_stamp(*check)  # raises, with the message
+
     def prepare(self) -> None:
         for r in self.readers:
             r.prepare()
+        if len(self.readers) > 1 and self.kernels.name == "numba":
+            self._direct = _DirectFiles.build(self.readers, self.offsets)
 
     def describe(self) -> str:
         if len(self.readers) == 1:

@@ -860,7 +860,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dm.setup("fit")
     key = obsm_key(args.embedding)
     adata = dm.adata
-    embedding = np.asarray(adata.obsm[key], dtype=np.float32)
+    embedding = np.ascontiguousarray(adata.obsm[key], dtype=np.float32)
     times = adata.obs[TIME_KEY].to_numpy(dtype=float)
     model, trainer, train_seconds = train(args, dm, key)
 

@@ -493,7 +493,7 @@ def branch_metrics(
     """Per cell type of the observed cells (fates and ``undiff``): the share of the predicted
     cells a kNN on the observed ones gives that label, next to the observed share, and the
     Sinkhorn divergence between the predicted and observed cells of that label (embedding
-    divided by ``scale``)."""
+    divided by ``scale``; ``None`` when fewer than two predicted cells have it)."""
     from sklearn.neighbors import KNeighborsClassifier
 
     knn = KNeighborsClassifier(n_neighbors=n_neighbors).fit(observed, observed_labels)
@@ -508,7 +508,7 @@ def branch_metrics(
                 torch.as_tensor(mine / scale), torch.as_tensor(theirs / scale), seed=seed
             )
             if len(mine) > 1
-            else float("nan"),
+            else None,  # no predicted cell of that label
         }
     return out
 
@@ -833,7 +833,7 @@ def summary(metrics: dict[str, Any], out: Path) -> str:
         f"day-{metrics['last_day']:g} share predicted / observed (divergence): "
         + ", ".join(
             f"{label} {b['predicted_share']:.3f} / {b['observed_share']:.3f} "
-            f"({b['divergence']:.4f})"
+            + ("(-)" if b["divergence"] is None else f"({b['divergence']:.4f})")
             for label, b in metrics["branches"].items()
         )
     )

@@ -727,6 +727,11 @@ def evaluate_fates(
             embedding[scored], embedding[reference], reference_labels, k
         ),
     }
+    vs_clones = None
+    if args.dataset == "simulated":  # LARRY's benchmark truth, the clones, next to the oracle
+        clonal = clonal_fate_bias(adata)[scored]
+        methods = {"model": predicted, **baselines, "oracle": truth}
+        vs_clones = {name: score_fate(bias, clonal) for name, bias in methods.items()}
     return {
         "first_day": first,
         "last_day": last,
@@ -739,6 +744,7 @@ def evaluate_fates(
         "baselines": {name: score_fate(bias, truth) for name, bias in baselines.items()},
         "plans": exact,
         "plan_rows": (early, reference),
+        "vs_clonal_truth": vs_clones,
     }
 
 
@@ -793,6 +799,11 @@ def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
         if name != "truth"
     ]
     rows += [
+        ("fate_vs_clonal_truth", method, name, value)
+        for method, scores in (metrics.get("fate_vs_clonal_truth") or {}).items()
+        for name, value in scores.items()
+    ]
+    rows += [
         ("branches", label, name, value)
         for label, figures in metrics["branches"].items()
         for name, value in figures.items()
@@ -837,6 +848,15 @@ def summary(metrics: dict[str, Any], out: Path) -> str:
             for label, b in metrics["branches"].items()
         )
     )
+    clonal = metrics.get("fate_vs_clonal_truth")
+    if clonal:  # the simulated data: the clonal truth of LARRY's benchmark too
+        lines.append(
+            f"vs the clonal truth (LARRY's benchmark), {clonal['model']['n_cells']} cells, "
+            "Pearson r: "
+            + ", ".join(
+                f"{fate_names.get(key, key)} {s['pearson_r']:.3f}" for key, s in clonal.items()
+            )
+        )
     lines.append(f"{metrics['total_seconds']:.0f} s; outputs in {out}/")
     return "\n".join(lines)
 
@@ -904,6 +924,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fate": {"truth": fates["truth_name"], **fates["scores"]},
         "fate_baselines": fates["baselines"],
         "branches": branches,
+        "fate_vs_clonal_truth": fates["vs_clonal_truth"],
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
     }

@@ -189,48 +189,39 @@ def test_bad_arguments_are_named(trajectory):
 
 
 @pytest.mark.slow
-def test_quality_beats_baselines_and_predicts_fates(trajectory, tmp_path):
-    """2,000 simulated cells, 20 epochs of 64 cells per day, latent space, CPU (about 5 s).
+def test_quality_beats_the_ot_baselines(trajectory, tmp_path):
+    """2,000 simulated cells, 300 steps of 64 cells per day, width 128, latent space, CPU
+    (about 30 s). Measured with exactly these arguments on seeds 0-2 (Sinkhorn divergence to
+    the held-out day 4; fate bias against the oracle over the 440 day-2 cells):
 
-    Sigma 0.1 rather than the default 0.07: with 440 day-2 cells and 140 steps, the lower
-    diffusion leaves fates less ordered (r 0.43-0.61, only 0.02-0.39 above the kNN baseline).
-    Measured with exactly these arguments on seeds 0-4 (Sinkhorn divergence to the held-out day
-    4; fate bias against the oracle over the 440 day-2 cells):
+    - model 0.037-0.039, McCann interpolation (exact OT) 0.059-0.060, earlier population
+      0.27-0.30, later 0.35-0.37 (model / McCann 0.62-0.67);
+    - Pearson r 0.858-0.871, AUROC 0.929-0.945; exact OT plan r 0.715-0.753, entropic OT plan
+      0.857-0.862, kNN without dynamics 0.381-0.485.
 
-    - model / earlier population 0.313-0.352 (model 0.092-0.100, earlier 0.271-0.301);
-      model / later population 0.251-0.281 (later 0.350-0.369);
-    - Pearson r 0.510-0.711, AUROC 0.739-0.862;
-    - no-dynamics kNN baseline r 0.227-0.443, so r - baseline r 0.21-0.48.
-
-    The thresholds sit well inside that spread.
+    At this size the model does not beat the entropic plan's fates clearly (it does at 10,000
+    cells, README), so the test asks for the exact plan and the kNN only.
     """
     metrics = trajectory.main(
         [
-            "--out",
-            str(tmp_path),
-            "--n-cells",
-            "2000",
-            "--cells-per-time",
-            "64",
-            "--max-epochs",
-            "20",
-            "--sigma",
-            "0.1",
-            "--n-paths",
-            "32",
-            "--seed",
-            "0",
-            "--accelerator",
-            "cpu",
+            *small_run(tmp_path),
+            *("--n-cells", "2000", "--cells-per-time", "64", "--max-steps", "300"),
+            *("--hidden", "128", "--embedding", "latent"),
         ]
     )
-    interpolation, fate = metrics["interpolation"], metrics["fate"]
-    assert interpolation["model"] < 0.45 * interpolation["earlier_population"]
-    assert interpolation["model"] < 0.4 * interpolation["later_population"]
-    assert fate["pearson_r"] > 0.4 and fate["auroc"] > 0.68
-    assert fate["pearson_r"] > metrics["fate_baseline_no_dynamics"]["pearson_r"] + 0.1
+    interpolation, fate, baselines = (
+        metrics["interpolation"],
+        metrics["fate"],
+        metrics["fate_baselines"],
+    )
+    assert interpolation["model"] < 0.85 * interpolation["mccann_interpolation"]
+    assert interpolation["model"] < 0.2 * interpolation["earlier_population"]
+    assert interpolation["model"] < 0.2 * interpolation["later_population"]
+    assert fate["pearson_r"] > 0.8 and fate["auroc"] > 0.9
+    assert fate["pearson_r"] > baselines["ot_exact"]["pearson_r"] + 0.05
+    assert fate["pearson_r"] > baselines["knn_no_dynamics"]["pearson_r"] + 0.3
     log = pd.read_csv(tmp_path / "logs" / "metrics.csv")
-    assert len(log) == 20 and log["train_ot"].iloc[-1] < log["train_ot"].iloc[0]
+    assert log["train_loss"].dropna().iloc[-1] < log["train_loss"].dropna().iloc[0]
     assert (tmp_path / "losses.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -291,3 +291,54 @@ def test_larry_code_path_on_a_file_with_larrys_schema(trajectory, tmp_path):
     assert written.obsm["X_pca"].shape == (800, 50)
     bias = written.obs["fate_bias_pred"].to_numpy()
     assert np.isfinite(bias[scored]).all() and np.isnan(bias[~scored]).all()
+
+
+def test_dataset_larry_downloads_then_runs_the_pca_path(trajectory, tmp_path, monkeypatch):
+    """``--dataset larry`` end to end: LARRY's raw files (built from 800 simulated cells in
+    LARRY's formats) served by the test HTTP server, assembled and cached by the loader, then
+    the same preprocessing (PCA 50) and the clonal truth on the trajectory cells."""
+    from test_larry import METADATA_COLUMNS, PREFIX, FileServer, _gz, _mtx, _tsv, sha256
+
+    source = ta.datasets.simulated(n_cells=800, n_genes=200, seed=2)
+    on_path = np.flatnonzero(np.random.default_rng(2).random(source.n_obs) < 0.7)
+    prefix = PREFIX["in_vitro"]
+    files = {
+        prefix + "normed_counts.mtx.gz": _mtx(sp.csr_matrix(source.X, dtype=np.float64)),
+        prefix + "gene_names.txt.gz": _gz(("\n".join(source.var_names) + "\n").encode()),
+        prefix + "clone_matrix.mtx.gz": _mtx(sp.csr_matrix(source.obsm["X_clone"])),
+        prefix + "metadata.txt.gz": _tsv(source.obs[METADATA_COLUMNS]),
+        prefix + "neutrophil_pseudotime.txt.gz": _tsv(
+            pd.DataFrame({"Cell index": on_path[:10], "pseudotime": np.linspace(0, 1, 10)})
+        ),
+        prefix + "neutrophil_monocyte_trajectory.txt.gz": _tsv(
+            pd.DataFrame({"Cell index": on_path})
+        ),
+    }
+    server = FileServer()
+    try:
+        server.files.update(files)
+        hashes = {name: sha256(data) for name, data in files.items()}
+        ta.datasets.larry(
+            cache_dir=tmp_path / "cache",
+            base_url=server.url("ok"),
+            mirrors=[],
+            hashes=hashes,
+            progress=False,
+        )
+        requested = len(server.requests)
+    finally:
+        server.close()
+    assert requested >= len(files)
+    monkeypatch.setenv("TORCH_ADATA_CACHE", str(tmp_path / "cache"))  # no network from here
+
+    metrics = trajectory.main(small_run(tmp_path / "out", "--fast-dev-run", "--dataset", "larry"))
+    assert metrics["embedding"] == "X_pca" and "clonal" in metrics["fate"]["truth"]
+    early = source.obs["Time point"].to_numpy() == 2
+    clonal = source.obs["clone_fate_bias"].to_numpy()
+    scored = early & np.isin(np.arange(source.n_obs), on_path) & ~np.isnan(clonal)
+    assert metrics["fate"]["n_cells"] == scored.sum() > 50
+    assert metrics["fate_baselines"]["ot_exact"]["n_cells"] == scored.sum()
+    assert metrics["fate_vs_clonal_truth"] is None  # LARRY's truth is already the clones
+    written = ad.read_h5ad(tmp_path / "out" / "predictions.h5ad")
+    expected = ta.datasets.preprocess(ta.datasets.larry(), n_pcs=50).obsm["X_pca"]
+    np.testing.assert_allclose(written.obsm["X_pca"], expected, rtol=1e-4, atol=1e-4)

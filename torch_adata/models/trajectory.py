@@ -602,29 +602,35 @@ def plot_populations(
     path: Path,
     name: str = "X",
 ) -> None:
-    """Observed (pale) and predicted (dark) cells at each time point, first two dimensions,
-    coloured by cell type (observed: annotation; predicted: kNN on the observed cells)."""
+    """Observed (top row) and predicted (bottom row) cells at each time point, first two
+    dimensions, coloured by cell type (observed: annotation; predicted: kNN label among the
+    observed cells of that day)."""
     import matplotlib.pyplot as plt
 
-    colours = {"undiff": "C7", FATES[0]: "C3", FATES[1]: "C0"}
+    colours = {"undiff": "0.55", FATES[0]: "C3", FATES[1]: "C0"}
     points = np.unique(times)
-    fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 4), sharex=True, sharey=True)
-    for ax, t in zip(axes, points, strict=True):
+    fig, axes = plt.subplots(
+        2, len(points), figsize=(3.6 * len(points), 7), sharex=True, sharey=True, squeeze=False
+    )
+    for column, t in enumerate(points):
         here = times == t
-        for label, colour in colours.items():
-            cells = embedding[here & (labels == label)]
-            ax.scatter(*cells[:, :2].T, s=2, c=colour, alpha=0.12, label=f"observed {label}")
-        if t in predicted:
-            for label, colour in colours.items():
-                cells = predicted[t][predicted_labels[t] == label]
-                ax.scatter(*cells[:, :2].T, s=2, c=colour, alpha=0.8, marker="x", lw=0.5)
-            ax.scatter([], [], c="k", marker="x", s=8, label="predicted from day 2")
         held = " (held out)" if t == HELD_OUT_DAY else ""
-        ax.set(title=f"day {t:g}{held}", xlabel=f"{name}[:, 0]")
-        ax.legend(markerscale=3, loc="best", fontsize=7)
-    axes[0].set_ylabel(f"{name}[:, 1]")
+        rows = [(f"observed, day {t:g}{held}", embedding[here], labels[here])]
+        if t in predicted:
+            rows.append((f"predicted from day {points[0]:g}", predicted[t], predicted_labels[t]))
+        for row, (title, cells, cell_labels) in enumerate(rows):
+            ax = axes[row, column]
+            for label, colour in colours.items():
+                mine = cells[cell_labels == label]
+                ax.scatter(*mine[:, :2].T, s=1.5, c=colour, alpha=0.4, label=label, lw=0)
+            ax.set_title(title, fontsize=10)
+            ax.legend(markerscale=5, loc="upper left", fontsize=7)
+        axes[1, column].set_xlabel(f"{name}[:, 0]")
+    axes[1, 0].axis("off")  # nothing is predicted for the first day
+    axes[0, 0].set_ylabel(f"{name}[:, 1]")
+    axes[1, 1].set_ylabel(f"{name}[:, 1]")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -1,4 +1,4 @@
-"""Trajectory: a drift model trained with a Sinkhorn loss between days.
+"""Trajectory: flow matching on optimal-transport pairs of cells between days.
 
 Run::
 

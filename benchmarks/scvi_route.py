@@ -3,7 +3,10 @@
 Usage::
 
     python benchmarks/scvi_route.py --cells 20000 --genes 2000 --order torch_adata-first
-    python benchmarks/scvi_route.py --cells 100000 --genes 20000   # the issue's size (long on CPU)
+    # the issue's size, 40 steps per epoch (a whole epoch is ~2-3 minutes per route on 2 cores)
+    python benchmarks/scvi_route.py --cells 100000 --genes 20000 --epochs 3 --steps 40
+    # where the time goes: each loader alone, and the model alone on loaded batches
+    python benchmarks/scvi_route.py --cells 100000 --genes 20000 --profile --steps 40
 
 Writes a simulated count matrix with cell types and batch effects (negative binomial, CSR,
 ``--cells`` x ``--genes``) to ``--data`` unless it exists, then trains ``scvi.model.SCVI``
@@ -15,12 +18,20 @@ Writes a simulated count matrix with cell types and batch effects (negative bino
   ``model.train`` (its own ``DataSplitter``, given the same cells with ``external_indexing``).
 
 Per route it prints the median (and minimum) wall time of a training epoch (epochs after the
-first, which includes start-up; no validation runs during training), the share of the epoch spent waiting for data (the time
-between the end of one training step and the start of the next, plus the wait for the first
-batch), the validation ELBO and reconstruction loss after training (same cells, scvi's
-``get_elbo`` / ``get_reconstruction_error``), and the kNN (k=15) cell-type accuracy of the
-validation cells' latent, the classifier fitted on the training cells' latent. Both routes
-load in the training process (``num_workers=0``, scvi's default).
+first, which includes start-up; no validation runs during training), the share of the epoch
+spent waiting for data (the time between the end of one training step and the start of the
+next, plus the wait for the first batch), the validation ELBO and reconstruction loss after
+training (same cells, scvi's ``get_elbo`` / ``get_reconstruction_error``), and the kNN (k=15)
+cell-type accuracy of the validation cells' latent, the classifier fitted on the training
+cells' latent. Both routes load in the training process (``num_workers=0``, scvi's default).
+``--steps N`` stops each epoch after N batches (Lightning's ``limit_train_batches``, both
+routes); ``step_s`` is then an epoch's time per step and ``whole_epoch_s`` that times the
+steps of a whole epoch.
+
+``--profile`` trains nothing of the comparison: it times each loader alone (batches drawn,
+under scvi's keys, dense, no model) and the model alone (Lightning steps on batches loaded
+beforehand), which bounds what any loader can gain: an epoch is never shorter than the
+model's own steps.
 """
 
 from __future__ import annotations
@@ -35,14 +46,19 @@ import numpy as np
 
 
 def simulate(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> None:
-    """Counts of ``n_cells`` cells of 8 types in 3 batches (negative binomial), as CSR."""
+    """Counts of ``n_cells`` cells of 8 types in 3 batches (negative binomial), as CSR.
+
+    Up to 4,000 genes every gene keeps its mean (28% of the entries are nonzero, ~1 count per
+    gene); with more genes, the means shrink by ``4000 / n_genes`` so a cell keeps ~4,300
+    counts over ~2,300 detected genes (12% nonzero at 20,000 genes), as a droplet cell does.
+    """
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
 
     rng = np.random.default_rng(seed)
     n_types, n_batches = 8, 3
-    base = rng.gamma(0.3, 2.0, n_genes)  # most genes low, a few high
+    base = rng.gamma(0.3, 2.0, n_genes) * min(1.0, 4000 / n_genes)  # most genes low, a few high
     programs = base * rng.lognormal(0.0, 1.0, (n_types, n_genes))  # type-specific means
     shifts = rng.lognormal(0.0, 0.3, (n_batches, n_genes))  # batch effects
     types = rng.integers(0, n_types, n_cells)
@@ -76,14 +92,15 @@ def _timer():
 
     class Timer(Callback):
         def __init__(self):
-            self.epochs, self.waits = [], []
+            self.epochs, self.waits, self.steps = [], [], []
 
         def on_train_epoch_start(self, trainer, module):
             self.start = self.last = time.perf_counter()
-            self.wait = 0.0
+            self.wait, self.step = 0.0, 0
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.wait += time.perf_counter() - self.last
+            self.step += 1
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.last = time.perf_counter()
@@ -91,6 +108,7 @@ def _timer():
         def on_train_epoch_end(self, trainer, module):
             self.epochs.append(time.perf_counter() - self.start)
             self.waits.append(self.wait)
+            self.steps.append(self.step)
 
     return Timer()
 
@@ -107,10 +125,14 @@ def _quality(model, adata_obs, latent, train, val, **data) -> dict:
     }
 
 
-def _summary(timer) -> dict:
+def _summary(timer, full_steps: int) -> dict:
     epochs, waits = np.asarray(timer.epochs), np.asarray(timer.waits)
     later = slice(1, None) if len(epochs) > 1 else slice(None)
+    step_s = float(np.median(epochs[later] / np.asarray(timer.steps)[later]))
     return {
+        "steps": timer.steps[-1],
+        "step_s": step_s,
+        "whole_epoch_s": step_s * full_steps,  # the measured steps scaled to a whole epoch
         "epoch_s": float(np.median(epochs[later])),
         "epoch_min_s": float(np.min(epochs[later])),
         "data_wait_s": float(np.median(waits[later])),
@@ -120,7 +142,7 @@ def _summary(timer) -> dict:
     }
 
 
-def run_torch_adata(path, split, epochs, batch_size) -> dict:
+def run_torch_adata(path, split, epochs, batch_size, steps=None) -> dict:
     import scvi
 
     from torch_adata import Split
@@ -137,7 +159,13 @@ def run_torch_adata(path, split, epochs, batch_size) -> dict:
     scvi.settings.seed = 0
     model = scvi.model.SCVI(registry=dm.registry)
     timer = _timer()
-    model.train(max_epochs=epochs, datamodule=dm, accelerator="cpu", callbacks=[timer])
+    model.train(
+        max_epochs=epochs,
+        datamodule=dm,
+        accelerator="cpu",
+        callbacks=[timer],
+        limit_train_batches=steps or 1.0,
+    )
     latent = model.get_latent_representation(dataloader=dm.inference_dataloader())
     quality = _quality(
         model,
@@ -147,10 +175,10 @@ def run_torch_adata(path, split, epochs, batch_size) -> dict:
         split["val"],
         dataloader=dm.inference_dataloader("val"),
     )
-    return {**_summary(timer), **quality}
+    return {**_summary(timer, -(-len(split["train"]) // batch_size)), **quality}
 
 
-def run_scvi_tools(path, split, epochs, batch_size) -> dict:
+def run_scvi_tools(path, split, epochs, batch_size, steps=None) -> dict:
     import anndata as ad
     import scvi
 
@@ -164,6 +192,7 @@ def run_scvi_tools(path, split, epochs, batch_size) -> dict:
         batch_size=batch_size,
         accelerator="cpu",
         callbacks=[timer],
+        limit_train_batches=steps or 1.0,
         datasplitter_kwargs={
             "external_indexing": [split["train"], split["val"], np.empty(0, dtype=np.int64)]
         },
@@ -172,7 +201,123 @@ def run_scvi_tools(path, split, epochs, batch_size) -> dict:
     quality = _quality(
         model, adata.obs, latent, split["train"], split["val"], adata=adata, indices=split["val"]
     )
-    return {**_summary(timer), **quality}
+    return {**_summary(timer, -(-len(split["train"]) // batch_size)), **quality}
+
+
+def _scvi_loader(path, split, batch_size):
+    """scvi-tools' own training loader (as its ``train`` builds it) on the backed file."""
+    import anndata as ad
+    import scvi
+    from scvi.dataloaders import AnnDataLoader
+
+    adata = ad.read_h5ad(path, backed="r")
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.SCVI(adata)
+    return AnnDataLoader(
+        model.adata_manager, indices=split["train"], batch_size=batch_size, shuffle=True
+    )
+
+
+def _our_module(path, split, batch_size, cls=None, **options):
+    from torch_adata import Split
+    from torch_adata.scvi import SCVIDataModule
+
+    return (cls or SCVIDataModule)(
+        path,
+        batch_key="batch",
+        backed=True,
+        batch_size=batch_size,
+        split=Split(indices={"train": split["train"].tolist()}),
+        seed=0,
+        **options,
+    )
+
+
+def _loader_pass(batches, steps, convert=lambda b: b) -> float:
+    """Seconds per batch drawn (dense ``"X"`` under scvi's keys) over ``steps`` batches."""
+    from torch_adata import densify
+
+    start, n = time.perf_counter(), 0
+    for batch in batches:
+        densify(convert(batch)["X"])
+        n += 1
+        if n == steps:
+            break
+    return (time.perf_counter() - start) / n
+
+
+def run_profile(path, split, batch_size, repeats, variants, steps=None) -> dict:
+    """Where an epoch's time goes: each loader alone, and the model alone on loaded batches.
+
+    ``loader_step_s``: seconds per training batch drawn, converted to scvi's keys and dense,
+    with no model (median of ``repeats`` passes of ``steps`` batches, a whole epoch by
+    default). ``model_step_s``: seconds per step of the same SCVI trained through Lightning
+    on batches loaded beforehand (16 dense batches cycled, so no data is read): the floor of
+    an epoch whatever the loader. ``*_epoch_s``: per step times the steps of a whole epoch.
+    """
+    import scvi
+
+    from torch_adata.scvi import SCVIDataModule
+
+    full = -(-len(split["train"]) // batch_size)  # steps of a whole epoch
+    steps = min(steps or full, full)
+    out: dict = {"steps_per_epoch": full, "steps_timed": steps, "loaders": {}}
+    loader = _scvi_loader(path, split, batch_size)
+    _loader_pass(loader, steps)  # warm the page cache
+    times = [_loader_pass(loader, steps) for _ in range(repeats)]
+    out["loaders"]["scvi-tools"] = {"loader_step_s": float(np.median(times)), "repeats": times}
+    for name, options in variants.items():
+        dm = _our_module(path, split, batch_size, **options)
+        dm.setup()
+        convert = lambda b, dm=dm: dm.on_before_batch_transfer(b, 0)  # noqa: E731
+        times = [_loader_pass(dm.train_dataloader(), steps, convert) for _ in range(repeats)]
+        out["loaders"][name] = {"loader_step_s": float(np.median(times)), "repeats": times}
+    for entry in out["loaders"].values():
+        entry["loader_epoch_s"] = entry["loader_step_s"] * full
+
+    class Batches:
+        """An iterable of loaded batches (Lightning would read a list as several loaders)."""
+
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            return iter(self.batches)
+
+        def __len__(self):
+            return len(self.batches)
+
+    class Preloaded(SCVIDataModule):
+        """Serves batches loaded beforehand: no data is read during training."""
+
+        def train_dataloader(self):
+            return Batches(self.cycled)
+
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            return batch
+
+    dm = _our_module(path, split, batch_size, cls=Preloaded)
+    loaded = []
+    for batch in SCVIDataModule.train_dataloader(dm):
+        loaded.append(SCVIDataModule.on_before_batch_transfer(dm, batch, 0))
+        if len(loaded) == 16:
+            break
+    dm.cycled = [loaded[i % len(loaded)] for i in range(steps)]
+    scvi.settings.seed = 0
+    model = scvi.model.SCVI(registry=dm.registry)
+    timer = _timer()
+    model.train(max_epochs=repeats + 1, datamodule=dm, accelerator="cpu", callbacks=[timer])
+    per_step = [e / steps for e in timer.epochs[1:]]  # the first epoch includes start-up
+    out["model_step_s"] = float(np.median(per_step))
+    out["model_repeats"] = per_step
+    out["model_epoch_s"] = out["model_step_s"] * full
+    theirs = out["loaders"]["scvi-tools"]["loader_epoch_s"]
+    # scvi's loader runs in the training process: its epoch is about model + loader; no
+    # loader can make an epoch shorter than the model's own compute.
+    out["scvi_epoch_estimate_s"] = out["model_epoch_s"] + theirs
+    out["max_speedup"] = out["scvi_epoch_estimate_s"] / out["model_epoch_s"]
+    out["load_average_1min"] = os.getloadavg()[0]
+    return out
 
 
 def main(argv=None) -> dict:
@@ -189,6 +334,18 @@ def main(argv=None) -> dict:
         default="scvi-first",
         help="which route trains first (this machine's speed drifts: run both orders)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of training both routes: time each loader alone and the model alone",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="passes per loader (--profile)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train (and profile) only this many batches per epoch (default: whole epochs)",
+    )
     args = parser.parse_args(argv)
     path = args.data or Path(f"benchmarks/data/scvi_{args.cells}x{args.genes}.h5ad")
     if not path.exists():
@@ -197,6 +354,20 @@ def main(argv=None) -> dict:
     order = rng.permutation(args.cells)
     n_val = args.cells // 10
     split = {"train": np.sort(order[n_val:]), "val": np.sort(order[:n_val])}
+    if args.profile:
+        variants = {
+            "torch_adata": {},
+            "torch_adata sparse": {"sparse": True},
+        }
+        results = {"cells": args.cells, "genes": args.genes, "batch_size": args.batch_size}
+        results.update(
+            run_profile(path, split, args.batch_size, args.repeats, variants, args.steps)
+        )
+        print(json.dumps(results, indent=2))
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+        return results
     results = {
         "cells": args.cells,
         "genes": args.genes,
@@ -207,7 +378,7 @@ def main(argv=None) -> dict:
     routes = {"scvi-tools": run_scvi_tools, "torch_adata": run_torch_adata}
     names = list(routes) if args.order == "scvi-first" else list(routes)[::-1]
     for name in names:
-        results[name] = routes[name](path, split, args.epochs, args.batch_size)
+        results[name] = routes[name](path, split, args.epochs, args.batch_size, args.steps)
     ours, theirs = results["torch_adata"], results["scvi-tools"]
     results["epoch_speedup"] = theirs["epoch_s"] / ours["epoch_s"]
     results["data_wait_ratio"] = theirs["data_wait_s"] / ours["data_wait_s"]

@@ -303,8 +303,10 @@ def test_a_path_that_does_not_exist(tmp_path):
         AnnDataset(str(tmp_path / "missing.h5ad"), backed=False)
 
 
-def test_a_folder(tmp_path):
-    with pytest.raises(ValueError, match=r"is a folder; pass the path to an \.h5ad file"):
+def test_a_folder_without_h5ad_files(tmp_path):
+    # a folder is a collection of its .h5ad files (tests/test_collection.py)
+    (tmp_path / "notes.txt").write_text("not data")
+    with pytest.raises(ValueError, match=r"holds no \.h5ad files\. Pass a folder of \.h5ad"):
         AnnDataset(tmp_path)
 
 

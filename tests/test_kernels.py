@@ -26,6 +26,16 @@ def _read_ranges(engine: str, threadsafe: bool):
     return read_ranges_threadsafe(engine) if threadsafe else get_kernels(engine).read_ranges
 
 
+@pytest.fixture(autouse=True, params=["parallel", "serial"])
+def threads(request, monkeypatch):
+    """Every kernel test runs the parallel kernels and the serial ones calls of few rows or
+    ranges use (numba)."""
+    from torch_adata import _kernels
+
+    monkeypatch.setattr(_kernels, "_SERIAL_BELOW", 0 if request.param == "parallel" else 10**9)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def csr():
     rng = np.random.default_rng(5)
@@ -174,6 +184,13 @@ def test_building_a_dataset_loads_the_kernels_workers_will_inherit(csr):
     _kernels._WARM_IN = None  # as in a process that has not built a dataset yet
     ta.AnnDataset(ad.AnnData(csr), engine="numba")
     assert _kernels._WARM_IN == os.getpid()
-    for kernel in (_kernels._nb_csr_to_dense, _kernels._nb_csr_fill_all, _kernels._nb_read_ranges):
+    for kernel in (
+        _kernels._nb_csr_to_dense,
+        _kernels._nb_csr_fill_all,
+        _kernels._nb_read_ranges,
+        _kernels._nb_csr_to_dense_serial,
+        _kernels._nb_csr_fill_serial,
+        _kernels._nb_read_ranges_serial,
+    ):
         loaded = {tuple(str(t) for t in sig) for sig in kernel.signatures}
         assert any("array(float32, 1d, C)" in sig for sig in loaded), kernel

@@ -173,6 +173,41 @@ if numba is not None:
                     row[c] += data[p]
         return out
 
+    # The same gathers on the calling thread, for calls of few rows (a collection's batch is
+    # one call per file): a parallel region costs 50-70 us to start on a busy 2-core machine,
+    # the work of a few rows a few us. They use no numba threads, so they need no lock.
+    @numba.njit(nogil=True, cache=True, fastmath=True)
+    def _nb_csr_to_dense_serial(indptr, indices, data, rows, col_map, out):  # pragma: no cover
+        n_cols = out.shape[1]
+        mapped = col_map.shape[0] > 0
+        for i in range(rows.shape[0]):
+            row = out[i]
+            for j in range(n_cols):
+                row[j] = 0
+            r = rows[i]
+            for p in range(indptr[r], indptr[r + 1]):
+                if mapped:
+                    c = col_map[indices[p]]
+                    if c >= 0:
+                        row[c] += data[p]
+                else:
+                    row[np.uint32(indices[p])] += data[p]
+        return out
+
+    @numba.njit(nogil=True, cache=True)
+    def _nb_csr_fill_serial(
+        indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals
+    ):  # pragma: no cover
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            q = out_indptr[i]
+            for p in range(indptr[r], indptr[r + 1]):
+                c = np.int64(indices[p]) if col_map.shape[0] == 0 else col_map[indices[p]]
+                if c >= 0:
+                    out_cols[q] = c
+                    out_vals[q] = data[p]
+                    q += 1
+
     @_jit
     def _nb_csr_fill(
         indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals
@@ -290,6 +325,9 @@ if numba is not None:
 
 _EMPTY_MAP = np.empty(0, dtype=np.int64)
 
+# Calls of fewer rows (or byte ranges) than this run on the calling thread, not in parallel.
+_SERIAL_BELOW = 64
+
 # numba's workqueue layer (fork-safe, see above) is not threadsafe: two Python threads in a
 # parallel kernel at once abort the process. Kernels take this lock; a forked child gets a
 # fresh one, so it can never inherit a lock held by another thread of its parent.
@@ -330,11 +368,16 @@ def _nb_csr_to_dense_entry(indptr, indices, data, rows, col_map, out):
     target = out
     if out.dtype == _HALF:
         out = np.empty(out.shape, dtype=np.float32)
-    with _LOCK:
-        if col_map is None:
-            _nb_csr_to_dense(indptr, indices, data, rows, _EMPTY_MAP, out)
-        else:
-            _nb_csr_to_dense_mapped(indptr, indices, data, rows, col_map, out)
+    if rows.shape[0] < _SERIAL_BELOW:
+        _nb_csr_to_dense_serial(
+            indptr, indices, data, rows, _EMPTY_MAP if col_map is None else col_map, out
+        )
+    else:
+        with _LOCK:
+            if col_map is None:
+                _nb_csr_to_dense(indptr, indices, data, rows, _EMPTY_MAP, out)
+            else:
+                _nb_csr_to_dense_mapped(indptr, indices, data, rows, col_map, out)
     if target is not out:
         target[...] = out
     return target
@@ -351,11 +394,15 @@ def _nb_csr_to_csr_entry(indptr, indices, data, rows, col_map, out_dtype, n_cols
     out_cols = alloc(nnz, index)
     half = np.dtype(out_dtype) == _HALF  # computed in float32, then cast
     out_vals = np.empty(nnz, dtype=np.float32) if half else alloc(nnz, np.dtype(out_dtype))
-    with _LOCK:
-        if col_map is None:
-            _nb_csr_fill_all(indptr, indices, data, rows, out_indptr, out_cols, out_vals)
-        else:
-            _nb_csr_fill(indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals)
+    if len(rows) < _SERIAL_BELOW:
+        cmap = _EMPTY_MAP if col_map is None else col_map
+        _nb_csr_fill_serial(indptr, indices, data, rows, cmap, out_indptr, out_cols, out_vals)
+    else:
+        with _LOCK:
+            if col_map is None:
+                _nb_csr_fill_all(indptr, indices, data, rows, out_indptr, out_cols, out_vals)
+            else:
+                _nb_csr_fill(indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals)
     if half:
         values = alloc(nnz, _HALF)
         values[...] = out_vals
@@ -370,6 +417,9 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 def _nb_read_ranges_entry(fd, chunk_base, chunk_len, starts, lengths, offsets, out):
     if _libc_pread is None:  # pragma: no cover - platforms without a C pread
         return _np_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
+    if starts.shape[0] < _SERIAL_BELOW:  # few reads: no thread to start
+        failed = _nb_read_ranges_serial(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
+        return _all_read(failed, out)
     with _LOCK:
         failed = _nb_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out)
     return _all_read(failed, out)
@@ -425,6 +475,14 @@ def warm_up(engine: str = "auto") -> None:
     for cols in (np.empty(0, np.int32), np.empty(0, np.int64)):
         NUMBA.csr_to_dense(indptr, cols, values, rows, None, np.empty((1, 1), np.float32))
         NUMBA.csr_to_csr(indptr, cols, values, rows, None, np.dtype(np.float32), 1)
+        # the other of the parallel and serial variants (calls of few rows run serial ones)
+        out_indptr = np.zeros(2, dtype=np.int64)
+        dense = np.empty((1, 1), np.float32)
+        with _LOCK:
+            _nb_csr_to_dense(indptr, cols, values, rows, _EMPTY_MAP, dense)
+            _nb_csr_fill_all(indptr, cols, values, rows, out_indptr, cols, values)
+        _nb_csr_to_dense_serial(indptr, cols, values, rows, _EMPTY_MAP, dense)
+        _nb_csr_fill_serial(indptr, cols, values, rows, _EMPTY_MAP, out_indptr, cols, values)
         for array in (values, cols):
             NUMBA.copy_ranges(array, none, none, np.empty(0, array.dtype))
             if _libc_pread is not None:

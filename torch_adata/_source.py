@@ -181,6 +181,13 @@ class AnnDataSource:
             self._raw_var_names = self._read_frame("raw/var").index
         return self._raw_var_names
 
+    def require_obs(self, key: str, na: str = "raise") -> None:
+        """Raise a ``KeyError`` listing the columns unless ``obs`` has the column ``key``."""
+        if key not in self.obs.columns:
+            raise FieldKeyError(
+                f"Unknown obs column {key!r}. adata.obs has: {list(self.obs.columns)}."
+            )
+
     def no_raw(self) -> FieldKeyError:
         """The error for asking for ``adata.raw`` when there is none."""
         return FieldKeyError(

@@ -14,7 +14,8 @@ from ._batch import SparseBatch, for_fetcher
 from ._counts import RAW_OPTION, check_counts, reader_values
 from ._fields import CategoryEncoder, MatrixField, ObsField
 from ._kernels import share_cores, warm_up
-from ._source import AnnDataSource, FieldKeyError, Source
+from ._source import FieldKeyError, Source
+from .collection import Join, open_source
 from .genes import FilledReader, GeneAlignment, align_genes
 
 Batch = torch.Tensor | dict[str, Any]
@@ -28,6 +29,11 @@ class AnnDataset(Dataset):
     adata
         An AnnData (in memory, or opened with ``backed="r"``; views like ``adata[mask]`` are
         read through their parent, without copying the matrix) or a path to an ``.h5ad`` file.
+        Or a collection read as one dataset, cells one source after the other: a list of
+        AnnData objects and/or paths, a mapping ``{name: AnnData or path}``, a folder (its
+        ``*.h5ad`` files, sorted by name) or a glob pattern such as ``"atlas/*.h5ad"`` (see
+        :class:`~torch_adata.collection.SourceCollection`; ``dataset.source`` is then the
+        collection).
     layer
         Batch ``adata.layers[layer]`` instead of ``adata.X`` (the batch key stays ``"X"``).
         ``layer="raw"`` batches ``adata.raw.X`` when there is no layer named ``"raw"``.
@@ -67,7 +73,9 @@ class AnnDataset(Dataset):
         batches at 2,000 genes and 0.69x at 20,000 (10 % non-zeros, in memory,
         ``benchmarks/plain_vs_fast.py``), so ask for dense batches there.
     return_index
-        Add an ``"index"`` field: the int64 position of each cell in ``adata``.
+        Add an ``"index"`` field: the int64 position of each cell in ``adata``. For a
+        collection the positions are global; ``dataset.source.locate(batch["index"])`` gives
+        each cell's source and row there (``dataset.source.source_of(...)`` its source name).
     backed
         For a path: read rows from the file on demand (``True``, the default: opening costs
         nothing whatever the file's size) or load into memory the matrices this dataset
@@ -76,6 +84,13 @@ class AnnDataset(Dataset):
         :class:`~torch_adata.AnnDataModule` defaults to loading a path into memory instead.
     engine
         Gather kernels: ``"auto"`` (numba if installed), ``"numba"`` or ``"numpy"``.
+    join
+        A collection's genes, matched by ``var_names``: ``"inner"`` (the genes of every
+        source), ``"outer"`` (of any source; absent genes read as 0) or a list of genes that
+        fixes the columns and their order. Unused for one source.
+    source_key
+        A collection's obs column naming each cell's source (file name or the key given),
+        batched like any obs column (``obs_keys=["source"]``). Unused for one source.
 
     Batches
     -------
@@ -109,7 +124,7 @@ class AnnDataset(Dataset):
 
     def __init__(
         self,
-        adata: Source,
+        adata: Source | Sequence[Source] | Mapping[str, Source],
         *,
         layer: str | None = None,
         use_raw: bool = False,
@@ -127,8 +142,12 @@ class AnnDataset(Dataset):
         return_index: bool = False,
         backed: bool = True,
         engine: Literal["auto", "numba", "numpy"] = "auto",
+        join: Join = "inner",
+        source_key: str = "source",
     ):
-        self.source = AnnDataSource(adata, backed=backed, engine=engine)
+        self.source = open_source(
+            adata, backed=backed, engine=engine, join=join, source_key=source_key
+        )
         if self.source.n_obs == 0:
             raise ValueError(
                 "The AnnData has no cells (n_obs == 0): check the selection that produced it."
@@ -166,10 +185,7 @@ class AnnDataset(Dataset):
         encoders = dict(encoders or {})
         obs_dtypes = dict(obs_dtypes or {})
         for key in obs_keys:
-            if key not in self.source.obs.columns:
-                raise FieldKeyError(
-                    f"Unknown obs column {key!r}. adata.obs has: {list(self.source.obs.columns)}."
-                )
+            self.source.require_obs(key, na=na)
             self._add(
                 key,
                 ObsField.from_column(

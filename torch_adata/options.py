@@ -71,6 +71,13 @@ class Fields:
         these.
     engine
         Gather engine: ``"auto"``, ``"numba"`` or ``"numpy"``.
+    join
+        For a collection of files: their genes matched by name, ``"inner"`` (in every file),
+        ``"outer"`` (in any; absent genes read as 0) or a list of genes fixing the columns
+        (see :class:`~torch_adata.collection.SourceCollection`).
+    source_key
+        For a collection: the obs column naming each cell's source (batch it with
+        ``obs_keys``).
     """
 
     layer: str | None = None
@@ -89,6 +96,8 @@ class Fields:
     obs_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     encoders: dict[str, CategoryEncoder] = field(default_factory=dict)
     engine: Literal["auto", "numba", "numpy"] = "auto"
+    join: Literal["inner", "outer"] | list[str] = "inner"
+    source_key: str = "source"
 
     def __post_init__(self):
         if self.densify and not self.sparse:
@@ -100,6 +109,12 @@ class Fields:
         if self.var_names is not None:
             self.var_names = _names(self.var_names, "Fields.var_names")
         self.obsm_keys = _names(self.obsm_keys, "Fields.obsm_keys")
+        if isinstance(self.join, str) and self.join not in ("inner", "outer"):
+            raise ValueError(
+                f"Fields.join must be 'inner', 'outer' or a list of genes, got {self.join!r}."
+            )
+        if not isinstance(self.join, str):
+            self.join = _names(self.join, "Fields.join")
         self.obs_dtypes = dict(self.obs_dtypes or {})
         self.encoders = dict(self.encoders or {})
 
@@ -120,7 +135,8 @@ class TimeSampling:
     Parameters
     ----------
     time_key
-        obs column with each cell's time point (required: no column is assumed).
+        obs column with each cell's time point (required: no column is assumed), or for a
+        collection whose files are one time point each, ``{source key or file name: time}``.
     mode
         ``"populations"``: ``cells_per_time`` cells of every time point per batch (``T *
         cells_per_time`` cells, rows ``[k*n:(k+1)*n]`` of time point ``k``); ``"initial"``:
@@ -147,7 +163,7 @@ class TimeSampling:
         Use the rank of each time label (0, 1, 2...) instead of the number it names.
     """
 
-    time_key: str
+    time_key: str | dict[str, float]
     mode: Literal["populations", "initial", "lineage"] = "populations"
     cells_per_time: int = 128
     clone_key: str | None = None
@@ -159,10 +175,12 @@ class TimeSampling:
     time_ranks: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.time_key, str) or not self.time_key:
+        if isinstance(self.time_key, Mapping) and self.time_key:
+            self.time_key = dict(self.time_key)
+        elif not isinstance(self.time_key, str) or not self.time_key:
             raise TypeError(
-                f"TimeSampling.time_key must name the obs column of time points, got "
-                f"{self.time_key!r}."
+                f"TimeSampling.time_key must name the obs column of time points (or map each "
+                f"source of a collection to its time), got {self.time_key!r}."
             )
         if self.mode not in ("populations", "initial", "lineage"):
             raise ValueError(

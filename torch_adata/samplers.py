@@ -428,6 +428,11 @@ class BlockShuffleSampler(UniformBatchSampler):
         Consecutive (sorted) positions per block.
     pool_batches
         Batches per pool; the pool's positions are shuffled together.
+    boundaries
+        Positions where storage changes, e.g. the files of a collection
+        (``dataset.source.offsets``: ``[0, n_0, n_0 + n_1, ..., n]``): a block never holds
+        positions on both sides of a boundary, so it never reads past a file's end (a file's
+        last block may be shorter). ``None``: one storage.
     drop_last, seed, num_replicas, rank
         As in :class:`UniformBatchSampler`.
     """
@@ -439,6 +444,7 @@ class BlockShuffleSampler(UniformBatchSampler):
         *,
         block_size: int = 64,
         pool_batches: int = 16,
+        boundaries: Sequence[int] | np.ndarray | None = None,
         drop_last: bool = False,
         seed: int = 0,
         num_replicas: int | None = None,
@@ -455,15 +461,40 @@ class BlockShuffleSampler(UniformBatchSampler):
             num_replicas=num_replicas,
             rank=rank,
         )
+        self._blocks = self._cut_blocks(boundaries)
+
+    def _cut_blocks(self, boundaries) -> tuple[np.ndarray, np.ndarray]:
+        """Start (in ``positions``) and length of every block, never across a boundary."""
+        n, size = len(self.positions), self.block_size
+        if boundaries is None:
+            starts = np.arange(0, n, size, dtype=np.int64)
+            return starts, np.minimum(size, n - starts)
+        bounds = _as_positions(boundaries, "boundaries")
+        if (np.diff(bounds) < 0).any():
+            raise ValueError(
+                "boundaries must be non-decreasing positions (e.g. dataset.source.offsets), "
+                f"got {bounds[:10].tolist()}."
+            )
+        # runs of positions between two boundaries, each cut into blocks of block_size
+        part = np.searchsorted(bounds, self.positions, side="right")
+        run_starts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]])
+        run_lengths = np.diff(np.r_[run_starts, n])
+        per_run = -(-run_lengths // size)
+        first = np.repeat(run_starts, per_run)
+        k = np.arange(per_run.sum()) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+        starts = first + k * size
+        ends = np.repeat(run_starts + run_lengths, per_run)
+        return starts.astype(np.int64), np.minimum(size, ends - starts).astype(np.int64)
 
     @staticmethod
     def _prepare(positions: np.ndarray) -> np.ndarray:
         return np.sort(positions)
 
     def _order(self, rng: np.random.Generator) -> np.ndarray:
-        n, size = len(self.positions), self.block_size
-        starts = rng.permutation(-(-n // size)) * size
-        lengths = np.minimum(size, n - starts)
+        n = len(self.positions)
+        block_starts, block_lengths = self._blocks
+        shuffled = rng.permutation(len(block_starts))
+        starts, lengths = block_starts[shuffled], block_lengths[shuffled]
         ends = np.cumsum(lengths)
         # entry i of the block order: start of its block + offset within the block
         index = np.arange(n) + np.repeat(starts - (ends - lengths), lengths)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from . import samplers
 from ._source import FieldKeyError
+from .collection import SourceCollection
 from .dataset import AnnDataset
 
 Mode = Literal["populations", "initial", "lineage"]
@@ -201,7 +203,9 @@ class TimeResolvedAnnDataset(AnnDataset):
         obs column with the time of each cell (required: no column name is assumed): numbers; labels with one number each and the
         same unit (``"day 2"``, ``"D10"``, ``"12h"``; categorical or strings), which become
         that number; or an ordered categorical whose labels are not times (then the category
-        order is the time, 0, 1, 2...).
+        order is the time, 0, 1, 2...). For a collection whose files are one time point each:
+        a mapping ``{source key or file name: time}``, e.g. ``{"day2.h5ad": 2, ...}`` (a
+        column every file has works as well).
     mode
         The default sampling mode (see above).
     clone_key
@@ -245,7 +249,7 @@ class TimeResolvedAnnDataset(AnnDataset):
     def __init__(
         self,
         adata,
-        time_key: str,
+        time_key: str | Mapping[str, float],
         *,
         mode: Mode = "populations",
         clone_key: str | None = None,
@@ -257,16 +261,23 @@ class TimeResolvedAnnDataset(AnnDataset):
         **kwargs,
     ):
         super().__init__(adata, **kwargs)
-        obs = self.source.obs
-        if time_key not in obs.columns:
-            raise FieldKeyError(
-                f"Unknown time_key {time_key!r}. adata.obs has: {list(obs.columns)}."
-            )
+        if isinstance(time_key, Mapping):
+            column = self._source_times(time_key)
+        else:
+            obs = self.source.obs
+            if time_key not in obs.columns:
+                raise FieldKeyError(
+                    f"Unknown time_key {time_key!r}. adata.obs has: {list(obs.columns)}."
+                )
+            self.source.require_obs(time_key)
+            column = obs[time_key]
         if mode not in ("populations", "initial", "lineage"):
             raise ValueError(f"mode must be 'populations', 'initial' or 'lineage', got {mode!r}.")
         self.time_key = time_key
         self.mode = mode
-        values, self.time_points = _time_values(obs[time_key], time_key, time_ranks)
+        values, self.time_points = _time_values(
+            column, time_key if isinstance(time_key, str) else "time_key", time_ranks
+        )
         self.time_index = np.searchsorted(self.time_points, values).astype(np.int64)
         self._t = values.astype(np.float32)
         self.start_time = self.time_points[0] if start_time is None else float(start_time)
@@ -282,6 +293,40 @@ class TimeResolvedAnnDataset(AnnDataset):
         if mode == "lineage" and self.clone_ids is None:
             raise ValueError("mode='lineage' needs a clone assignment: pass clone_key= or clones=.")
 
+    def _source_times(self, times: Mapping) -> pd.Series:
+        """Each cell's time from ``{source key or file name: time}`` (a collection's files)."""
+        source = self.source
+        if not isinstance(source, SourceCollection):
+            raise TypeError(
+                "time_key as a mapping {source: time} gives each source of a collection one "
+                "time point; this dataset reads a single AnnData. Pass the obs column that "
+                "holds the times instead."
+            )
+        names = [
+            (key, Path(path).name if path is not None else key)
+            for key, path in zip(source.keys, source.paths, strict=True)
+        ]
+        known = {n for pair in names for n in pair}
+        unknown = [k for k in times if k not in known]
+        if unknown:
+            raise ValueError(
+                f"time_key names sources the collection does not have: {unknown[:10]}. Its "
+                f"sources: {source.keys[:20]}."
+            )
+        per_source, lacking = [], []
+        for key, file_name in names:
+            value = times.get(key, times.get(file_name))
+            if value is None:
+                lacking.append(key)
+            per_source.append(value)
+        if lacking:
+            raise ValueError(
+                f"time_key gives no time for the sources {lacking[:10]}; give every source of "
+                "the collection its time point."
+            )
+        lengths = np.diff(source.offsets)
+        return pd.Series(np.repeat(np.asarray(per_source), lengths))
+
     def _read_clones(self, clone_key, clones, policy, drop_single):
         if clone_key is None and clones is None:
             return None
@@ -289,6 +334,7 @@ class TimeResolvedAnnDataset(AnnDataset):
             raise ValueError("Pass either clone_key= or clones=, not both.")
         if clone_key is not None:
             if clone_key in self.source.obs.columns:
+                self.source.require_obs(clone_key, na="code")  # a cell without a clone: NaN
                 clones = self.source.obs[clone_key]
             elif clone_key in self.source.obsm_keys:
                 reader = self.source.matrix_reader("obsm", clone_key)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -138,7 +138,7 @@ class SCVIDataModule(AnnDataModule):
         categorical_covariate_keys: Sequence[str] | None = None,
         continuous_covariate_keys: Sequence[str] | None = None,
         layer: str | None = None,
-        join: Literal["inner", "outer"] | Sequence[str] = "inner",
+        join: str | Sequence[str] = "inner",
         source_key: str = "source",
         model_name: str = "SCVI",
         split: Split | dict[str, Any] | None = None,

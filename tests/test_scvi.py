@@ -220,3 +220,55 @@ def test_worker_processes_serve_the_same_batches(adata):
     model = scvi.model.SCVI(registry=workers.registry, n_latent=4)
     model.train(datamodule=workers, max_epochs=1, accelerator="cpu", **TRAIN_QUIET)
     assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()
+
+
+@needs_scvi
+@pytest.mark.parametrize("backed", [True, False])
+def test_a_collection_of_files_trains_each_file_a_batch(adata, tmp_path, backed):
+    """A folder of 3 files (one per sample, one with its genes in another order)."""
+    folder = tmp_path / "atlas"
+    folder.mkdir()
+    parts = {}
+    for name in ("s2", "s1", "s3"):
+        part = adata[adata.obs["sample"] == name].copy()
+        if name == "s3":
+            part = part[:, part.var_names[::-1]].copy()  # genes are matched by name
+        part.write_h5ad(folder / f"{name}.h5ad")
+        parts[name] = part
+    dm = SCVIDataModule(
+        folder, layer="counts", split=Split(val_size=0.2), batch_size=64, backed=backed
+    )
+    registry = dm.registry
+    assert registry["setup_args"]["batch_key"] == "source"
+    mapping = registry["field_registries"]["batch"]["state_registry"]["categorical_mapping"]
+    assert list(mapping) == ["s1.h5ad", "s2.h5ad", "s3.h5ad"]  # the folder's files, sorted
+    assert (dm.n_obs, dm.n_vars, dm.n_batch) == (240, 30, 3)
+    assert list(dm.dataset.var_names) == list(adata.var_names)
+
+    batches = list(dm.inference_dataloader())
+    counts = np.concatenate([b["X"].numpy() for b in batches])
+    codes = np.concatenate([b["batch"].numpy()[:, 0] for b in batches])
+    order = ("s1", "s2", "s3")  # cells file after file
+    expected = np.concatenate(
+        [parts[n][:, adata.var_names].layers["counts"].toarray() for n in order]
+    )
+    np.testing.assert_array_equal(counts, expected)
+    np.testing.assert_array_equal(codes, np.repeat([0, 1, 2], [parts[n].n_obs for n in order]))
+
+    scvi.settings.seed = 0
+    model = scvi.model.SCVI(registry=registry, n_latent=4)
+    model.train(datamodule=dm, **TRAIN, **TRAIN_QUIET)
+    assert np.isfinite(model.history["elbo_validation"].to_numpy(dtype=float)).all()
+    latent = model.get_latent_representation(dataloader=dm.inference_dataloader())
+    assert latent.shape == (240, 4) and np.isfinite(latent).all()
+
+
+@needs_scvi
+def test_a_collection_keeps_a_batch_key_given(adata, tmp_path):
+    paths = []
+    for name in ("s1", "s2"):
+        paths.append(tmp_path / f"{name}.h5ad")
+        adata[adata.obs["sample"] == name].copy().write_h5ad(paths[-1])
+    dm = SCVIDataModule(paths, layer="counts", batch_key="donor", backed=True)
+    assert dm.registry["setup_args"]["batch_key"] == "donor"
+    assert list(dm.batch_labels) == [3, 7]

@@ -6,7 +6,9 @@ from (``scvi.model.SCVI(registry=dm.registry)``), the sizes (``n_obs``, ``n_vars
 ``n_batch``, ``n_labels``), batches under scvi's keys (``"X"``, ``"batch"``, ``"labels"``,
 ``"extra_categorical_covs"``, ``"extra_continuous_covs"``) and an inference loader for
 ``get_latent_representation(dataloader=dm.inference_dataloader())``. Splits, workers, samplers
-and DDP are those of the data module.
+and DDP are those of the data module. A collection of files (a list, folder or glob, see
+:class:`~torch_adata.collection.SourceCollection`) trains as one dataset, each file a batch
+unless ``batch_key`` names another column.
 
 scvi-tools is imported only when a :class:`SCVIDataModule` is built, never by
 ``import torch_adata`` nor by importing this module.
@@ -15,7 +17,7 @@ scvi-tools is imported only when a :class:`SCVIDataModule` is built, never by
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import anndata as ad
@@ -25,6 +27,7 @@ import torch
 
 from ._batch import densify
 from ._source import FieldKeyError
+from .collection import is_collection
 from .datamodule import AnnDataModule
 from .options import Fields, Loader, Split
 
@@ -88,9 +91,13 @@ class SCVIDataModule(AnnDataModule):
     ----------
     source
         An AnnData, a path to an ``.h5ad`` file, or a dataset name (as for
-        :class:`~torch_adata.AnnDataModule`).
+        :class:`~torch_adata.AnnDataModule`). Or a collection read as one dataset, cells
+        source after source: a list of paths and/or AnnData objects, a mapping ``{name: path
+        or AnnData}``, a folder (its ``*.h5ad`` files, sorted by name) or a glob such as
+        ``"atlas/*.h5ad"`` (see :class:`~torch_adata.collection.SourceCollection`).
     batch_key
-        obs column of the batches to correct for (``None``: one batch).
+        obs column of the batches to correct for. ``None``: one batch, or for a collection
+        its ``source_key`` column, so that each file is a batch.
     labels_key
         obs column of the cell labels (required by ``SCANVI``).
     unlabeled_category
@@ -99,6 +106,10 @@ class SCVIDataModule(AnnDataModule):
         Extra obs columns the model conditions on.
     layer
         Layer with the counts (``None``: ``adata.X``).
+    join, source_key
+        For a collection: how the files' genes are matched (``"inner"``, ``"outer"`` or a list
+        of genes) and the obs column naming each cell's file (see
+        :class:`~torch_adata.Fields`).
     model_name
         ``"SCVI"`` or ``"SCANVI"``: the model the registry is for. With ``"SCANVI"``, each
         training and validation batch is passed as ``(batch, its labelled cells)``, so the
@@ -119,7 +130,7 @@ class SCVIDataModule(AnnDataModule):
 
     def __init__(
         self,
-        source: str | os.PathLike | ad.AnnData,
+        source: str | os.PathLike | ad.AnnData | Sequence | Mapping,
         *,
         batch_key: str | None = None,
         labels_key: str | None = None,
@@ -127,6 +138,8 @@ class SCVIDataModule(AnnDataModule):
         categorical_covariate_keys: Sequence[str] | None = None,
         continuous_covariate_keys: Sequence[str] | None = None,
         layer: str | None = None,
+        join: str | Sequence[str] = "inner",
+        source_key: str = "source",
         model_name: str = "SCVI",
         split: Split | dict[str, Any] | None = None,
         batch_size: int = 256,
@@ -145,6 +158,8 @@ class SCVIDataModule(AnnDataModule):
                 "SCANVI learns from labels: pass labels_key= (the obs column of cell labels) "
                 "and unlabeled_category= (the label of unlabeled cells)."
             )
+        if batch_key is None and is_collection(source):
+            batch_key = source_key  # each file its own batch
         self.batch_key = batch_key
         self.labels_key = labels_key
         self.unlabeled_category = unlabeled_category
@@ -156,7 +171,14 @@ class SCVIDataModule(AnnDataModule):
         keys = list(dict.fromkeys(categorical + self.continuous_covariate_keys))
         super().__init__(
             source,
-            fields=Fields(layer=layer, obs_keys=keys, sparse=sparse, densify=sparse),
+            fields=Fields(
+                layer=layer,
+                obs_keys=keys,
+                sparse=sparse,
+                densify=sparse,
+                join=join if isinstance(join, str) else list(join),
+                source_key=source_key,
+            ),
             split=split,
             batch_size=batch_size,
             num_workers=num_workers,
@@ -169,6 +191,11 @@ class SCVIDataModule(AnnDataModule):
         self._lookups: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     # -- data ------------------------------------------------------------------------------
+
+    def _load(self):
+        if is_collection(self.source):
+            return self.source  # the dataset opens each file (backed or loaded)
+        return super()._load()
 
     def _build_dataset(self):
         try:

@@ -76,6 +76,12 @@ class AnnDataset(Dataset):
         :class:`~torch_adata.AnnDataModule` defaults to loading a path into memory instead.
     engine
         Gather kernels: ``"auto"`` (numba if installed), ``"numba"`` or ``"numpy"``.
+    io_threads
+        Backed files: how many reads a batch whose rows are not in the page cache has in flight
+        at once (``None``, the default: up to 32, so an SSD sees a queue of reads; ``1``: one
+        read after another, on the calling thread, e.g. for a disk that seeks, or to keep
+        threads out of a process). Batches found in the page cache are always read on the
+        calling thread. No effect in memory.
 
     Batches
     -------
@@ -127,8 +133,9 @@ class AnnDataset(Dataset):
         return_index: bool = False,
         backed: bool = True,
         engine: Literal["auto", "numba", "numpy"] = "auto",
+        io_threads: int | None = None,
     ):
-        self.source = AnnDataSource(adata, backed=backed, engine=engine)
+        self.source = AnnDataSource(adata, backed=backed, engine=engine, io_threads=io_threads)
         if self.source.n_obs == 0:
             raise ValueError(
                 "The AnnData has no cells (n_obs == 0): check the selection that produced it."
@@ -250,6 +257,25 @@ class AnnDataset(Dataset):
             Positions that are not integers.
         """
         return self._gather(self._rows(rows))
+
+    def prefetch(self, rows) -> None:
+        """Start reading the cells at ``rows`` into the page cache, for batches to come.
+
+        Returns at once; the disk reads them while earlier batches are gathered, and the batch
+        that asks for them later finds them in memory. Only backed files read directly
+        (uncompressed) on Linux do anything; in memory it does nothing.
+        :class:`~torch_adata.samplers.BlockShuffleSampler` calls it with each next pool of
+        batches when given ``read_ahead=dataset`` (the data module does so for backed data).
+
+        Parameters
+        ----------
+        rows
+            Row positions, as for :meth:`gather`.
+        """
+        rows = self._rows(rows)
+        for field in self.fields.values():
+            if isinstance(field, MatrixField):
+                field.reader.prefetch(rows)
 
     def _gather(self, rows: np.ndarray) -> Batch:
         """The batch of int64 positions already checked to lie in ``[0, len(self))``."""

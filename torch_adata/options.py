@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from ._fields import CategoryEncoder
+from ._gather import check_io_threads
 
 __all__ = ["Fields", "Loader", "Split", "TimeSampling", "as_options"]
 
@@ -71,6 +72,9 @@ class Fields:
         these.
     engine
         Gather engine: ``"auto"``, ``"numba"`` or ``"numpy"``.
+    io_threads
+        Backed files: reads in flight at once for a batch not in the page cache (``None``: up
+        to 32; ``1``: one after another), see :class:`~torch_adata.AnnDataset`.
     """
 
     layer: str | None = None
@@ -89,6 +93,7 @@ class Fields:
     obs_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     encoders: dict[str, CategoryEncoder] = field(default_factory=dict)
     engine: Literal["auto", "numba", "numpy"] = "auto"
+    io_threads: int | None = None
 
     def __post_init__(self):
         if self.densify and not self.sparse:
@@ -96,6 +101,7 @@ class Fields:
                 "Fields(densify=True) densifies sparse batches on the device: it needs "
                 "sparse=True (dense batches need no densifying)."
             )
+        self.io_threads = check_io_threads(self.io_threads)
         self.obs_keys = _names(self.obs_keys, "Fields.obs_keys")
         if self.var_names is not None:
             self.var_names = _names(self.var_names, "Fields.var_names")

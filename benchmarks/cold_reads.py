@@ -122,7 +122,9 @@ def main() -> None:
     parser.add_argument("--block-batches", type=int, default=192, help="per block pass")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sparse", action="store_true", help="sparse batches")
-    parser.add_argument("--only", default="", help="run the cases whose name has this text")
+    parser.add_argument(
+        "--only", default="", help="comma-separated texts: run the cases whose name has one"
+    )
     parser.add_argument("--seq", type=float, help="disk.py's sequential MiB/s")
     parser.add_argument("--qd1", type=float, help="disk.py's random reads/s at depth 1")
     parser.add_argument("--qd32", type=float, help="disk.py's random reads/s at depth 32")
@@ -132,7 +134,8 @@ def main() -> None:
 
     n = ad.read_h5ad(path, backed="r").n_obs
     n_block = min(n, args.block_batches * args.batch_size)
-    cases = [c for c in CASES if args.only in c.name]
+    wanted = [w.strip() for w in args.only.split(",")]
+    cases = [c for c in CASES if any(w in c.name for w in wanted)]
     loaders = [_loader(path, c, args.sparse, n_block, args.batch_size) for c in cases]
     results: dict[str, list[float]] = {c.name: [] for c in cases}
     for r in range(args.rounds):

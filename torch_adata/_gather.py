@@ -355,8 +355,11 @@ def read_whole(dataset, path: str, engine: str = "auto", piece: int = 1 << 20) -
     return out
 
 
-# Read-ahead (direct reads): windows of this many stored elements around rows a batch reads
-# together; the last ones announced are remembered so that each is announced once per pool.
+# Read-ahead (direct reads): windows of this many stored elements around rows a batch not found
+# in the page cache reads together (a block-shuffle pool nobody announced ahead, see
+# BackedCSRReader.prefetch; a window reads about twice a pool's own data, so a batch found in
+# the page cache announces none); the last ones announced are remembered so that each is
+# announced once per pool.
 # Few are kept (256 windows: ~256 MB of a file of float32 values and int32 indices): a window
 # remembered long ago may have left the page cache since, and would never be announced again
 # (with 1,024, a 1.5 GB file's second cold pass of block shuffling fell from 20k to 10k cells/s).

@@ -264,8 +264,9 @@ class AnnDataset(Dataset):
         Returns at once; the disk reads them while earlier batches are gathered, and the batch
         that asks for them later finds them in memory. Only backed files read directly
         (uncompressed) on Linux do anything; in memory it does nothing.
-        :class:`~torch_adata.samplers.BlockShuffleSampler` calls it with each next pool of
-        batches when given ``read_ahead=dataset`` (the data module does so for backed data).
+        :class:`~torch_adata.samplers.BlockShuffleSampler` given ``read_ahead=dataset`` calls
+        it with its pools of batches, two pools ahead of the one being read (the data module
+        passes its split for ``Loader(sampler="block")``).
 
         Parameters
         ----------

@@ -254,7 +254,8 @@ class Loader:
         Drop each training epoch's remainder so every training batch is full.
     sampler
         Training order of plain datasets: ``"uniform"`` or ``"block"``
-        (:class:`~torch_adata.samplers.BlockShuffleSampler`, faster on disk, less diverse).
+        (:class:`~torch_adata.samplers.BlockShuffleSampler`, faster on disk, less diverse; on
+        a backed file its pools are read ahead, ``read_ahead=`` the split).
     block_size, pool_batches
         Options of the block sampler.
     persistent_workers

@@ -72,7 +72,13 @@ class SplitDataset(Subset):
 
     def prefetch(self, indices) -> None:
         """Start reading the split's cells at ``indices`` into the page cache (see
-        :meth:`AnnDataset.prefetch <torch_adata.AnnDataset.prefetch>`)."""
+        :meth:`AnnDataset.prefetch <torch_adata.AnnDataset.prefetch>`).
+
+        Parameters
+        ----------
+        indices
+            Positions in the split, as for ``split[indices]``.
+        """
         self.dataset.prefetch(self.indices[positions(indices, len(self.indices))])
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:

@@ -25,7 +25,9 @@ Loaders (``"loader"``):
 The AnnDataset loaders take ``"workers"`` (DataLoader worker processes, forked) and
 ``"persistent"`` (``persistent_workers=True``: one DataLoader serves every pass, so its workers
 live across passes as they do across epochs in training); ``"sampler"`` is ``"uniform"``,
-``"block"`` or ``"block:<block_size>:<pool_batches>"``.
+``"block"`` or ``"block:<block_size>:<pool_batches>"``. A backed block-shuffle loader announces
+its pools ahead to the dataset (``BlockShuffleSampler(read_ahead=dataset)``, as the data module
+does) unless ``"read_ahead": false``.
 ``"paths": [...]`` (instead of ``"path"``)
     The AnnDataset loader over a collection of files (``"join"``: the gene join, default
     ``"inner"``), in memory or backed as above.
@@ -155,10 +157,15 @@ def resident_mib(path: str | Path) -> float | None:
 # -- loaders ------------------------------------------------------------------------------------
 
 
-def make_sampler(n: int, batch_size: int, sampler: str, seed: int = 0, boundaries=None):
+def make_sampler(
+    n: int, batch_size: int, sampler: str, seed: int = 0, boundaries=None, read_ahead=None
+):
     """A one-process uniform (``"uniform"``) or block-shuffle (``"block"``, or
     ``"block:<block_size>:<pool_batches>"``) batch sampler of torch_adata; ``boundaries``:
-    a collection's offsets, which blocks do not cross."""
+    a collection's offsets, which blocks do not cross; a block sampler announces its pools
+    to ``read_ahead`` (a dataset) where this version can."""
+    import inspect
+
     from torch_adata import samplers
 
     if sampler == "uniform":
@@ -169,6 +176,8 @@ def make_sampler(n: int, batch_size: int, sampler: str, seed: int = 0, boundarie
         options = dict(zip(("block_size", "pool_batches"), params, strict=False))
         if boundaries is not None:
             options["boundaries"] = boundaries
+        if read_ahead is not None and "read_ahead" in inspect.signature(block).parameters:
+            options["read_ahead"] = read_ahead
         return block(n, batch_size, seed=seed, num_replicas=1, rank=0, **options)
     raise ValueError(
         f"sampler must be 'uniform', 'block' or 'block:<block_size>:<pool_batches>', got "
@@ -176,17 +185,41 @@ def make_sampler(n: int, batch_size: int, sampler: str, seed: int = 0, boundarie
     )
 
 
+def _batches(s, count: int):
+    """``count`` batches of sampler ``s``, from its epochs 0, 1, ... (more than one epoch only
+    when an epoch has fewer batches)."""
+    taken = 0
+    while taken < count:
+        s.set_epoch(s.epoch + (1 if taken else 0))
+        for batch in islice(iter(s), count - taken):
+            yield batch
+            taken += 1
+
+
 def _plan(
     n: int, batch_size: int, sampler: str, seed: int, count: int, boundaries=None
 ) -> list[np.ndarray]:
-    """``count`` batches of the uniform or block-shuffle sampler seeded ``seed``, from its
-    epochs 0, 1, ... (more than one epoch only when an epoch has fewer batches)."""
-    s = make_sampler(n, batch_size, sampler, seed, boundaries)
-    batches: list[np.ndarray] = []
-    while len(batches) < count:
-        s.set_epoch(s.epoch + (1 if batches else 0))
-        batches += list(islice(iter(s), count - len(batches)))
-    return batches
+    """``count`` batches of the uniform or block-shuffle sampler seeded ``seed``."""
+    return list(_batches(make_sampler(n, batch_size, sampler, seed, boundaries), count))
+
+
+class _AnnouncedPlan:
+    """The batches of :func:`_plan`, drawn as they are read from a block sampler that
+    announces its pools to the dataset (``read_ahead``), as the data module's sampler does."""
+
+    def __init__(
+        self, dataset, batch_size: int, sampler: str, seed: int, count: int, boundaries=None
+    ) -> None:
+        self.sampler = make_sampler(
+            len(dataset), batch_size, sampler, seed, boundaries, read_ahead=dataset
+        )
+        self.count = count
+
+    def __iter__(self):
+        return _batches(self.sampler, self.count)
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def build(cfg: dict):
@@ -251,6 +284,8 @@ def build(cfg: dict):
         boundaries = dataset.source.offsets if "paths" in cfg else None
 
         def plan(batch_size, seed, count):
+            if sampler.startswith("block") and backed and cfg.get("read_ahead", True):
+                return _AnnouncedPlan(dataset, batch_size, sampler, seed, count, boundaries)
             return _plan(len(dataset), batch_size, sampler, seed, count, boundaries)
 
     elif loader == "TimeResolvedAnnDataset":
@@ -333,6 +368,7 @@ def _build_fresh(cfg: dict, resident: list, paused: threading.Event | None = Non
     helper, whose memory the sampler must not count). Returns the loader and seconds taken."""
     gc.collect()
     if cfg.get("cold", False):
+        time.sleep(0.3)  # reads announced ahead by the last pass land before the eviction
         drop_page_cache(cfg["path"])
         if paused is not None:
             paused.set()

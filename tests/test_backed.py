@@ -336,7 +336,8 @@ def test_forked_workers_reuse_the_layout_unless_the_file_changed(tmp_path, monke
     np.testing.assert_array_equal(fetch(), second.X[rows].toarray())
 
 
-def test_local_batches_announce_their_regions_and_scattered_ones_do_not(wide_file, monkeypatch):
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv2's RWF_NOWAIT (Linux)")
+def test_local_batches_not_in_the_page_cache_announce_their_regions(wide_file, monkeypatch):
     import torch_adata._gather as gather
 
     path, memory = wide_file
@@ -344,10 +345,16 @@ def test_local_batches_announce_their_regions_and_scattered_ones_do_not(wide_fil
     reader = dataset.fields["X"].reader
     assert reader.mode == "direct"
     monkeypatch.setattr(gather, "_WINDOW", 1000)  # ~4 rows of ~270 stored values per window
+    _evict(path)
     scattered = [0, 20, 40, 60, 79]  # five runs in five windows: uniform-like, no read-ahead
     np.testing.assert_array_equal(dataset[scattered].numpy(), memory.X[scattered].toarray())
     assert not reader._open().read_ahead
     local = list(range(0, 16, 2))  # eight runs in about four windows: block-like
+    with open(path, "rb") as f:
+        f.read()  # the whole file in the page cache: a batch found there announces nothing
+    _ = dataset[local]
+    assert not reader._open().read_ahead
+    _evict(path)
     np.testing.assert_array_equal(dataset[local].numpy(), memory.X[local].toarray())
     announced = set(reader._open().read_ahead)
     assert 2 <= len(announced) <= 5

@@ -94,6 +94,10 @@ class RowReader:
     def prepare(self) -> None:
         """Do the one-off set-up of reading (once per file) before workers fork; default none."""
 
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Start reading ``rows`` into the page cache in the background, for batches to come;
+        returns at once. Only backed files read directly do anything (default: nothing)."""
+
     def describe(self) -> str:
         """One line that says what this reader reads and how (shown in ``repr(dataset)``)."""
         return type(self).__name__
@@ -351,8 +355,11 @@ def read_whole(dataset, path: str, engine: str = "auto", piece: int = 1 << 20) -
     return out
 
 
-# Read-ahead (direct reads): windows of this many stored elements around rows a batch reads
-# together; the last ones announced are remembered so that each is announced once per pool.
+# Read-ahead (direct reads): windows of this many stored elements around rows a batch not found
+# in the page cache reads together (a block-shuffle pool nobody announced ahead, see
+# BackedCSRReader.prefetch; a window reads about twice a pool's own data, so a batch found in
+# the page cache announces none); the last ones announced are remembered so that each is
+# announced once per pool.
 # Few are kept (256 windows: ~256 MB of a file of float32 values and int32 indices): a window
 # remembered long ago may have left the page cache since, and would never be announced again
 # (with 1,024, a 1.5 GB file's second cold pass of block shuffling fell from 20k to 10k cells/s).
@@ -369,20 +376,43 @@ _IO_THREADS = 32
 _CONCURRENT_MIN_RUNS = 16
 _PROBES = 4
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_PID: int | None = None
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+_POOLS_PID: int | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _io_pool() -> ThreadPoolExecutor:
-    """This process's reader threads (made on first use; a forked child makes its own, as the
-    parent's threads do not exist in it)."""
-    global _POOL, _POOL_PID
+def check_io_threads(io_threads: Any) -> int | None:
+    """``io_threads`` checked: ``None`` or a whole number >= 1 (at most :data:`_IO_THREADS`
+    are used)."""
+    if io_threads is not None and (
+        not isinstance(io_threads, (int, np.integer))
+        or isinstance(io_threads, bool)
+        or io_threads < 1
+    ):
+        raise ValueError(
+            f"io_threads must be None (automatic) or a whole number >= 1, got "
+            f"{io_threads!r}; use 1 to read one run after another."
+        )
+    return None if io_threads is None else int(io_threads)
+
+
+def _thread_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """This process's pool ``name`` of ``threads`` threads (made on first use; a forked child
+    makes its own, as the parent's threads do not exist in it)."""
+    global _POOLS_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():
-            _POOL = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="torch_adata-io")
-            _POOL_PID = os.getpid()
-        return _POOL
+        if _POOLS_PID != os.getpid():
+            _POOLS.clear()
+            _POOLS_PID = os.getpid()
+        pool = _POOLS.get(name)
+        if pool is None:
+            pool = _POOLS[name] = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        return pool
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    """This process's reader threads."""
+    return _thread_pool("torch_adata-io", _IO_THREADS)
 
 
 def _new_pool_lock() -> None:
@@ -393,12 +423,12 @@ def _new_pool_lock() -> None:
 os.register_at_fork(after_in_child=_new_pool_lock)
 
 
-def _cached(fd: int, layout: tuple, itemsize: int, run_starts, run_lengths) -> bool:
+def _cached(fd: int, layout: tuple, itemsize: int, run_starts, run_lengths) -> bool | None:
     """Whether a few of the runs (spread over the batch) are in the page cache: read without
-    waiting for the disk (``RWF_NOWAIT``); ``True`` where that cannot be asked."""
+    waiting for the disk (``RWF_NOWAIT``); ``None`` where that cannot be asked."""
     flag = getattr(os, "RWF_NOWAIT", None)
     if flag is None:
-        return True
+        return None
     base, chunk_len = layout
     picks = np.linspace(0, len(run_starts) - 1, _PROBES).astype(np.int64)
     for k in np.unique(picks).tolist():
@@ -412,7 +442,7 @@ def _cached(fd: int, layout: tuple, itemsize: int, run_starts, run_lengths) -> b
         except BlockingIOError:
             return False
         except OSError:  # RWF_NOWAIT unsupported here (old kernel, some file systems)
-            return True
+            return None
         if got < n:
             return False
     return True
@@ -442,18 +472,57 @@ def _read_concurrently(
         f.result()  # raises a reader's error (a short read: file truncated)
 
 
-def _read_ahead(st: _OpenCSR, run_starts: np.ndarray, itemsizes: tuple[int, int]) -> None:
-    """Ask the kernel to start reading the file regions around a batch's rows, when the batch
-    is local (its rows gather in few regions, as under block shuffling): the next batches of a
-    block-shuffle pool read other rows of the same blocks, which are then already in the page
-    cache. Scattered batches (uniform shuffling) read only what they ask for."""
+def _byte_ranges(layout: tuple, itemsize: int, starts: np.ndarray, stops: np.ndarray):
+    """File ``(offsets, lengths)`` in bytes of the element ranges ``[starts, stops)`` of a
+    dataset stored in chunks (``layout``: see :func:`_storage_layout`), one range per piece of a
+    chunk, pieces that follow each other in the file merged."""
+    base, chunk_len = layout
+    keep = stops > starts
+    starts, stops = starts[keep], stops[keep]
+    first, last = starts // chunk_len, (stops - 1) // chunk_len
+    counts = last - first + 1
+    owner = np.repeat(np.arange(len(starts)), counts)
+    chunk = (
+        first[owner] + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    )
+    lo = np.maximum(starts[owner], chunk * chunk_len)
+    hi = np.minimum(stops[owner], (chunk + 1) * chunk_len)
+    offsets = base[chunk] + (lo - chunk * chunk_len) * itemsize
+    ends = offsets + (hi - lo) * itemsize
+    if len(offsets) == 0:
+        return offsets, ends
+    order = np.argsort(offsets, kind="stable")
+    offsets, ends = offsets[order], np.maximum.accumulate(ends[order])
+    new = np.r_[True, offsets[1:] > ends[:-1]]  # a gap before it: a range starts here
+    last = np.r_[new[1:], True]
+    return offsets[new], ends[last] - offsets[new]
+
+
+def _advise(fd: int, offsets: np.ndarray, lengths: np.ndarray) -> None:
+    """Ask the kernel to start reading these byte ranges into the page cache (it returns once
+    the reads are queued; ranges already cached cost nothing)."""
+    for offset, length in zip(offsets.tolist(), lengths.tolist(), strict=True):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+
+def _local_windows(run_starts: np.ndarray) -> np.ndarray | None:
+    """The read-ahead windows of a batch whose runs gather in few of them (as under block
+    shuffling), or ``None`` for a scattered batch (uniform shuffling: no locality to exploit)."""
     if not hasattr(os, "posix_fadvise") or len(run_starts) < 4:
-        return
+        return None
     windows = np.unique(run_starts // _WINDOW)
-    if 4 * len(windows) > 3 * len(run_starts):  # scattered: no locality to exploit
-        return
+    if 4 * len(windows) > 3 * len(run_starts):
+        return None
+    return windows
+
+
+def _read_ahead(st: _OpenCSR, windows: np.ndarray, itemsizes: tuple[int, int]) -> None:
+    """Ask the kernel to start reading the file windows around a batch's rows that were not
+    announced lately: the next batches of a block-shuffle pool read other rows of the same
+    blocks, which are then already in the page cache (used where the pool was not announced
+    ahead, see :meth:`BackedCSRReader.prefetch`)."""
     known = st.read_ahead
-    fd = st.descriptor.fd
+    fresh = []
     for w in windows.tolist():
         if w in known:
             known.move_to_end(w)
@@ -461,12 +530,28 @@ def _read_ahead(st: _OpenCSR, run_starts: np.ndarray, itemsizes: tuple[int, int]
         known[w] = None
         if len(known) > _WINDOWS_KEPT:
             known.popitem(last=False)
-        for (base, chunk_len), itemsize in zip(st.layout.layouts, itemsizes, strict=True):
-            start, stop = w * _WINDOW, (w + 1) * _WINDOW
-            for c in range(start // chunk_len, min(-(-stop // chunk_len), len(base))):
-                lo, hi = max(start, c * chunk_len), min(stop, (c + 1) * chunk_len)
-                offset = int(base[c]) + (lo - c * chunk_len) * itemsize
-                os.posix_fadvise(fd, offset, (hi - lo) * itemsize, os.POSIX_FADV_WILLNEED)
+        fresh.append(w)
+    if not fresh:
+        return
+    starts = np.asarray(fresh, dtype=np.int64) * _WINDOW
+    for layout, itemsize in zip(st.layout.layouts, itemsizes, strict=True):
+        stops = np.minimum(starts + _WINDOW, len(layout[0]) * layout[1])
+        _advise(st.descriptor.fd, *_byte_ranges(layout, itemsize, starts, stops))
+
+
+def _prefetch_rows(st: _OpenCSR, rows: np.ndarray, itemsizes: tuple[int, int]) -> None:
+    """Announce the stored rows ``rows`` (sorted, unique) to the kernel, exactly: each run of
+    consecutive rows is one range per dataset. Runs in a hint thread; a hint that fails (the
+    file closed meanwhile) is dropped, as the batch's own read reports any real error."""
+    indptr = st.layout.indptr
+    starts, stops = indptr[rows], indptr[rows + 1]
+    first = np.flatnonzero(np.r_[True, starts[1:] != stops[:-1]])
+    last = np.r_[first[1:] - 1, len(rows) - 1]
+    try:
+        for layout, itemsize in zip(st.layout.layouts, itemsizes, strict=True):
+            _advise(st.descriptor.fd, *_byte_ranges(layout, itemsize, starts[first], stops[last]))
+    except OSError:  # pragma: no cover - best effort
+        pass
 
 
 @dataclass
@@ -501,6 +586,9 @@ class _OpenCSR:
     read_ahead: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     #: batches read concurrently (not found in the page cache), for tests and benchmarks
     concurrent_batches: int = 0
+    #: the last rows announced by :meth:`BackedCSRReader.prefetch` (a future, done once the
+    #: kernel has queued their reads), for tests and benchmarks
+    hinted: Any = None
 
 
 class BackedCSRReader(RowReader):
@@ -530,12 +618,7 @@ class BackedCSRReader(RowReader):
         direct_reads: bool = True,
         io_threads: int | None = None,
     ):
-        if io_threads is not None and (not isinstance(io_threads, int) or io_threads < 1):
-            raise ValueError(
-                f"io_threads must be None (automatic) or a whole number >= 1, got "
-                f"{io_threads!r}; use 1 to read one run after another."
-            )
-        self.io_threads = io_threads
+        self.io_threads = check_io_threads(io_threads)
         self.file = _LazyFile(path)
         self.key = key
         self.col_map = col_map
@@ -554,6 +637,25 @@ class BackedCSRReader(RowReader):
         against h5py), so that DataLoader workers forked later inherit it: each would
         otherwise redo it every epoch (39 ms at 100k cells, ten times that at 1M)."""
         self._open()
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Start reading the stored rows ``rows`` into the page cache; returns at once.
+
+        Each run of consecutive rows is announced to the kernel as one read per array
+        (``posix_fadvise(WILLNEED)``, from a background thread: the kernel queues the reads and
+        the disk serves them while earlier batches are gathered). A batch whose rows were
+        announced is then found in the page cache and read as such. The page cache is shared,
+        so rows announced from the main process serve DataLoader workers too. Nothing happens
+        for files read through h5py (compressed) or without ``posix_fadvise`` (macOS, Windows).
+        """
+        if not hasattr(os, "posix_fadvise") or len(rows) == 0:
+            return
+        st = self._open()
+        if st.layout.layouts is None:
+            return
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        itemsizes = (st.data.dtype.itemsize, st.indices.dtype.itemsize)
+        st.hinted = _thread_pool("torch_adata-hint", 1).submit(_prefetch_rows, st, rows, itemsizes)
 
     def _open(self) -> _OpenCSR:
         """The matrix opened in this process (its layout read once, kept across forks while
@@ -645,13 +747,18 @@ class BackedCSRReader(RowReader):
             run_starts = starts[first]
             run_lengths = np.add.reduceat(lengths, first)
             fd = st.descriptor.fd
-            _read_ahead(st, run_starts, (data.itemsize, indices.itemsize))
             threads = min(self.io_threads or _IO_THREADS, _IO_THREADS, len(first))
-            if (
-                threads > 1
-                and len(first) >= _CONCURRENT_MIN_RUNS
-                and not _cached(fd, layout.layouts[0], data.itemsize, run_starts, run_lengths)
-            ):
+            concurrent = threads > 1 and len(first) >= _CONCURRENT_MIN_RUNS
+            windows = _local_windows(run_starts)
+            # a batch found in the page cache (announced ahead, or a warm file) is read as is
+            cached = (
+                _cached(fd, layout.layouts[0], data.itemsize, run_starts, run_lengths)
+                if concurrent or windows is not None
+                else None
+            )
+            if windows is not None and not cached:
+                _read_ahead(st, windows, (data.itemsize, indices.itemsize))
+            if concurrent and cached is False:
                 st.concurrent_batches += 1
                 _read_concurrently(
                     fd,
@@ -755,6 +862,9 @@ class MappedReader(RowReader):
     def prepare(self):
         self.base.prepare()
 
+    def prefetch(self, rows):
+        self.base.prefetch(self.row_map[rows])
+
     def describe(self):
         return f"{self.base.describe()}, through a view of {len(self.row_map)} rows"
 
@@ -798,11 +908,13 @@ def backed_reader(
     cols: np.ndarray | None = None,
     engine: str = "auto",
     direct_reads: bool = True,
+    io_threads: int | None = None,
 ) -> RowReader:
     """A reader over the matrix stored at ``key`` of an ``.h5ad`` file.
 
     ``encoding`` is the element's ``encoding-type`` attribute: ``"csr_matrix"`` or ``"array"``.
-    Backed CSC is refused: every row read would touch the whole matrix.
+    Backed CSC is refused: every row read would touch the whole matrix. ``io_threads``: see
+    :class:`BackedCSRReader`.
     """
     if encoding == "csr_matrix":
         if cols is not None and len(np.unique(cols)) != len(cols):
@@ -811,7 +923,7 @@ def backed_reader(
             )
         n_cols = None if cols is None else len(cols)
         return BackedCSRReader(
-            path, key, shape, _col_map(cols, shape[1]), n_cols, engine, direct_reads
+            path, key, shape, _col_map(cols, shape[1]), n_cols, engine, direct_reads, io_threads
         )
     if encoding == "csc_matrix":
         raise ValueError(

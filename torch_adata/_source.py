@@ -17,7 +17,14 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._compat import read_elem, view_parent
-from ._gather import MappedReader, RowReader, backed_reader, memory_reader, read_whole
+from ._gather import (
+    MappedReader,
+    RowReader,
+    backed_reader,
+    check_io_threads,
+    memory_reader,
+    read_whole,
+)
 from ._kernels import get_kernels
 
 Source = ad.AnnData | str | os.PathLike
@@ -74,11 +81,22 @@ class AnnDataSource:
         stay on disk, unlike ``anndata.read_h5ad``).
     engine
         Gather kernels: ``"auto"``, ``"numba"`` or ``"numpy"``.
+    io_threads
+        Reads in flight at once for a backed CSR batch not in the page cache (``None``: the
+        most, 32; see :class:`~torch_adata._gather.BackedCSRReader`).
     """
 
-    def __init__(self, data: Source, *, backed: bool = True, engine: str = "auto"):
+    def __init__(
+        self,
+        data: Source,
+        *,
+        backed: bool = True,
+        engine: str = "auto",
+        io_threads: int | None = None,
+    ):
         get_kernels(engine)  # a bad engine name (or numba missing) fails here, not at a read
         self.engine = engine
+        self.io_threads = check_io_threads(io_threads)
         self.path: str | None = None
         self.adata: ad.AnnData | None = None
         if isinstance(data, (str, os.PathLike)):
@@ -257,7 +275,9 @@ class AnnDataSource:
                     cols,
                     self.engine,
                 )
-            return backed_reader(self.path, h5_key, encoding, shape, cols, self.engine)
+            return backed_reader(
+                self.path, h5_key, encoding, shape, cols, self.engine, io_threads=self.io_threads
+            )
         root = self._root
         if kind in ("X", "raw") and root.isbacked:
             import h5py
@@ -266,7 +286,15 @@ class AnnDataSource:
                 elem = f[h5_key]
                 encoding = str(elem.attrs.get("encoding-type", "array"))
             shape = root.shape if kind == "X" else (root.n_obs, len(root.raw.var_names))
-            reader = backed_reader(self._backed_path, h5_key, encoding, shape, cols, self.engine)
+            reader = backed_reader(
+                self._backed_path,
+                h5_key,
+                encoding,
+                shape,
+                cols,
+                self.engine,
+                io_threads=self.io_threads,
+            )
         else:
             matrix = {
                 "X": lambda: root.X,

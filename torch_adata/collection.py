@@ -83,6 +83,7 @@ def open_source(
     engine: str = "auto",
     join: Join = "inner",
     source_key: str = "source",
+    io_threads: int | None = None,
 ) -> AnnDataSource | SourceCollection:
     """The source of a dataset: one AnnData or file, or a collection of them.
 
@@ -94,7 +95,7 @@ def open_source(
         ``{key: AnnData or path}``, a folder (its ``*.h5ad`` files, sorted by name) or a glob
         pattern such as ``"atlas/*.h5ad"`` (matches sorted by name): a
         :class:`SourceCollection`. A source or collection already built is returned as is.
-    backed, engine
+    backed, engine, io_threads
         As for :class:`~torch_adata.AnnDataset`.
     join, source_key
         For a collection, see :class:`SourceCollection` (unused for one source).
@@ -103,9 +104,14 @@ def open_source(
         return data
     if is_collection(data):
         return SourceCollection(
-            data, backed=backed, engine=engine, join=join, source_key=source_key
+            data,
+            backed=backed,
+            engine=engine,
+            join=join,
+            source_key=source_key,
+            io_threads=io_threads,
         )
-    return AnnDataSource(data, backed=backed, engine=engine)
+    return AnnDataSource(data, backed=backed, engine=engine, io_threads=io_threads)
 
 
 def _expand(data) -> tuple[list[str | None], list]:
@@ -255,6 +261,9 @@ class SourceCollection:
         fixes the columns and their order (a gene a source lacks reads as 0).
     source_key
         Name of the categorical ``obs`` column that holds each cell's source key.
+    io_threads
+        Backed files: reads in flight at once for a batch not in the page cache (see
+        :class:`~torch_adata.AnnDataset`).
 
     Attributes
     ----------
@@ -281,6 +290,7 @@ class SourceCollection:
         engine: str = "auto",
         join: Join = "inner",
         source_key: str = "source",
+        io_threads: int | None = None,
     ):
         get_kernels(engine)
         self.engine = engine
@@ -316,7 +326,7 @@ class SourceCollection:
                     f"Source {k!r} is a {type(item).__name__}; a collection holds AnnData "
                     "objects and paths to .h5ad files."
                 )
-            sources.append(AnnDataSource(item, backed=backed, engine=engine))
+            sources.append(AnnDataSource(item, backed=backed, engine=engine, io_threads=io_threads))
         self.sources: list[AnnDataSource] = sources
         self.paths: list[str | None] = [s._backed_path for s in sources]
         # what each file was when read: checked before rows are read from it

@@ -81,6 +81,17 @@ class SplitDataset(Subset):
             return self.dataset[int(self.indices[positions(index, len(self.indices))[0]])]
         return self.dataset.gather(self.indices[positions(index, len(self.indices))])
 
+    def prefetch(self, indices) -> None:
+        """Start reading the split's cells at ``indices`` into the page cache (see
+        :meth:`AnnDataset.prefetch <torch_adata.AnnDataset.prefetch>`).
+
+        Parameters
+        ----------
+        indices
+            Positions in the split, as for ``split[indices]``.
+        """
+        self.dataset.prefetch(self.indices[positions(indices, len(self.indices))])
+
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """The cells at ``indices`` as per-cell samples of one vectorised read (see
         :meth:`AnnDataset.__getitems__ <torch_adata.AnnDataset.__getitems__>`)."""
@@ -471,8 +482,9 @@ class AnnDataModule(pl.LightningDataModule):
 
     # -- loaders ----------------------------------------------------------------------------
 
-    def _sampler(self, rows: np.ndarray, train: bool):
-        """The batch sampler of a split: yields positions into ``rows`` (its SplitDataset)."""
+    def _sampler(self, rows: np.ndarray, train: bool, dataset: SplitDataset | None = None):
+        """The batch sampler of a split: yields positions into ``rows`` (its SplitDataset,
+        ``dataset``, which block shuffling reads ahead)."""
         n = len(rows)
         common = {"seed": self.seed}
         options = self.loader_options
@@ -500,6 +512,7 @@ class AnnDataModule(pl.LightningDataModule):
                 block_size=options.block_size,
                 pool_batches=options.pool_batches,
                 boundaries=boundaries,
+                read_ahead=dataset,
                 drop_last=options.drop_last,
                 **common,
             )
@@ -534,7 +547,7 @@ class AnnDataModule(pl.LightningDataModule):
         options, workers = self.loader_options, self.num_workers
         return DataLoader(
             dataset,
-            sampler=self._sampler(rows, split == "train"),
+            sampler=self._sampler(rows, split == "train", dataset),
             batch_size=None,
             collate_fn=collate,
             generator=generator,

@@ -91,6 +91,12 @@ class AnnDataset(Dataset):
     source_key
         A collection's obs column naming each cell's source (file name or the key given),
         batched like any obs column (``obs_keys=["source"]``). Unused for one source.
+    io_threads
+        Backed files: how many reads a batch whose rows are not in the page cache has in flight
+        at once (``None``, the default: up to 32, so an SSD sees a queue of reads; ``1``: one
+        read after another, on the calling thread, e.g. for a disk that seeks, or to keep
+        threads out of a process). Batches found in the page cache are always read on the
+        calling thread. No effect in memory.
 
     Batches
     -------
@@ -144,9 +150,15 @@ class AnnDataset(Dataset):
         engine: Literal["auto", "numba", "numpy"] = "auto",
         join: Join = "inner",
         source_key: str = "source",
+        io_threads: int | None = None,
     ):
         self.source = open_source(
-            adata, backed=backed, engine=engine, join=join, source_key=source_key
+            adata,
+            backed=backed,
+            engine=engine,
+            join=join,
+            source_key=source_key,
+            io_threads=io_threads,
         )
         if self.source.n_obs == 0:
             raise ValueError(
@@ -266,6 +278,26 @@ class AnnDataset(Dataset):
             Positions that are not integers.
         """
         return self._gather(self._rows(rows))
+
+    def prefetch(self, rows) -> None:
+        """Start reading the cells at ``rows`` into the page cache, for batches to come.
+
+        Returns at once; the disk reads them while earlier batches are gathered, and the batch
+        that asks for them later finds them in memory. Only backed files read directly
+        (uncompressed) on Linux do anything; in memory it does nothing.
+        :class:`~torch_adata.samplers.BlockShuffleSampler` given ``read_ahead=dataset`` calls
+        it with its pools of batches, two pools ahead of the one being read (the data module
+        passes its split for ``Loader(sampler="block")``).
+
+        Parameters
+        ----------
+        rows
+            Row positions, as for :meth:`gather`.
+        """
+        rows = self._rows(rows)
+        for field in self.fields.values():
+            if isinstance(field, MatrixField):
+                field.reader.prefetch(rows)
 
     def _gather(self, rows: np.ndarray) -> Batch:
         """The batch of int64 positions already checked to lie in ``[0, len(self))``."""

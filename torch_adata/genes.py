@@ -161,6 +161,9 @@ class FilledReader(RowReader):
     def prepare(self):
         self.base.prepare()
 
+    def prefetch(self, rows):
+        self.base.prefetch(rows)
+
     def describe(self):
         n_missing = self.shape[1] - len(self.targets)
         return f"{self.base.describe()}, with {n_missing} missing genes as zeros"

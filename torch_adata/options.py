@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from ._fields import CategoryEncoder
+from ._gather import check_io_threads
 
 __all__ = ["Fields", "Loader", "Split", "TimeSampling", "as_options"]
 
@@ -78,6 +79,9 @@ class Fields:
     source_key
         For a collection: the obs column naming each cell's source (batch it with
         ``obs_keys``).
+    io_threads
+        Backed files: reads in flight at once for a batch not in the page cache (``None``: up
+        to 32; ``1``: one after another), see :class:`~torch_adata.AnnDataset`.
     """
 
     layer: str | None = None
@@ -98,6 +102,7 @@ class Fields:
     engine: Literal["auto", "numba", "numpy"] = "auto"
     join: str | list[str] = "inner"
     source_key: str = "source"
+    io_threads: int | None = None
 
     def __post_init__(self):
         if self.densify and not self.sparse:
@@ -105,6 +110,7 @@ class Fields:
                 "Fields(densify=True) densifies sparse batches on the device: it needs "
                 "sparse=True (dense batches need no densifying)."
             )
+        self.io_threads = check_io_threads(self.io_threads)
         self.obs_keys = _names(self.obs_keys, "Fields.obs_keys")
         if self.var_names is not None:
             self.var_names = _names(self.var_names, "Fields.var_names")
@@ -266,7 +272,8 @@ class Loader:
         Drop each training epoch's remainder so every training batch is full.
     sampler
         Training order of plain datasets: ``"uniform"`` or ``"block"``
-        (:class:`~torch_adata.samplers.BlockShuffleSampler`, faster on disk, less diverse).
+        (:class:`~torch_adata.samplers.BlockShuffleSampler`, faster on disk, less diverse; on
+        a backed file its pools are read ahead, ``read_ahead=`` the split).
     block_size, pool_batches
         Options of the block sampler.
     persistent_workers

@@ -390,6 +390,9 @@ class SequentialBatchSampler(UniformBatchSampler):
         )
 
 
+# Block shuffling with read_ahead: pools announced ahead of the one being read.
+_POOLS_AHEAD = 2
+
 # -- block shuffle ------------------------------------------------------------------------------
 
 
@@ -433,6 +436,12 @@ class BlockShuffleSampler(UniformBatchSampler):
         (``dataset.source.offsets``: ``[0, n_0, n_0 + n_1, ..., n]``): a block never holds
         positions on both sides of a boundary, so it never reads past a file's end (a file's
         last block may be shorter). ``None``: one storage.
+    read_ahead
+        The dataset the positions index (anything with a ``prefetch(positions)`` method, e.g.
+        an :class:`~torch_adata.AnnDataset` over a backed file), or ``None``. When given, this
+        rank's pools are passed to ``read_ahead.prefetch`` two pools ahead of the one being
+        read (the first pool as iteration starts), so a backed file's reads of the pools to
+        come overlap the current pool's batches instead of stalling their first batch.
     drop_last, seed, num_replicas, rank
         As in :class:`UniformBatchSampler`.
     """
@@ -445,6 +454,7 @@ class BlockShuffleSampler(UniformBatchSampler):
         block_size: int = 64,
         pool_batches: int = 16,
         boundaries: Sequence[int] | np.ndarray | None = None,
+        read_ahead: Any = None,
         drop_last: bool = False,
         seed: int = 0,
         num_replicas: int | None = None,
@@ -452,6 +462,12 @@ class BlockShuffleSampler(UniformBatchSampler):
     ) -> None:
         self.block_size = _positive_int(block_size, "block_size")
         self.pool_batches = _positive_int(pool_batches, "pool_batches")
+        if read_ahead is not None and not callable(getattr(read_ahead, "prefetch", None)):
+            raise TypeError(
+                "read_ahead must be the dataset the positions index, with a prefetch(positions) "
+                f"method (e.g. a torch_adata.AnnDataset), or None; got {type(read_ahead).__name__}."
+            )
+        self.read_ahead = read_ahead
         super().__init__(
             indices,
             batch_size,
@@ -489,6 +505,27 @@ class BlockShuffleSampler(UniformBatchSampler):
     @staticmethod
     def _prepare(positions: np.ndarray) -> np.ndarray:
         return np.sort(positions)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self.read_ahead is None:
+            return super().__iter__()
+        return self._announcing(self.epoch_batches())
+
+    def _announcing(self, batches: list[np.ndarray]) -> Iterator[np.ndarray]:
+        """This rank's batches, its pools announced to ``read_ahead`` ahead of their reading:
+        the first alone (more would slow the first batch's own reads), the next ones once the
+        first batch of the pool before them has been taken."""
+        pools: dict[int, list[np.ndarray]] = {}
+        for j in range(self.rank, len(batches), self.num_replicas):
+            pools.setdefault(j // self.pool_batches, []).append(batches[j])
+        in_order = list(pools.values())
+        announced = 0
+        for i, pool in enumerate(in_order):
+            for stop, batch in ((i + 1, pool[:1]), (i + 1 + _POOLS_AHEAD, pool[1:])):
+                while announced < min(stop, len(in_order)):
+                    self.read_ahead.prefetch(np.concatenate(in_order[announced]))
+                    announced += 1
+                yield from batch
 
     def _order(self, rng: np.random.Generator) -> np.ndarray:
         n = len(self.positions)

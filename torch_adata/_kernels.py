@@ -147,80 +147,57 @@ if numba is not None:
     # scipy's ``X[idx].toarray()`` and 207k for a zeroed output with signed indexing.
     _jit_fast = numba.njit(parallel=True, nogil=True, cache=True, fastmath=True)
 
-    @_jit_fast
-    def _nb_csr_to_dense(indptr, indices, data, rows, col_map, out):  # pragma: no cover
-        n_cols = out.shape[1]
-        for i in numba.prange(rows.shape[0]):
-            row = out[i]
-            for j in range(n_cols):
-                row[j] = 0
-            r = rows[i]
+    # One row of each gather, inlined into a parallel kernel (prange over rows) and into a
+    # serial one, used for calls of few rows (a collection's batch is one call per file): a
+    # parallel region costs 50-70 us to start on a busy 2-core machine, a few rows a few us.
+    # The serial kernels use no numba threads, so they need no lock.
+    @numba.njit(nogil=True, cache=True, fastmath=True, inline="always")
+    def _nb_dense_row(indptr, indices, data, r, col_map, row):  # pragma: no cover
+        for j in range(row.shape[0]):
+            row[j] = 0
+        if col_map.shape[0] == 0:
             for p in range(indptr[r], indptr[r + 1]):
                 row[np.uint32(indices[p])] += data[p]  # duplicates sum, as in scipy
-        return out
-
-    @_jit_fast
-    def _nb_csr_to_dense_mapped(indptr, indices, data, rows, col_map, out):  # pragma: no cover
-        n_cols = out.shape[1]
-        for i in numba.prange(rows.shape[0]):
-            row = out[i]
-            for j in range(n_cols):
-                row[j] = 0
-            r = rows[i]
+        else:
             for p in range(indptr[r], indptr[r + 1]):
                 c = col_map[indices[p]]
                 if c >= 0:
                     row[c] += data[p]
+
+    @_jit_fast
+    def _nb_csr_to_dense(indptr, indices, data, rows, col_map, out):  # pragma: no cover
+        for i in numba.prange(rows.shape[0]):
+            _nb_dense_row(indptr, indices, data, rows[i], col_map, out[i])
         return out
 
-    # The same gathers on the calling thread, for calls of few rows (a collection's batch is
-    # one call per file): a parallel region costs 50-70 us to start on a busy 2-core machine,
-    # the work of a few rows a few us. They use no numba threads, so they need no lock.
     @numba.njit(nogil=True, cache=True, fastmath=True)
     def _nb_csr_to_dense_serial(indptr, indices, data, rows, col_map, out):  # pragma: no cover
-        n_cols = out.shape[1]
-        mapped = col_map.shape[0] > 0
         for i in range(rows.shape[0]):
-            row = out[i]
-            for j in range(n_cols):
-                row[j] = 0
-            r = rows[i]
-            for p in range(indptr[r], indptr[r + 1]):
-                if mapped:
-                    c = col_map[indices[p]]
-                    if c >= 0:
-                        row[c] += data[p]
-                else:
-                    row[np.uint32(indices[p])] += data[p]
+            _nb_dense_row(indptr, indices, data, rows[i], col_map, out[i])
         return out
 
-    @numba.njit(nogil=True, cache=True)
-    def _nb_csr_fill_serial(
-        indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals
-    ):  # pragma: no cover
-        for i in range(rows.shape[0]):
-            r = rows[i]
-            q = out_indptr[i]
-            for p in range(indptr[r], indptr[r + 1]):
-                c = np.int64(indices[p]) if col_map.shape[0] == 0 else col_map[indices[p]]
-                if c >= 0:
-                    out_cols[q] = c
-                    out_vals[q] = data[p]
-                    q += 1
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _nb_fill_row(indptr, indices, data, r, col_map, q, out_cols, out_vals):  # pragma: no cover
+        for p in range(indptr[r], indptr[r + 1]):
+            c = np.int64(indices[p]) if col_map.shape[0] == 0 else col_map[indices[p]]
+            if c >= 0:
+                out_cols[q] = c
+                out_vals[q] = data[p]
+                q += 1
 
     @_jit
     def _nb_csr_fill(
         indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals
     ):  # pragma: no cover
         for i in numba.prange(rows.shape[0]):
-            r = rows[i]
-            q = out_indptr[i]
-            for p in range(indptr[r], indptr[r + 1]):
-                c = np.int64(indices[p]) if col_map.shape[0] == 0 else col_map[indices[p]]
-                if c >= 0:
-                    out_cols[q] = c
-                    out_vals[q] = data[p]
-                    q += 1
+            _nb_fill_row(indptr, indices, data, rows[i], col_map, out_indptr[i], out_cols, out_vals)
+
+    @numba.njit(nogil=True, cache=True)
+    def _nb_csr_fill_serial(
+        indptr, indices, data, rows, col_map, out_indptr, out_cols, out_vals
+    ):  # pragma: no cover
+        for i in range(rows.shape[0]):
+            _nb_fill_row(indptr, indices, data, rows[i], col_map, out_indptr[i], out_cols, out_vals)
 
     @numba.njit(nogil=True, cache=True)
     def _nb_row_lengths(indptr, indices, rows, col_map):  # pragma: no cover
@@ -397,16 +374,12 @@ def _nb_csr_to_dense_entry(indptr, indices, data, rows, col_map, out):
     target = out
     if out.dtype == _HALF:
         out = np.empty(out.shape, dtype=np.float32)
+    cmap = _EMPTY_MAP if col_map is None else col_map
     if rows.shape[0] < _SERIAL_BELOW:
-        _nb_csr_to_dense_serial(
-            indptr, indices, data, rows, _EMPTY_MAP if col_map is None else col_map, out
-        )
+        _nb_csr_to_dense_serial(indptr, indices, data, rows, cmap, out)
     else:
         with _LOCK:
-            if col_map is None:
-                _nb_csr_to_dense(indptr, indices, data, rows, _EMPTY_MAP, out)
-            else:
-                _nb_csr_to_dense_mapped(indptr, indices, data, rows, col_map, out)
+            _nb_csr_to_dense(indptr, indices, data, rows, cmap, out)
     if target is not out:
         target[...] = out
     return target

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 from types import ModuleType
 
 import anndata as ad
@@ -111,6 +112,16 @@ def make_adata(
     adata.uns["note"] = "do not touch"
     adata.uns["arr"] = np.arange(3)
     return adata
+
+
+def evict(path) -> None:
+    """Drop the file's pages from the page cache (written pages are flushed first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def write_h5ad(adata: ad.AnnData, path, **kwargs) -> None:

@@ -17,6 +17,7 @@ from conftest import (
     assert_unchanged,
     backed_csr_readers,
     check_batch,
+    evict,
     expected_matrix,
     force_h5py,
     make_adata,
@@ -345,7 +346,7 @@ def test_local_batches_not_in_the_page_cache_announce_their_regions(wide_file, m
     reader = dataset.fields["X"].reader
     assert reader.mode == "direct"
     monkeypatch.setattr(gather, "_WINDOW", 1000)  # ~4 rows of ~270 stored values per window
-    _evict(path)
+    evict(path)
     scattered = [0, 20, 40, 60, 79]  # five runs in five windows: uniform-like, no read-ahead
     np.testing.assert_array_equal(dataset[scattered].numpy(), memory.X[scattered].toarray())
     assert not reader._open().read_ahead
@@ -354,21 +355,11 @@ def test_local_batches_not_in_the_page_cache_announce_their_regions(wide_file, m
         f.read()  # the whole file in the page cache: a batch found there announces nothing
     _ = dataset[local]
     assert not reader._open().read_ahead
-    _evict(path)
+    evict(path)
     np.testing.assert_array_equal(dataset[local].numpy(), memory.X[local].toarray())
     announced = set(reader._open().read_ahead)
     assert 2 <= len(announced) <= 5
     assert announced == set((reader.layout.indptr[local] // 1000).tolist())
-
-
-def _evict(path) -> None:
-    """Drop the file's pages from the page cache (written pages are flushed first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +385,7 @@ def test_rows_not_in_the_page_cache_are_read_concurrently(tall_file, engine):
         rng.integers(0, 600, 256).tolist(),  # scattered, unsorted, duplicates
         [599, 3, 3, 300, *range(40, 0, -2), 0, 599, *range(100, 500, 9)],
     ):
-        _evict(path)
+        evict(path)
         before = reader._open().concurrent_batches
         got = dataset[rows].to_dense().numpy()
         assert reader._open().concurrent_batches == before + 1
@@ -415,7 +406,7 @@ def test_concurrent_reads_in_forked_workers_and_one_thread(tall_file):
         r.io_threads = 1
     _ = dataset[plan[0]]  # the parent's reader threads exist before the fork
     for ds in (dataset, sequential):
-        _evict(path)
+        evict(path)
         loader = torch.utils.data.DataLoader(
             ds,
             sampler=plan,
@@ -427,7 +418,7 @@ def test_concurrent_reads_in_forked_workers_and_one_thread(tall_file):
         for rows, batch in zip(plan, loader, strict=True):
             np.testing.assert_array_equal(batch.numpy(), expected[rows])
     (reader,) = backed_csr_readers(sequential)
-    _evict(path)
+    evict(path)
     _ = sequential[plan[1]]
     assert reader._open().concurrent_batches == 0
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import backed_csr_readers, make_adata, write_h5ad
+from conftest import backed_csr_readers, evict, make_adata, write_h5ad
 
 import torch_adata as ta
 from torch_adata import AnnDataModule, AnnDataset, Fields, Loader
@@ -36,15 +36,6 @@ def rows_file(h5ad_dir):
     path = h5ad_dir / "read_ahead.h5ad"
     write_h5ad(adata, path)
     return str(path), adata.X.toarray()
-
-
-def _evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _cached_fraction(dataset: AnnDataset, rows) -> float:
@@ -102,7 +93,7 @@ def test_byte_ranges_cover_exactly_the_elements_asked_for():
 def test_prefetch_reads_exactly_the_rows_into_the_page_cache(rows_file):
     path, expected = rows_file
     dataset = AnnDataset(path)
-    _evict(path)
+    evict(path)
     block, far = np.arange(100, 164), np.arange(520, 560)
     if _cached_fraction(dataset, block) > 0:
         pytest.skip("this file system keeps the file cached after POSIX_FADV_DONTNEED")
@@ -121,7 +112,7 @@ def test_prefetch_through_a_view_and_in_memory(rows_file):
     view = backed[300:]  # position i of the view is row 300 + i of the file
     dataset = AnnDataset(view)
     direct = AnnDataset(path)  # to look at the file's pages (opening it reads a few)
-    _evict(path)
+    evict(path)
     dataset.prefetch(np.arange(10, 30))
     assert _wait_cached(direct, np.arange(310, 330)) == 1
     assert _cached_fraction(direct, np.arange(0, 20)) == 0
@@ -190,7 +181,7 @@ def test_read_ahead_in_forked_workers_gives_the_rows(rows_file):
         num_workers=2,
         multiprocessing_context="fork",
     )
-    _evict(path)
+    evict(path)
     batches = list(sampler)
     got = list(loader)
     assert len(got) == len(batches) == len(sampler)
@@ -224,7 +215,7 @@ def test_data_module_reads_block_pools_ahead_of_training(rows_file, tmp_path):
     assert loader.sampler.read_ahead is loader.dataset  # the split the positions index
     (reader,) = backed_csr_readers(module.dataset)
     assert reader.io_threads == 2
-    _evict(path)
+    evict(path)
     for batch in loader:
         np.testing.assert_array_equal(batch["X"].numpy(), expected[batch["index"].numpy()])
     assert reader._open().hinted is not None  # the pools were announced

@@ -192,11 +192,6 @@ class SCVIDataModule(AnnDataModule):
 
     # -- data ------------------------------------------------------------------------------
 
-    def _load(self):
-        if is_collection(self.source):
-            return self.source  # the dataset opens each file (backed or loaded)
-        return super()._load()
-
     def _build_dataset(self):
         try:
             dataset = super()._build_dataset()

@@ -326,6 +326,20 @@ def test_an_hdf5_file_that_is_not_h5ad(tmp_path):
         AnnDataset(path)
 
 
+def test_a_file_cut_short_names_it_and_the_fix(tmp_path):
+    whole, cut = tmp_path / "whole.h5ad", tmp_path / "cut.h5ad"
+    write_h5ad(make_adata(), whole)
+    cut.write_bytes(whole.read_bytes()[:4096])  # an interrupted download or copy
+    with pytest.raises(
+        ValueError,
+        match=r"'.*cut\.h5ad' is an HDF5 file that cannot be opened, "
+        r"probably cut short or corrupt \(h5py: .*\)\. Download or write it again",
+    ):
+        AnnDataset(cut)
+    with pytest.raises(ValueError, match=r"'.*cut\.h5ad' is an HDF5 file that cannot be opened"):
+        AnnDataset([whole, cut])  # in a collection too
+
+
 def test_not_an_anndata():
     with pytest.raises(TypeError, match=r"Expected an AnnData or a path to an \.h5ad file"):
         AnnDataset(np.zeros((3, 3)))

@@ -58,7 +58,14 @@ def _check_h5ad(path: Path) -> None:
             "anndata; convert other formats with anndata/scanpy first, e.g. "
             "`sc.read_10x_h5(...).write_h5ad(path)`."
         )
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(
+            f"'{path}' is an HDF5 file that cannot be opened, probably cut short or corrupt "
+            f"(h5py: {err}). Download or write it again (`adata.write_h5ad(path)`)."
+        ) from err
+    with f:
         missing = [k for k in ("obs", "var") if k not in f]
         if missing:
             raise ValueError(

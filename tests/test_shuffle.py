@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import scipy.sparse as sp
 
 import torch_adata as ta
-from torch_adata import cli
+from torch_adata import cli, shuffle
 from torch_adata.samplers import BlockShuffleSampler, UniformBatchSampler
 
 REPO = Path(__file__).parents[1]
@@ -62,7 +63,22 @@ def digest(path: Path) -> str:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial"))
+    """Hidden files: the temporary copy (``.partial``) and spill (``.spill``) files."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def assert_rows_under(copy: ad.AnnData, adata: ad.AnnData, perm: np.ndarray) -> None:
+    """Every per-cell element of ``copy`` holds the rows of ``adata``'s under ``perm``."""
+    np.testing.assert_array_equal(dense(copy.X), dense(adata.X)[perm])
+    for key in adata.layers:
+        np.testing.assert_array_equal(dense(copy.layers[key]), dense(adata.layers[key])[perm])
+    for key, value in adata.obsm.items():
+        if isinstance(value, pd.DataFrame):
+            pd.testing.assert_frame_equal(copy.obsm[key], value.iloc[perm])
+        else:
+            np.testing.assert_array_equal(dense(copy.obsm[key]), dense(value)[perm])
+    if adata.raw is not None:
+        np.testing.assert_array_equal(dense(copy.raw.X), dense(adata.raw.X)[perm])
 
 
 @pytest.mark.parametrize("x", ["csr", "dense"])
@@ -83,15 +99,9 @@ def test_copy_holds_the_source_rows_under_the_permutation(
     assert not np.array_equal(perm, np.arange(adata.n_obs))
     copy = ad.read_h5ad(destination)
     assert type(copy.X) is type(adata.X)
-    np.testing.assert_array_equal(dense(copy.X), dense(adata.X)[perm])
-    for key in ("counts", "scaled"):
-        np.testing.assert_array_equal(dense(copy.layers[key]), dense(adata.layers[key])[perm])
-    np.testing.assert_array_equal(copy.obsm["X_pca"], adata.obsm["X_pca"][perm])
-    np.testing.assert_array_equal(dense(copy.obsm["peaks"]), dense(adata.obsm["peaks"])[perm])
-    pd.testing.assert_frame_equal(copy.obsm["meta"], adata.obsm["meta"].iloc[perm])
+    assert_rows_under(copy, adata, perm)  # X, layers counts/scaled, obsm, raw.X
     graph = dense(adata.obsp["connectivities"])
     np.testing.assert_array_equal(dense(copy.obsp["connectivities"]), graph[perm][:, perm])
-    np.testing.assert_array_equal(dense(copy.raw.X), dense(adata.raw.X)[perm])
     pd.testing.assert_frame_equal(copy.raw.var, adata.raw.var)
     # obs reordered (names and categories kept); the source positions are recorded
     np.testing.assert_array_equal(copy.obs["source_index"].to_numpy(), perm)
@@ -106,6 +116,45 @@ def test_copy_holds_the_source_rows_under_the_permutation(
         ta.AnnDataset(destination)[rows].numpy(), dense(adata.X)[perm[rows]].astype(np.float32)
     )
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("x", ["csr", "dense"])
+def test_a_compressed_copy_in_several_bands_goes_through_a_spill_file(tmp_path, x):
+    source, destination = tmp_path / "sorted.h5ad", tmp_path / "shuffled.h5ad"
+    adata = rich_adata(x=x, seed=3)
+    adata.write_h5ad(source)
+    bands, seen = [], set()
+    sort_band = shuffle._sort_band
+
+    def watched(*args):  # pass 2, once per band: what lies beside the copy meanwhile
+        bands.append(args[4:6])
+        seen.update(leftovers(tmp_path))
+        return sort_band(*args)
+
+    shuffle._sort_band = watched
+    try:
+        perm = ta.write_shuffled(source, destination, seed=3, chunk_mib=0.004, compression="gzip")
+    finally:
+        shuffle._sort_band = sort_band
+    assert len(bands) > 10  # several bands for each matrix
+    assert any(name.endswith(".spill") for name in seen), seen
+    assert any(name.endswith(".partial") for name in seen), seen
+    assert leftovers(tmp_path) == []  # the spill is removed with the copy in place
+    with h5py.File(destination) as f:
+        assert f["layers/scaled"].compression == "gzip"
+        assert f["X/data" if x == "csr" else "X"].compression == "gzip"
+    copy = ad.read_h5ad(destination)
+    assert_rows_under(copy, adata, perm)
+    pd.testing.assert_frame_equal(copy.obs.drop(columns="source_index"), adata.obs.iloc[perm])
+
+
+def test_bands_cut_the_copy_within_the_budget():
+    costs = np.array([5, 5, 5, 20, 1, 1, 1, 1, 9])
+    cuts = shuffle._cuts(costs, 10)
+    np.testing.assert_array_equal(cuts, [0, 2, 3, 4, 8, 9])  # a row above the budget: alone
+    assert list(shuffle._chunks(costs, 10)) == [(0, 2), (2, 3), (3, 4), (4, 8), (8, 9)]
+    np.testing.assert_array_equal(shuffle._cuts(costs, 10**6), [0, 9])
+    np.testing.assert_array_equal(shuffle._cuts(np.zeros(0, np.int64), 10), [0])
 
 
 def test_seed_fixes_the_order_and_index_key_is_optional(tmp_path, capsys):
@@ -173,12 +222,24 @@ def test_not_enough_disk_space_is_refused_before_writing(tmp_path):
         x.attrs["encoding-type"] = "array"
         x.attrs["encoding-version"] = "0.2.0"
     assert source.stat().st_size < 2**20
-    with pytest.raises(OSError, match=r"needs about [\d,]+ MiB .* has [\d,]+ MiB free"):
+    with pytest.raises(OSError, match=r"needs about [\d,]+ MiB .* has [\d,]+ MiB free") as plain:
         ta.write_shuffled(source, tmp_path / "d.h5ad")
+    assert "spill" not in str(plain.value)  # an uncompressed copy sorts its bands in place
+    assert not (tmp_path / "d.h5ad").exists() and leftovers(tmp_path) == []
+    # a compressed copy also needs the spill file of its largest matrix: about twice as much
+    with pytest.raises(OSError, match=r"plus [\d,]+ MiB of temporary spill\) but") as spilled:
+        ta.write_shuffled(source, tmp_path / "d.h5ad", compression="gzip")
+    need = [
+        int(m.replace(",", ""))
+        for e in (plain, spilled)
+        for m in re.findall(r"needs about ([\d,]+) MiB", str(e.value))
+    ]
+    assert 1.99 * need[0] < need[1] < 2.01 * need[0], need
     assert not (tmp_path / "d.h5ad").exists() and leftovers(tmp_path) == []
 
 
-def test_a_source_that_fails_partway_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("compression", [None, "gzip"])  # bands in place; in a spill file
+def test_a_source_that_fails_partway_leaves_nothing(tmp_path, compression):
     source = tmp_path / "corrupt.h5ad"
     rich_adata(n=200).write_h5ad(source)
     with h5py.File(source, "a") as f:  # the last cells point past the stored values
@@ -186,7 +247,7 @@ def test_a_source_that_fails_partway_leaves_nothing(tmp_path):
         indptr[-5:] += 10**6
         f["X/indptr"][:] = indptr
     with pytest.raises((ValueError, OSError, TypeError)):
-        ta.write_shuffled(source, tmp_path / "d.h5ad", chunk_mib=0.001)
+        ta.write_shuffled(source, tmp_path / "d.h5ad", chunk_mib=0.001, compression=compression)
     assert not (tmp_path / "d.h5ad").exists() and leftovers(tmp_path) == []
 
 
@@ -195,37 +256,61 @@ import os, signal, sys
 import torch_adata as ta
 from torch_adata import shuffle
 
-chunks = shuffle._chunks
+hook, compression = sys.argv[3], sys.argv[4] if sys.argv[4] != "none" else None
+original = getattr(shuffle, hook)
 
 
-def interrupted_chunks(*args):
-    # a real SIGINT, delivered to this process once the matrix is partly written: the same
-    # signal Ctrl-C sends, at a point that does not depend on the machine's speed
-    for i, chunk in enumerate(chunks(*args)):
-        if i == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        yield chunk
+def tick():
+    # a real SIGINT, delivered to this process at the 4th window read (pass 1) or the 4th band
+    # sorted (pass 2): the same signal Ctrl-C sends, at a point that does not depend on the
+    # machine's speed
+    tick.calls += 1
+    if tick.calls == 4:
+        print(sorted(p for p in os.listdir(os.path.dirname(sys.argv[2])) if p[0] == "."))
+        os.kill(os.getpid(), signal.SIGINT)
 
 
-shuffle._chunks = interrupted_chunks
-ta.write_shuffled(sys.argv[1], sys.argv[2], chunk_mib=0.0005, progress=False)
+def interrupted_windows(*args):
+    for window in original(*args):
+        tick()
+        yield window
+
+
+def interrupted_band(*args):
+    tick()
+    return original(*args)
+
+
+tick.calls = 0
+setattr(shuffle, hook, interrupted_windows if hook == "_chunks" else interrupted_band)
+ta.write_shuffled(
+    sys.argv[1], sys.argv[2], chunk_mib=0.0005, compression=compression, progress=False
+)
 """
 
 
-def test_ctrl_c_midway_leaves_no_destination_and_no_temporary(tmp_path):
+@pytest.mark.parametrize(
+    "hook, compression",
+    [("_chunks", "none"), ("_sort_band", "none"), ("_sort_band", "gzip")],
+    ids=["pass 1", "pass 2", "pass 2 with a spill file"],
+)
+def test_ctrl_c_midway_leaves_no_destination_and_no_temporary(tmp_path, hook, compression):
     source, destination = tmp_path / "s.h5ad", tmp_path / "d.h5ad"
     n = 4_000
     x = sp.random(n, 500, 0.02, format="csr", dtype=np.float32, random_state=0)
     ad.AnnData(x, obs=pd.DataFrame(index=[f"c{i}" for i in range(n)])).write_h5ad(source)
     out = subprocess.run(
-        [sys.executable, "-c", INTERRUPTED, str(source), str(destination)],
+        [sys.executable, "-c", INTERRUPTED, str(source), str(destination), hook, compression],
         env=ENV,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode != 0 and "KeyboardInterrupt" in out.stderr, out.stderr
-    assert "interrupted_chunks" in out.stderr  # it stopped inside the matrix, not before it
+    assert "in interrupted_" in out.stderr  # it stopped inside the matrix, not before it
+    beside = out.stdout  # the hidden files beside the copy when the signal came
+    assert ".partial" in beside
+    assert (".spill" in beside) == (compression == "gzip")
     assert not destination.exists() and leftovers(tmp_path) == []
 
 

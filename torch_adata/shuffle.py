@@ -9,21 +9,21 @@ sequentially *and* gives batches mixed like uniform sampling's.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-__all__ = ["write_shuffled"]
+from ._kernels import get_kernels
 
-# gaps between wanted source ranges up to this many bytes are read through (one larger read
-# instead of two): cheaper than a second request on disks and in HDF5
-_GAP_BYTES = 64 * 1024
+__all__ = ["write_shuffled"]
 
 
 def _encoding(obj: h5py.Group | h5py.Dataset) -> str:
@@ -81,13 +81,14 @@ def _check_paths(source: Path, destination: Path, overwrite: bool) -> None:
         )
 
 
-def _check_space(need: int, folder: Path) -> None:
+def _check_space(copy: int, spill: int, folder: Path) -> None:
     free = shutil.disk_usage(folder).free
-    if need > free:
+    if copy + spill > free:
+        spilled = f" plus {spill / 2**20:,.0f} MiB of temporary spill" if spill else ""
         raise OSError(
-            f"write_shuffled: the shuffled copy needs about {need / 2**20:,.0f} MiB "
-            f"(uncompressed) but {str(folder)!r} has {free / 2**20:,.0f} MiB free. Free space "
-            "there or write the copy to another disk; nothing was written."
+            f"write_shuffled: the shuffled copy needs about {(copy + spill) / 2**20:,.0f} MiB "
+            f"(uncompressed{spilled}) but {str(folder)!r} has {free / 2**20:,.0f} MiB free. "
+            "Free space there or write the copy to another disk; nothing was written."
         )
 
 
@@ -120,222 +121,333 @@ def _check_per_cell(name: str, obj: h5py.Group | h5py.Dataset, n_obs: int) -> st
     )
 
 
-# -- reading ranges of the source ---------------------------------------------------------------
+# -- cutting rows into runs ---------------------------------------------------------------------
 
 
-def _read_ranges(
-    dataset: h5py.Dataset, starts: np.ndarray, ends: np.ndarray, row_bytes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read the sorted, disjoint ranges ``[starts[i], ends[i])`` of ``dataset`` (axis 0).
-
-    Ranges closer than ``_GAP_BYTES`` are read together. Returns the concatenated reads and
-    each range's start in them.
-    """
-    if len(starts) == 0:
-        return np.empty((0, *dataset.shape[1:]), dtype=dataset.dtype), np.empty(0, np.int64)
-    gap = max(1, _GAP_BYTES // max(row_bytes, 1))
-    breaks = np.flatnonzero(starts[1:] - ends[:-1] > gap) + 1
-    window_first = np.concatenate([[0], breaks])
-    window_last = np.concatenate([breaks, [len(starts)]]) - 1
-    w_start, w_end = starts[window_first], ends[window_last]
-    sizes = w_end - w_start
-    buffer = np.empty((int(sizes.sum()), *dataset.shape[1:]), dtype=dataset.dtype)
-    w_offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    for s, e, o in zip(w_start.tolist(), w_end.tolist(), w_offset.tolist(), strict=True):
-        if e > s:
-            dataset.read_direct(buffer, np.s_[s:e], np.s_[o : o + e - s])
-    window = np.repeat(np.arange(len(w_start)), window_last - window_first + 1)
-    return buffer, w_offset[window] + (starts - w_start[window])
-
-
-def _scatter(out: np.ndarray, buffer: np.ndarray, starts: np.ndarray, bounds: np.ndarray) -> None:
-    """``out[bounds[j]:bounds[j + 1]] = buffer[starts[j]:...]`` for every row ``j``: a loop of
-    slice copies, so no index array as large as the values is built."""
-    for lo, hi, s in zip(bounds[:-1].tolist(), bounds[1:].tolist(), starts.tolist(), strict=True):
-        out[lo:hi] = buffer[s : s + hi - lo]
+def _cuts(costs: np.ndarray, budget: int) -> np.ndarray:
+    """Boundaries ``[0, ..., len(costs)]`` that cut rows of ``costs`` bytes into consecutive runs
+    of at most ``budget`` bytes (at least one row each)."""
+    n = len(costs)
+    cumulative = np.concatenate([[0], np.cumsum(costs, dtype=np.int64)])
+    cuts, a = [0], 0
+    while a < n:
+        b = int(np.searchsorted(cumulative, cumulative[a] + budget, side="right")) - 1
+        a = min(max(b, a + 1), n)
+        cuts.append(a)
+    return np.asarray(cuts, dtype=np.int64)
 
 
 def _chunks(costs: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
-    """Cut rows of ``costs`` bytes into consecutive runs of at most ``budget`` bytes (at least
-    one row each)."""
-    n = len(costs)
-    cumulative = np.concatenate([[0], np.cumsum(costs, dtype=np.int64)])
-    a = 0
-    while a < n:
-        b = int(np.searchsorted(cumulative, cumulative[a] + budget, side="right")) - 1
-        b = min(max(b, a + 1), n)
-        yield a, b
-        a = b
+    """The runs of :func:`_cuts` as ``(first, end)`` pairs: the windows the source is read in."""
+    cuts = _cuts(costs, budget).tolist()
+    yield from itertools.pairwise(cuts)
 
 
-# -- writing per-cell elements ------------------------------------------------------------------
+# -- moving bytes -------------------------------------------------------------------------------
 
 
-def _new_dataset(
-    group: h5py.Group, name: str, source: h5py.Dataset, shape: tuple, compression: str | None
-) -> h5py.Dataset:
-    kwargs = {} if compression is None else {"compression": compression, "chunks": True}
-    out = group.create_dataset(name, shape=shape, dtype=source.dtype, **kwargs)
-    _copy_attrs(source, out)
+def _as_bytes(array: np.ndarray) -> memoryview:
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def _pwrite_all(fd: int, array: np.ndarray, position: int) -> None:
+    """Write ``array`` (C-contiguous) at byte ``position`` of ``fd``."""
+    view, done = _as_bytes(array), 0
+    while done < len(view):  # pwrite may write less than asked
+        done += os.pwrite(fd, view[done:], position + done)
+
+
+def _pread_into(fd: int, array: np.ndarray, position: int) -> None:
+    """Fill ``array`` (C-contiguous) with the bytes at ``position`` of ``fd``."""
+    view, done = _as_bytes(array), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], position + done)
+        if got <= 0:
+            raise OSError(
+                f"write_shuffled: the temporary data ended at byte {position + done} (removed "
+                "or truncated while the copy was written?)."
+            )
+        done += got
+
+
+def _gather(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray, dense: bool) -> np.ndarray:
+    """The rows ``buffer[starts[j]:starts[j] + lengths[j]]`` one after another (for ``dense``,
+    every length is 1: the rows ``buffer[starts]``)."""
+    if dense:
+        return buffer[starts]
+    out = np.empty(int(lengths.sum()), dtype=buffer.dtype)
+    kernels = get_kernels("auto")
+    if kernels.name == "numba":  # one block copy per row, in parallel
+        return kernels.copy_ranges(buffer, starts, lengths, out)
+    at = 0  # a loop of slice copies: no index array as large as the values
+    for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
+        out[at : at + n] = buffer[s : s + n]
+        at += n
     return out
 
 
-def _allocated(
-    group: h5py.Group, name: str, source: h5py.Dataset, shape: tuple
-) -> tuple[h5py.Dataset, int | None]:
-    """An uncompressed contiguous dataset whose file space is allocated now (not filled), and
-    its byte offset in the file (``None`` if HDF5 gives none, e.g. for an empty dataset)."""
+class _Spill:
+    """A temporary file beside the copy that holds a matrix between the two passes when the
+    copy's own space cannot (a compressed copy). Created on first use; :meth:`close` removes it."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self.path: Path | None = None
+        self._fd: int | None = None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd, path = tempfile.mkstemp(
+                dir=self.folder, prefix=f".{self.name}.", suffix=".spill"
+            )
+            self.path = Path(path)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+# -- a per-cell matrix, reordered in bands ------------------------------------------------------
+
+
+@dataclass
+class _Matrix:
+    """A per-cell matrix as rows of *units*: row ``i`` is units ``ptr[i]:ptr[i + 1]`` (axis 0) of
+    every part. CSR: the parts ``data`` and ``indices``, a unit one stored value; dense: the
+    array itself, a unit one row."""
+
+    parts: list[h5py.Dataset]
+    ptr: np.ndarray
+    dense: bool
+
+    @classmethod
+    def of(cls, obj: h5py.Group | h5py.Dataset, kind: str, n_obs: int) -> _Matrix:
+        if kind == "csr":
+            return cls([obj["data"], obj["indices"]], obj["indptr"][:].astype(np.int64), False)
+        return cls([obj], np.arange(n_obs + 1, dtype=np.int64), True)
+
+    @property
+    def unit_bytes(self) -> list[int]:
+        return [int(np.prod(p.shape[1:], dtype=np.int64)) * p.dtype.itemsize for p in self.parts]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ptr[-1] - self.ptr[0]) * sum(self.unit_bytes)
+
+    def read(self, part: int, lo: int, hi: int) -> np.ndarray:
+        """Units ``lo:hi`` of a part, from the source."""
+        dataset = self.parts[part]
+        buffer = np.empty((hi - lo, *dataset.shape[1:]), dtype=dataset.dtype)
+        if hi > lo:
+            dataset.read_direct(buffer, np.s_[lo:hi])
+        return buffer
+
+
+class _Target:
+    """A part of the copy: written straight into its allocated bytes of the copy's file (``fd``
+    at ``offset``) or, without an offset (a compressed dataset), through h5py."""
+
+    def __init__(self, dataset: h5py.Dataset, fd: int, offset: int | None) -> None:
+        self.dataset, self.fd, self.offset = dataset, fd, offset
+        self.unit_bytes = int(np.prod(dataset.shape[1:], dtype=np.int64)) * dataset.dtype.itemsize
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        if self.offset is not None:
+            _pwrite_all(self.fd, values, self.offset + start * self.unit_bytes)
+        else:
+            self.dataset.write_direct(values, dest_sel=np.s_[start : start + len(values)])
+
+
+def _new_target(
+    group: h5py.Group,
+    name: str,
+    source: h5py.Dataset,
+    shape: tuple,
+    compression: str | None,
+    fd: int,
+) -> _Target:
+    """The copy's dataset for ``source``: uncompressed, its file space allocated now (not
+    filled) and reserved on disk in one piece; or compressed and chunked."""
+    if compression is not None and np.prod(shape) > 0:
+        out = group.create_dataset(
+            name, shape=shape, dtype=source.dtype, compression=compression, chunks=True
+        )
+        _copy_attrs(source, out)
+        return _Target(out, fd, None)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     out = group.create_dataset(name, shape=shape, dtype=source.dtype, dcpl=dcpl)
     _copy_attrs(source, out)
-    return out, out.id.get_offset()
+    offset = out.id.get_offset()  # None for an empty dataset
+    if offset is not None:
+        try:  # contiguous on disk: the copy is read back sequentially, fast
+            os.posix_fallocate(fd, offset, out.id.get_storage_size())
+        except OSError:  # a file system without it: the writes allocate the space
+            pass
+    return _Target(out, fd, offset)
 
 
-def _pwrite_rows(fd: int, buffer: np.ndarray, bounds: np.ndarray, targets: np.ndarray) -> None:
-    """Write row ``j`` of ``buffer`` (``buffer[bounds[j]:bounds[j + 1]]``) at byte ``targets[j]``."""
-    view = memoryview(buffer.reshape(-1).view(np.uint8))
-    scale = buffer.dtype.itemsize * (buffer[0].size if buffer.ndim > 1 else 1)
-    for lo, hi, at in zip(
-        (bounds[:-1] * scale).tolist(), (bounds[1:] * scale).tolist(), targets.tolist(), strict=True
-    ):
-        while hi > lo:  # pwrite may write less than asked
-            done = os.pwrite(fd, view[lo:hi], at)
-            lo, at = lo + done, at + done
-
-
-def _scatter_csr(
-    source: h5py.Group,
-    outs: list[tuple[h5py.Dataset, int]],
-    src_indptr: np.ndarray,
-    indptr: np.ndarray,
-    inverse: np.ndarray,
+def _band_spill(
+    matrix: _Matrix,
+    perm: np.ndarray,
+    out_ptr: np.ndarray,
+    bands: np.ndarray,
+    spill_fd: int,
+    bases: list[int],
     budget: int,
-    fd: int,
     bar: tqdm,
 ) -> None:
-    """Read the source in order, a window of rows at a time, and write each row at its place
-    in the copy: one sequential pass over the source (cheap for chunked or compressed files),
-    scattered writes into the copy's allocated space."""
-    arrays = [source["data"], source["indices"]]
-    cell_bytes = sum(a.dtype.itemsize for a in arrays)
-    for s, e in _chunks(np.diff(src_indptr) * cell_bytes, budget):
-        lo, hi = int(src_indptr[s]), int(src_indptr[e])
+    """Pass 1: read the source in storage order, a window of about ``budget`` bytes at a time,
+    and append each window's rows to their band's region of the spill (band ``k``: the copy's
+    rows ``bands[k]:bands[k + 1]``, at units ``out_ptr[bands[k]]`` onwards of part ``p``'s
+    region at byte ``bases[p]``). A band's region then holds its rows in source order."""
+    ptr, n_bands = matrix.ptr, len(bands) - 1
+    lengths = np.diff(ptr)
+    inverse = np.empty_like(perm)
+    inverse[perm] = np.arange(len(perm))
+    band_of = np.repeat(np.arange(n_bands), np.diff(bands))[inverse]  # per source row
+    del inverse
+    cursor = out_ptr[bands[:-1]].copy()  # each band's next free unit
+    unit = matrix.unit_bytes
+    for s, e in _chunks(lengths * sum(unit), budget):
+        lo, hi = int(ptr[s]), int(ptr[e])
         if hi == lo:
             continue
-        for array, (_, offset) in zip(arrays, outs, strict=True):
-            buffer = np.empty(hi - lo, dtype=array.dtype)
-            array.read_direct(buffer, np.s_[lo:hi])
-            targets = offset + indptr[inverse[s:e]] * array.dtype.itemsize
-            _pwrite_rows(fd, buffer, src_indptr[s : e + 1] - lo, targets)
-        bar.update((hi - lo) * cell_bytes)
+        order = np.argsort(band_of[s:e], kind="stable")
+        held = np.bincount(band_of[s:e], weights=lengths[s:e], minlength=n_bands)
+        held = held.astype(np.int64)
+        hit = np.flatnonzero(held)
+        at = np.concatenate([[0], np.cumsum(held[hit])])  # each band's run in the window
+        for p in range(len(matrix.parts)):
+            buffer = matrix.read(p, lo, hi)
+            runs = _gather(buffer, ptr[s:e][order] - lo, lengths[s:e][order], matrix.dense)
+            del buffer
+            for k, a, b in zip(hit.tolist(), at[:-1].tolist(), at[1:].tolist(), strict=True):
+                _pwrite_all(spill_fd, runs[a:b], bases[p] + int(cursor[k]) * unit[p])
+            del runs
+        cursor[hit] += held[hit]
+        bar.update((hi - lo) * sum(unit))
+    if not np.array_equal(cursor, out_ptr[bands[1:]]):  # every unit of every band written once
+        raise RuntimeError("write_shuffled: the bands were not filled exactly (a bug).")
 
 
-def _write_csr(
-    source: h5py.Group,
-    target: h5py.Group,
-    name: str,
+def _sort_band(
+    matrix: _Matrix,
+    targets: list[_Target],
+    perm: np.ndarray,
+    out_ptr: np.ndarray,
+    a: int,
+    b: int,
+    read_held: Callable[[int, int, int], np.ndarray],
+    bar: tqdm,
+) -> None:
+    """Pass 2: the copy's rows ``a:b`` (one band), read as held (in source order, units
+    ``out_ptr[a]:out_ptr[b]`` by ``read_held(part, lo, hi)``), ordered in memory and written
+    into the copy in one piece per part."""
+    lengths = np.diff(matrix.ptr)
+    rows = perm[a:b]
+    order = np.argsort(rows)  # the band's rows as held: by source position
+    held = lengths[rows[order]]
+    held_start = np.concatenate([[0], np.cumsum(held)[:-1]])
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    starts, wanted = held_start[rank], lengths[rows]
+    lo, hi = int(out_ptr[a]), int(out_ptr[b])
+    for p, target in enumerate(targets):
+        values = _gather(read_held(p, lo, hi), starts, wanted, matrix.dense)
+        target.write(lo, values)
+        del values
+    bar.update((hi - lo) * sum(matrix.unit_bytes))
+
+
+def _write_matrix(
+    matrix: _Matrix,
+    targets: list[_Target],
     perm: np.ndarray,
     budget: int,
-    compression: str | None,
+    spill: _Spill,
     bar: tqdm,
-    fd: int | None = None,
 ) -> None:
-    src_indptr = source["indptr"][:].astype(np.int64)
-    lengths = np.diff(src_indptr)[perm]
-    indptr = np.concatenate([[0], np.cumsum(lengths)])
-    group = target.create_group(name)
-    _copy_attrs(source, group)
-    group.create_dataset("indptr", data=indptr.astype(source["indptr"].dtype))
-    nnz = int(indptr[-1])
-    if fd is not None and compression is None and nnz:
-        outs = [_allocated(group, k, source[k], (nnz,)) for k in ("data", "indices")]
-        if all(offset is not None for _, offset in outs):
-            inverse = np.empty_like(perm)
-            inverse[perm] = np.arange(len(perm))
-            _scatter_csr(source, outs, src_indptr, indptr, inverse, budget, fd, bar)
-            return
-        for k in ("data", "indices"):
-            del group[k]
-    arrays = [source["data"], source["indices"]]
-    outs = [_new_dataset(group, k, source[k], (nnz,), compression) for k in ("data", "indices")]
-    cell_bytes = sum(a.dtype.itemsize for a in arrays)
-    for a, b in _chunks(lengths * cell_bytes, budget):
-        rows = perm[a:b]
-        order = np.argsort(rows, kind="stable")
-        starts, ends = src_indptr[rows[order]], src_indptr[rows[order] + 1]
-        for array, out in zip(arrays, outs, strict=True):
-            buffer, offset = _read_ranges(array, starts, ends, array.dtype.itemsize)
-            in_order = np.empty_like(offset)
-            in_order[order] = offset  # each output row's start in the buffer
-            values = np.empty(int(indptr[b] - indptr[a]), dtype=buffer.dtype)
-            _scatter(values, buffer, in_order, indptr[a : b + 1] - indptr[a])
-            if len(values):
-                out.write_direct(values, dest_sel=np.s_[indptr[a] : indptr[b]])
-            del buffer, values
-        bar.update(int(lengths[a:b].sum()) * cell_bytes)
+    """Write ``matrix`` into ``targets`` with its rows in the order ``perm``: an external
+    shuffle in bands of about ``budget`` bytes of the copy.
 
+    One band (the matrix fits in ``budget``): read whole from the source, ordered in memory,
+    written once. Several: pass 1 (:func:`_band_spill`) streams the source into the bands'
+    regions, pass 2 (:func:`_sort_band`) orders one band at a time. The regions are the
+    copy's own allocated bytes (each band sorted in place) or, for a compressed copy, the
+    spill file. Every read and write is sequential or a large run: about 4x the matrix's
+    bytes of I/O, peak memory about 2x ``budget``.
+    """
+    out_ptr = np.concatenate([[0], np.cumsum(np.diff(matrix.ptr)[perm])])
+    if out_ptr[-1] == 0:
+        return
+    unit = matrix.unit_bytes
+    if matrix.nbytes <= budget:
+        bands = np.array([0, len(perm)])
+        first = int(matrix.ptr[0])
 
-def _write_dense(
-    source: h5py.Dataset,
-    target: h5py.Group,
-    name: str,
-    perm: np.ndarray,
-    budget: int,
-    compression: str | None,
-    bar: tqdm,
-    fd: int | None = None,
-) -> None:
-    row_bytes = int(np.prod(source.shape[1:], dtype=np.int64)) * source.dtype.itemsize
-    if fd is not None and compression is None and source.size:
-        out, offset = _allocated(target, name, source, source.shape)
-        if offset is not None:  # read in order, write each row at its place
-            inverse = np.empty_like(perm)
-            inverse[perm] = np.arange(len(perm))
-            for s, e in _chunks(np.full(len(perm), row_bytes), budget):
-                buffer = np.empty((e - s, *source.shape[1:]), dtype=source.dtype)
-                source.read_direct(buffer, np.s_[s:e])
-                _pwrite_rows(fd, buffer, np.arange(e - s + 1), offset + inverse[s:e] * row_bytes)
-                bar.update((e - s) * row_bytes)
-            return
-        del target[name]
-    out = _new_dataset(target, name, source, source.shape, compression)
-    for a, b in _chunks(np.full(len(perm), row_bytes), budget):
-        rows = perm[a:b]
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        buffer, offset = _read_ranges(source, sorted_rows, sorted_rows + 1, row_bytes)
-        in_order = np.empty_like(offset)
-        in_order[order] = offset
-        values = np.empty((b - a, *source.shape[1:]), dtype=source.dtype)
-        np.take(buffer, in_order, axis=0, out=values)
-        del buffer
-        if len(values):
-            out.write_direct(values, dest_sel=np.s_[a:b])
-        bar.update((b - a) * row_bytes)
+        def read_held(p: int, lo: int, hi: int) -> np.ndarray:
+            return matrix.read(p, first + lo, first + hi)  # all rows, in source order
+
+    else:
+        bands = _cuts(np.diff(out_ptr) * sum(unit), budget)
+        if all(t.offset is not None for t in targets):  # the copy's own space holds the bands
+            fd, bases = targets[0].fd, [t.offset for t in targets]
+        else:
+            fd = spill.fd
+            bases = np.concatenate([[0], np.cumsum([int(out_ptr[-1]) * u for u in unit])])
+            bases = bases[:-1].tolist()
+        _band_spill(matrix, perm, out_ptr, bands, fd, bases, budget, bar)
+
+        def read_held(p: int, lo: int, hi: int) -> np.ndarray:
+            part = matrix.parts[p]
+            buffer = np.empty((hi - lo, *part.shape[1:]), dtype=part.dtype)
+            _pread_into(fd, buffer, bases[p] + lo * unit[p])
+            return buffer
+
+    for a, b in zip(bands[:-1].tolist(), bands[1:].tolist(), strict=True):
+        _sort_band(matrix, targets, perm, out_ptr, a, b, read_held, bar)
 
 
 def _write_per_cell(
     source: h5py.Group | h5py.Dataset,
+    matrix: _Matrix | None,
     target: h5py.Group,
     name: str,
-    kind: str,
     perm: np.ndarray,
     budget: int,
     compression: str | None,
     bar: tqdm,
-    fd: int | None = None,
+    fd: int,
+    spill: _Spill,
 ) -> None:
-    if kind == "csr":
-        _write_csr(source, target, name, perm, budget, compression, bar, fd)
-    elif kind == "dense":
-        _write_dense(source, target, name, perm, budget, compression, bar, fd)
-    else:  # a data frame in obsm: small, through anndata
+    if matrix is None:  # a data frame in obsm: small, through anndata
         from ._compat import read_elem, write_elem
 
         write_elem(target, name, read_elem(source).iloc[perm])
         bar.update(_stored_bytes(source))
+        return
+    if not matrix.dense:
+        group = target.create_group(name)
+        _copy_attrs(source, group)
+        lengths = np.diff(matrix.ptr)[perm]
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        group.create_dataset("indptr", data=indptr.astype(source["indptr"].dtype))
+        nnz = int(indptr[-1])
+        targets = [
+            _new_target(group, k, source[k], (nnz,), compression, fd) for k in ("data", "indices")
+        ]
+    else:
+        targets = [_new_target(target, name, source, source.shape, compression, fd)]
+    _write_matrix(matrix, targets, perm, budget, spill, bar)
 
 
 # -- the copy -----------------------------------------------------------------------------------
@@ -406,25 +518,28 @@ def _write(
         for key in f["raw"]:
             if key != "X":
                 f.copy(f["raw"][key], out["raw"], name=key)
-    total = sum(
-        int(np.diff(f[p]["indptr"][:].astype(np.int64)).sum())
-        * (f[p]["data"].dtype.itemsize + f[p]["indices"].dtype.itemsize)
-        if kind == "csr"
-        else _stored_bytes(f[p])
-        for p, kind in plan
+    matrices = {p: _Matrix.of(f[p], kind, len(perm)) for p, kind in plan if kind != "dataframe"}
+    # a matrix larger than the budget is read and written twice (two passes)
+    total = sum(_stored_bytes(f[p]) for p, kind in plan if kind == "dataframe") + sum(
+        m.nbytes * (2 if m.nbytes > budget else 1) for m in matrices.values()
     )
     disable = None if progress is None else not progress  # None: only on a terminal
+    spill = _Spill(Path(out.filename).parent, name)
     with tqdm(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=disable
     ) as bar:
-        fd = os.open(out.filename, os.O_WRONLY)  # matrices are written straight into their space
+        fd = os.open(out.filename, os.O_RDWR)  # matrices go straight into their space
         try:
-            for path, kind in plan:
+            for path, _ in plan:
                 parent, _, key = path.rpartition("/")
                 target = out[parent] if parent else out
-                _write_per_cell(f[path], target, key, kind, perm, budget, compression, bar, fd)
+                matrix = matrices.get(path)
+                _write_per_cell(
+                    f[path], matrix, target, key, perm, budget, compression, bar, fd, spill
+                )
         finally:
             os.close(fd)
+            spill.close()
 
 
 def write_shuffled(
@@ -440,16 +555,20 @@ def write_shuffled(
 ) -> np.ndarray:
     """Write a copy of an ``.h5ad`` file with its cells in a seeded random order, streaming.
 
-    X, layers, ``obsm`` and ``raw.X`` (CSR or dense) are read in storage order, a window of
-    ``chunk_mib`` at a time, and each cell is written straight to its place in the copy (whose
-    space is allocated up front): one sequential pass over the source, also for chunked or
-    gzip-compressed sources, and peak memory bounded by ``chunk_mib`` (plus a few arrays of one
-    number per cell), not by the matrix size. obs is reordered; var, varm, varp and uns are copied unchanged; obsp
-    graphs are permuted on both axes (in memory). The source is opened read-only and never
-    modified. The copy is written to a temporary file in the destination's folder and moved
-    into place when complete: an error or Ctrl-C leaves nothing at the destination (a process
-    killed outright, e.g. ``kill -9``, can leave a hidden ``.<name>.*.partial`` file next to
-    it, never a partial destination).
+    X, layers, ``obsm`` and ``raw.X`` (CSR or dense) are shuffled externally, in bands of
+    about ``chunk_mib`` of the copy. Pass 1 reads the source in storage order, a window of
+    ``chunk_mib`` at a time, and appends each window's cells to their band's place in the
+    copy; pass 2 reads one band at a time, orders its cells in memory and writes the band back
+    in one piece. Every read and write is sequential or a run of many cells (about 4x the
+    matrix's bytes of I/O), also for chunked or gzip-compressed sources, and peak memory is
+    about 2x ``chunk_mib`` (plus a few arrays of one number per cell), not the matrix size.
+    A matrix no larger than ``chunk_mib`` is read once, ordered in memory and written once.
+    obs is reordered; var, varm, varp and uns are copied unchanged; obsp graphs are permuted
+    on both axes (in memory). The source is opened read-only and never modified. The copy is
+    written to a temporary file in the destination's folder and moved into place when
+    complete: an error or Ctrl-C leaves nothing at the destination (a process killed
+    outright, e.g. ``kill -9``, can leave hidden ``.<name>.*.partial`` or ``.spill`` files
+    next to it, never a partial destination).
 
     Parameters
     ----------
@@ -462,15 +581,17 @@ def write_shuffled(
     overwrite
         Replace an existing ``destination`` (only once the copy is complete).
     chunk_mib
-        Matrix data read per step, in MiB (with ``compression``, written per step; the step's
-        reads and values are then held at once, about 2-3x this).
+        Matrix data per step, in MiB: a window of the source in pass 1, a band of the copy in
+        pass 2. Peak memory is about twice this; larger steps mean fewer, larger writes in
+        pass 1.
     index_key
         obs column that records each cell's position in the source (``None``: not recorded);
         cell names (obs_names) are kept either way.
     compression
         HDF5 compression of the copy's matrices (``"gzip"``, ``"lzf"``); default none, the
-        fastest to read. A compressed copy is gathered in its own order instead (the source's
-        cells read a few at a time: several times slower).
+        fastest to read. A compressed copy holds its bands between the passes in a temporary
+        spill file beside it (as large as the largest matrix, uncompressed; counted in the
+        free-space check and removed at the end), and compressing is slower than the disk.
     progress
         Show a progress bar; ``None`` shows it on a terminal only.
 
@@ -487,8 +608,8 @@ def write_shuffled(
     FileExistsError
         The destination exists and ``overwrite`` is false.
     OSError
-        The destination's disk has less free space than the copy needs (checked before
-        writing; the message gives both sizes).
+        The destination's disk has less free space than the copy (and a compressed copy's
+        spill) needs: checked before writing; the message gives both sizes.
     """
     source, destination = Path(source), Path(destination)
     _check_paths(source, destination, overwrite)
@@ -505,7 +626,11 @@ def write_shuffled(
     with f:
         n_obs = _n_obs(f)
         plan = _plan(f, n_obs)
-        _check_space(_stored_bytes(f), destination.parent)
+        spill = 0  # a compressed copy's largest matrix waits in a spill file between passes
+        if compression is not None:
+            sizes = [_stored_bytes(f[p]) for p, kind in plan if kind != "dataframe"]
+            spill = max([size for size in sizes if size > budget], default=0)
+        _check_space(_stored_bytes(f), spill, destination.parent)
         perm = np.random.default_rng(seed).permutation(n_obs)
         fd, tmp_name = tempfile.mkstemp(
             dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"

@@ -13,14 +13,17 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from ._gather import _storage_layout, _verify_layout
 from ._kernels import get_kernels
 
 __all__ = ["write_shuffled"]
@@ -224,6 +227,8 @@ class _Matrix:
     parts: list[h5py.Dataset]
     ptr: np.ndarray
     dense: bool
+    #: per part, ``(fd, chunk_base, chunk_len)`` to read it straight from the file, or None
+    layouts: list[tuple[int, np.ndarray, int] | None] = field(default_factory=list)
 
     @classmethod
     def of(cls, obj: h5py.Group | h5py.Dataset, kind: str, n_obs: int) -> _Matrix:
@@ -239,11 +244,41 @@ class _Matrix:
     def nbytes(self) -> int:
         return int(self.ptr[-1] - self.ptr[0]) * sum(self.unit_bytes)
 
+    def read_directly(self, fd: int) -> None:
+        """Read the parts stored uncompressed straight from the source's file descriptor
+        ``fd`` (``pread``: cheaper than HDF5's reads, and without holding the GIL, so the next
+        window is read while this one is written), where their layout is known and checks
+        out; the others through h5py."""
+        kernels = get_kernels("auto")
+        self.layouts = []
+        for p, part in enumerate(self.parts):
+            layout = None
+            if part.ndim == 1:
+                layout = _storage_layout(part)
+                if layout is not None and not _verify_layout(part, layout, fd, kernels):
+                    layout = None
+            elif part.chunks is None and part.shape[0] > 0:  # contiguous: flat positions hold
+                layout = _storage_layout(part)
+            self.layouts.append(None if layout is None else (fd, *layout))
+            if part.ndim > 1 and layout is not None:  # check a few rows against h5py's
+                for row in {0, part.shape[0] // 2, part.shape[0] - 1}:
+                    if not np.array_equal(self.read(p, row, row + 1)[0], part[row]):
+                        self.layouts[p] = None
+                        break
+
     def read(self, part: int, lo: int, hi: int) -> np.ndarray:
         """Units ``lo:hi`` of a part, from the source."""
         dataset = self.parts[part]
         buffer = np.empty((hi - lo, *dataset.shape[1:]), dtype=dataset.dtype)
-        if hi > lo:
+        layout = self.layouts[part] if self.layouts else None
+        if hi > lo and layout is not None:
+            fd, base, chunk_len = layout
+            per_unit = int(np.prod(dataset.shape[1:], dtype=np.int64))
+            span = np.array([lo * per_unit, (hi - lo) * per_unit], dtype=np.int64)
+            get_kernels("auto").read_ranges(
+                fd, base, chunk_len, span[:1], span[1:], np.zeros(1, np.int64), buffer.reshape(-1)
+            )
+        elif hi > lo:
             dataset.read_direct(buffer, np.s_[lo:hi])
         return buffer
 
@@ -295,6 +330,25 @@ def _new_target(
     return _Target(out, fd, offset)
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _ahead(
+    items: Iterable[T], read: Callable[[T], R], pool: ThreadPoolExecutor
+) -> Iterator[tuple[T, R]]:
+    """``(item, read(item))`` for each item, ``read`` of the next item running in ``pool``
+    while the caller works on this one (reads and writes overlap: the disk is kept busy)."""
+    items = iter(items)
+    upcoming = next(items, None)
+    future = pool.submit(read, upcoming) if upcoming is not None else None
+    while upcoming is not None:
+        item, done = upcoming, future
+        upcoming = next(items, None)
+        future = pool.submit(read, upcoming) if upcoming is not None else None
+        yield item, done.result()
+
+
 def _band_spill(
     matrix: _Matrix,
     perm: np.ndarray,
@@ -304,6 +358,7 @@ def _band_spill(
     bases: list[int],
     budget: int,
     bar: tqdm,
+    pool: ThreadPoolExecutor,
 ) -> None:
     """Pass 1: read the source in storage order, a window of about ``budget`` bytes at a time,
     and append each window's rows to their band's region of the spill (band ``k``: the copy's
@@ -317,19 +372,22 @@ def _band_spill(
     del inverse
     cursor = out_ptr[bands[:-1]].copy()  # each band's next free unit
     unit = matrix.unit_bytes
-    for s, e in _chunks(lengths * sum(unit), budget):
+    windows = (w for w in _chunks(lengths * sum(unit), budget) if ptr[w[1]] > ptr[w[0]])
+
+    def read(window: tuple[int, int]) -> list[np.ndarray]:
+        lo, hi = int(ptr[window[0]]), int(ptr[window[1]])
+        return [matrix.read(p, lo, hi) for p in range(len(matrix.parts))]
+
+    for (s, e), buffers in _ahead(windows, read, pool):
         lo, hi = int(ptr[s]), int(ptr[e])
-        if hi == lo:
-            continue
         order = np.argsort(band_of[s:e], kind="stable")
         held = np.bincount(band_of[s:e], weights=lengths[s:e], minlength=n_bands)
         held = held.astype(np.int64)
         hit = np.flatnonzero(held)
         at = np.concatenate([[0], np.cumsum(held[hit])])  # each band's run in the window
         for p in range(len(matrix.parts)):
-            buffer = matrix.read(p, lo, hi)
-            runs = _gather(buffer, ptr[s:e][order] - lo, lengths[s:e][order], matrix.dense)
-            del buffer
+            runs = _gather(buffers[p], ptr[s:e][order] - lo, lengths[s:e][order], matrix.dense)
+            buffers[p] = None
             for k, a, b in zip(hit.tolist(), at[:-1].tolist(), at[1:].tolist(), strict=True):
                 _pwrite_all(spill_fd, runs[a:b], bases[p] + int(cursor[k]) * unit[p])
             del runs
@@ -346,11 +404,11 @@ def _sort_band(
     out_ptr: np.ndarray,
     a: int,
     b: int,
-    read_held: Callable[[int, int, int], np.ndarray],
+    held_parts: list[np.ndarray],
     bar: tqdm,
 ) -> None:
-    """Pass 2: the copy's rows ``a:b`` (one band), read as held (in source order, units
-    ``out_ptr[a]:out_ptr[b]`` by ``read_held(part, lo, hi)``), ordered in memory and written
+    """Pass 2: the copy's rows ``a:b`` (one band), as held (``held_parts``: each part's units
+    ``out_ptr[a]:out_ptr[b]`` with the rows in source order), ordered in memory and written
     into the copy in one piece per part."""
     lengths = np.diff(matrix.ptr)
     rows = perm[a:b]
@@ -362,7 +420,8 @@ def _sort_band(
     starts, wanted = held_start[rank], lengths[rows]
     lo, hi = int(out_ptr[a]), int(out_ptr[b])
     for p, target in enumerate(targets):
-        values = _gather(read_held(p, lo, hi), starts, wanted, matrix.dense)
+        values = _gather(held_parts[p], starts, wanted, matrix.dense)
+        held_parts[p] = None
         target.write(lo, values)
         del values
     bar.update((hi - lo) * sum(matrix.unit_bytes))
@@ -384,11 +443,26 @@ def _write_matrix(
     regions, pass 2 (:func:`_sort_band`) orders one band at a time. The regions are the
     copy's own allocated bytes (each band sorted in place) or, for a compressed copy, the
     spill file. Every read and write is sequential or a large run: about 4x the matrix's
-    bytes of I/O, peak memory about 2x ``budget``.
+    bytes of I/O. The next window or band is read (in a thread) while one is written; peak
+    memory about 2.5x ``budget``.
     """
     out_ptr = np.concatenate([[0], np.cumsum(np.diff(matrix.ptr)[perm])])
     if out_ptr[-1] == 0:
         return
+    with ThreadPoolExecutor(1, thread_name_prefix="write_shuffled") as pool:
+        _two_passes(matrix, targets, perm, out_ptr, budget, spill, bar, pool)
+
+
+def _two_passes(
+    matrix: _Matrix,
+    targets: list[_Target],
+    perm: np.ndarray,
+    out_ptr: np.ndarray,
+    budget: int,
+    spill: _Spill,
+    bar: tqdm,
+    pool: ThreadPoolExecutor,
+) -> None:
     unit = matrix.unit_bytes
     if matrix.nbytes <= budget:
         bands = np.array([0, len(perm)])
@@ -405,7 +479,7 @@ def _write_matrix(
             fd = spill.fd
             bases = np.concatenate([[0], np.cumsum([int(out_ptr[-1]) * u for u in unit])])
             bases = bases[:-1].tolist()
-        _band_spill(matrix, perm, out_ptr, bands, fd, bases, budget, bar)
+        _band_spill(matrix, perm, out_ptr, bands, fd, bases, budget, bar, pool)
 
         def read_held(p: int, lo: int, hi: int) -> np.ndarray:
             part = matrix.parts[p]
@@ -413,8 +487,12 @@ def _write_matrix(
             _pread_into(fd, buffer, bases[p] + lo * unit[p])
             return buffer
 
-    for a, b in zip(bands[:-1].tolist(), bands[1:].tolist(), strict=True):
-        _sort_band(matrix, targets, perm, out_ptr, a, b, read_held, bar)
+    def read(band: tuple[int, int]) -> list[np.ndarray]:
+        lo, hi = int(out_ptr[band[0]]), int(out_ptr[band[1]])
+        return [read_held(p, lo, hi) for p in range(len(matrix.parts))]
+
+    for (a, b), held_parts in _ahead(itertools.pairwise(bands.tolist()), read, pool):
+        _sort_band(matrix, targets, perm, out_ptr, a, b, held_parts, bar)
 
 
 def _write_per_cell(
@@ -529,7 +607,10 @@ def _write(
         total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=disable
     ) as bar:
         fd = os.open(out.filename, os.O_RDWR)  # matrices go straight into their space
+        source_fd = os.open(f.filename, os.O_RDONLY)
         try:
+            for matrix in matrices.values():
+                matrix.read_directly(source_fd)
             for path, _ in plan:
                 parent, _, key = path.rpartition("/")
                 target = out[parent] if parent else out
@@ -539,6 +620,7 @@ def _write(
                 )
         finally:
             os.close(fd)
+            os.close(source_fd)
             spill.close()
 
 

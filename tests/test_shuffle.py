@@ -162,6 +162,8 @@ def test_seed_fixes_the_order_and_index_key_is_optional(tmp_path, capsys):
     rich_adata(n=50).write_h5ad(source)
     a = ta.write_shuffled(source, tmp_path / "a.h5ad", seed=1, progress=True)
     assert "a.h5ad: 100%" in capsys.readouterr().err  # the progress bar, forced on
+    (tmp_path / "plain.txt").write_text("")  # the copy has the permissions of any new file
+    assert (tmp_path / "a.h5ad").stat().st_mode == (tmp_path / "plain.txt").stat().st_mode
     b = ta.write_shuffled(source, tmp_path / "b.h5ad", seed=1, index_key=None, compression="gzip")
     c = ta.write_shuffled(source, tmp_path / "c.h5ad", seed=2)
     np.testing.assert_array_equal(a, b)

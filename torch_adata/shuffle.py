@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -189,6 +189,19 @@ def _gather(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray, dense: 
     return out
 
 
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file of a unique name in ``folder``, with the permissions any new file gets
+    there (``tempfile.mkstemp`` would make it readable by its owner only, and the copy with it)."""
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"write_shuffled: no free temporary name in {str(folder)!r}.")
+
+
 class _Spill:
     """A temporary file beside the copy that holds a matrix between the two passes when the
     copy's own space cannot (a compressed copy). Created on first use; :meth:`close` removes it."""
@@ -201,10 +214,8 @@ class _Spill:
     @property
     def fd(self) -> int:
         if self._fd is None:
-            self._fd, path = tempfile.mkstemp(
-                dir=self.folder, prefix=f".{self.name}.", suffix=".spill"
-            )
-            self.path = Path(path)
+            self.path = _new_file(self.folder, f".{self.name}.", ".spill")
+            self._fd = os.open(self.path, os.O_RDWR)
         return self._fd
 
     def close(self) -> None:
@@ -714,11 +725,7 @@ def write_shuffled(
             spill = max([size for size in sizes if size > budget], default=0)
         _check_space(_stored_bytes(f), spill, destination.parent)
         perm = np.random.default_rng(seed).permutation(n_obs)
-        fd, tmp_name = tempfile.mkstemp(
-            dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"
-        )
-        os.close(fd)
-        tmp = Path(tmp_name)
+        tmp = _new_file(destination.parent, f".{destination.name}.", ".partial")
         try:
             with h5py.File(tmp, "w") as out:
                 _write(

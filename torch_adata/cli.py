@@ -393,7 +393,7 @@ def shuffle_command(args: Sequence[str]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     parser.add_argument(
-        "--chunk-mib", type=float, default=256, help="matrix data per step in MiB (default 256)"
+        "--chunk-mib", type=float, default=64, help="matrix data per step in MiB (default 64)"
     )
     parser.add_argument("--compression", choices=["gzip", "lzf"], help="compress the copy")
     parser.add_argument("--no-index", action="store_true", help="do not record obs['source_index']")

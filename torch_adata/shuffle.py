@@ -589,8 +589,9 @@ def _write(
                 "shuffled copy?). Pass another index_key, or index_key=None not to record the "
                 "source positions."
             )
-        obs[index_key] = perm
+        obs = obs.assign(**{index_key: perm})
     write_elem(out, "obs", obs)
+    del obs  # (about 160 MiB at 1M cells) not held while the matrices are written
     if "obsp" in f:
         obsp = out.create_group("obsp")
         _copy_attrs(f["obsp"], obsp)

@@ -454,8 +454,7 @@ def _write_matrix(
     regions, pass 2 (:func:`_sort_band`) orders one band at a time. The regions are the
     copy's own allocated bytes (each band sorted in place) or, for a compressed copy, the
     spill file. Every read and write is sequential or a large run: about 4x the matrix's
-    bytes of I/O. The next window or band is read (in a thread) while one is written; peak
-    memory about 2.5x ``budget``.
+    bytes of I/O. The next window or band is read (in a thread) while one is written.
     """
     out_ptr = np.concatenate([[0], np.cumsum(np.diff(matrix.ptr)[perm])])
     if out_ptr[-1] == 0:
@@ -655,7 +654,7 @@ def write_shuffled(
     copy; pass 2 reads one band at a time, orders its cells in memory and writes the band back
     in one piece. Every read and write is sequential or a run of many cells (about 4x the
     matrix's bytes of I/O), also for chunked or gzip-compressed sources, and peak memory is
-    about 2x ``chunk_mib`` (plus a few arrays of one number per cell), not the matrix size.
+    about 5x ``chunk_mib`` (plus a few arrays of one number per cell), not the matrix size.
     A matrix no larger than ``chunk_mib`` is read once, ordered in memory and written once.
     obs is reordered; var, varm, varp and uns are copied unchanged; obsp graphs are permuted
     on both axes (in memory). The source is opened read-only and never modified. The copy is
@@ -676,8 +675,8 @@ def write_shuffled(
         Replace an existing ``destination`` (only once the copy is complete).
     chunk_mib
         Matrix data per step, in MiB: a window of the source in pass 1, a band of the copy in
-        pass 2. Peak memory is about twice this; larger steps mean fewer, larger writes in
-        pass 1.
+        pass 2. Peak memory is about 5x this (the step being written, the next one being
+        read); larger steps mean fewer, larger writes in pass 1.
     index_key
         obs column that records each cell's position in the source (``None``: not recorded);
         cell names (obs_names) are kept either way.

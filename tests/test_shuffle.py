@@ -17,7 +17,7 @@ import pytest
 import scipy.sparse as sp
 
 import torch_adata as ta
-from torch_adata import cli, shuffle
+from torch_adata import _kernels, cli, shuffle
 from torch_adata.samplers import BlockShuffleSampler, UniformBatchSampler
 
 REPO = Path(__file__).parents[1]
@@ -146,6 +146,16 @@ def test_a_compressed_copy_in_several_bands_goes_through_a_spill_file(tmp_path, 
     copy = ad.read_h5ad(destination)
     assert_rows_under(copy, adata, perm)
     pd.testing.assert_frame_equal(copy.obs.drop(columns="source_index"), adata.obs.iloc[perm])
+
+
+def test_without_numba_the_numpy_kernels_write_the_same_copy(tmp_path, monkeypatch):
+    source, destination = tmp_path / "sorted.h5ad", tmp_path / "shuffled.h5ad"
+    adata = rich_adata(seed=5)
+    adata.write_h5ad(source)
+    monkeypatch.setattr(_kernels, "HAVE_NUMBA", False)  # as where numba is not installed
+    assert _kernels.get_kernels("auto").name == "numpy"
+    perm = ta.write_shuffled(source, destination, seed=5, chunk_mib=0.003)
+    assert_rows_under(ad.read_h5ad(destination), adata, perm)
 
 
 def test_bands_cut_the_copy_within_the_budget():

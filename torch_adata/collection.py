@@ -809,6 +809,77 @@ class _DirectFiles:
         return indptr, indices, data, inverse.reshape(-1).astype(np.int64)
 
 
+class _MemoryCSR:
+    """In-memory CSR sources gathered as one: a batch's rows of every source are written by
+    one compiled call straight into the dense batch (or its CSR pieces), in the batch's order;
+    nothing is stacked or copied per source.
+
+    The sources' arrays are reached by address (``_kernels.source_table``), kept alive here; the table is made again in each process (a forked or spawned worker's
+    arrays may lie elsewhere). A source whose genes are mapped (an inner join over different
+    genes, or genes a source lacks) has a column map: its reader's own, or one composed once
+    from it and the filled columns (a few bytes per gene of that source).
+    """
+
+    def __init__(self, parts: list[tuple]):
+        self.parts = parts  # (indptr, indices, data, col_map or None) per source
+        first = parts[0]
+        self.likes = tuple(a[:0] for a in first[:3])
+        self.pid = -1
+        self.table = None
+
+    @staticmethod
+    def build(readers: list[RowReader]) -> _MemoryCSR | None:
+        """The set for ``readers``, or ``None`` unless every one is an in-memory
+        ``CSRReader`` (alone, or under a ``FilledReader`` for missing genes) and their
+        ``indptr``, ``indices`` and ``data`` have the same dtypes in every source."""
+        if not _kernels.MEMORY_SOURCES:
+            return None
+        parts = []
+        for r in readers:
+            base, targets = r, None
+            if type(r) is FilledReader:
+                base, targets = r.base, r.targets
+            if type(base) is not CSRReader:
+                return None
+            col_map = base.col_map
+            if targets is not None:
+                targets = np.asarray(targets, dtype=np.int64)
+                if col_map is None:
+                    col_map = targets
+                else:
+                    col_map = np.where(col_map >= 0, targets[np.maximum(col_map, 0)], -1)
+            arrays = (base.indptr, base.indices, base.data)
+            if any(a.ndim != 1 or not a.flags.c_contiguous for a in arrays):
+                return None
+            cm = None if col_map is None else np.ascontiguousarray(col_map, dtype=np.int64)
+            parts.append((*arrays, cm))
+        if len({tuple(a.dtype for a in p[:3]) for p in parts}) != 1:
+            return None
+        memory = _MemoryCSR(parts)
+        _kernels.warm_sources(memory._table(), memory.likes)  # before workers fork
+        return memory
+
+    def _table(self) -> np.ndarray:
+        if self.pid != os.getpid():
+            self.table = _kernels.source_table(self.parts)
+            self.pid = os.getpid()
+        return self.table
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["pid"], state["table"] = -1, None
+        return state
+
+    def dense(self, source: np.ndarray, local: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return _kernels.sources_to_dense(self._table(), self.likes, source, local, out)
+
+    def csr(self, source, local, dtype, n_cols: int, alloc: Callable) -> CSRPieces:
+        p, i, v = _kernels.sources_to_csr(
+            self._table(), self.likes, source, local, np.dtype(dtype), n_cols, alloc
+        )
+        return CSRPieces(p, i, v, n_cols)
+
+
 class ConcatReader(RowReader):
     """Rows of several readers stacked one after the other (a collection's matrix).
 
@@ -839,6 +910,7 @@ class ConcatReader(RowReader):
         # stored sparse everywhere: batches are gathered from every source's CSR pieces
         self.sparse = all(_stores_csr(r) for r in readers)
         self._direct: _DirectFiles | None = None  # set by prepare() where it applies
+        self._memory: _MemoryCSR | None = None  # likewise
         # a file is checked only where rows are read from it at every batch
         self.checks = [
             (p, st) if st is not None and _file_reader(r) else None
@@ -903,6 +975,9 @@ class ConcatReader(RowReader):
             return self.readers[one[0]].dense(one[1], dtype, out)
         if out is None:
             out = np.empty((len(rows), self.shape[1]), dtype=dtype)
+        if self._memory is not None:  # every source's rows in one compiled call, into out
+            source, local = self._split(rows)
+            return self._memory.dense(source, local, out)
         if self._direct is not None:  # every file's rows in two compiled reads
             self._check_sources(self._split(rows)[0])
             indptr, indices, values, inverse = self._direct.read(rows)
@@ -927,6 +1002,9 @@ class ConcatReader(RowReader):
         if one is not None:
             self._check(one[0])
             return self.readers[one[0]].csr(one[1], dtype, alloc)
+        if self._memory is not None:
+            source, local = self._split(rows)
+            return self._memory.csr(source, local, dtype, self.shape[1], alloc)
         if self._direct is not None:
             self._check_sources(self._split(rows)[0])
             indptr, indices, values, inverse = self._direct.read(rows)
@@ -962,6 +1040,8 @@ class ConcatReader(RowReader):
             r.prepare()
         if len(self.readers) > 1 and self.kernels.name == "numba":
             self._direct = _DirectFiles.build(self.readers, self.offsets)
+            if self._direct is None:
+                self._memory = _MemoryCSR.build(self.readers)
 
     def describe(self) -> str:
         if len(self.readers) == 1:

@@ -883,13 +883,20 @@ class _MemoryCSR:
 class ConcatReader(RowReader):
     """Rows of several readers stacked one after the other (a collection's matrix).
 
-    Global row ``p`` is row ``p - offsets[s]`` of reader ``s``. A batch is split by source;
-    each source's rows are read by its own reader (a backed file with its coalesced reads) and
-    put back in the requested order: dense rows straight into ``out`` where a source's rows
-    are contiguous in the batch, CSR pieces reassembled into arrays made with ``alloc``. A
-    batch whose rows all lie in one source passes through to its reader without a copy.
+    Global row ``p`` is row ``p - offsets[s]`` of reader ``s``. A batch whose rows all lie in
+    one source passes through to its reader without a copy. A batch over several sources is
+    read in one pass where the sources allow it (numba): backed CSR files with the same genes
+    and dtypes by two compiled reads over all of them (:class:`_DirectFiles`), in-memory CSR
+    matrices of the same dtypes by one compiled gather into the batch (:class:`_MemoryCSR`).
+    Otherwise it is split by source; each source's rows are read by its own reader (a backed
+    file with its coalesced reads) and put back in the requested order: dense rows straight
+    into ``out`` where a source's rows are contiguous in the batch, CSR pieces reassembled
+    into arrays made with ``alloc``.
+
     Before reading from a file, its size and modification time are checked against those
-    recorded when the collection was built.
+    recorded when the collection was built: one ``stat`` of its path per file a batch
+    touches. Only the path shows a file replaced or removed (the open descriptors keep the
+    old one), so the check stays per batch and per path.
     """
 
     def __init__(
@@ -944,14 +951,13 @@ class ConcatReader(RowReader):
         return order, groups, local
 
     def _one_source(self, rows: np.ndarray):
-        """``(source, local rows)`` when every row lies in one source, else ``None``."""
+        """``(s, local rows, sources)``: ``s`` the one source every row lies in, or -1; each
+        row's row in its source, and its source (``None`` where there is one source)."""
         if len(self.readers) == 1 or len(rows) == 0:
-            return 0, rows
+            return 0, rows, None
         source, local = self._split(rows)
         first = int(source[0])
-        if (source == first).all():
-            return first, local
-        return None
+        return (first if (source == first).all() else -1), local, source
 
     def _stacked(self, rows: np.ndarray, dtype):
         """The rows as CSR pieces stacked source after source (each source's rows read in one
@@ -969,17 +975,16 @@ class ConcatReader(RowReader):
 
     def dense(self, rows, dtype, out=None):
         rows = np.asarray(rows, dtype=np.int64)
-        one = self._one_source(rows)
-        if one is not None:
-            self._check(one[0])
-            return self.readers[one[0]].dense(one[1], dtype, out)
+        one, local, source = self._one_source(rows)
+        if one >= 0:
+            self._check(one)
+            return self.readers[one].dense(local, dtype, out)
         if out is None:
             out = np.empty((len(rows), self.shape[1]), dtype=dtype)
         if self._memory is not None:  # every source's rows in one compiled call, into out
-            source, local = self._split(rows)
             return self._memory.dense(source, local, out)
         if self._direct is not None:  # every file's rows in two compiled reads
-            self._check_sources(self._split(rows)[0])
+            self._check_sources(source)
             indptr, indices, values, inverse = self._direct.read(rows)
             return self.kernels.csr_to_dense(indptr, indices, values, inverse, None, out)
         if self.sparse:
@@ -998,15 +1003,14 @@ class ConcatReader(RowReader):
 
     def csr(self, rows, dtype, alloc: Callable = np.empty) -> CSRPieces:
         rows = np.asarray(rows, dtype=np.int64)
-        one = self._one_source(rows)
-        if one is not None:
-            self._check(one[0])
-            return self.readers[one[0]].csr(one[1], dtype, alloc)
+        one, local, source = self._one_source(rows)
+        if one >= 0:
+            self._check(one)
+            return self.readers[one].csr(local, dtype, alloc)
         if self._memory is not None:
-            source, local = self._split(rows)
             return self._memory.csr(source, local, dtype, self.shape[1], alloc)
         if self._direct is not None:
-            self._check_sources(self._split(rows)[0])
+            self._check_sources(source)
             indptr, indices, values, inverse = self._direct.read(rows)
         else:
             indptr, indices, values, inverse = self._stacked(rows, _work_dtype(dtype))

@@ -592,9 +592,10 @@ def test_files_with_the_same_genes_read_in_one_pass(aligned, engine, sparse):
     assert dataset[np.array([0, 45])].shape[0] == 2  # the other files still read
 
 
-def test_one_pass_reads_in_forked_and_spawned_workers(aligned):
+@pytest.mark.parametrize("backed", [True, False])
+def test_one_pass_reads_in_forked_and_spawned_workers(aligned, backed):
     ref = concat(aligned)
-    dataset = AnnDataset(aligned, return_index=True)
+    dataset = AnnDataset(aligned, return_index=True, backed=backed)
     for context in ("fork", "spawn"):
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -611,3 +612,90 @@ def test_one_pass_reads_in_forked_and_spawned_workers(aligned):
             np.testing.assert_array_equal(batch["X"].numpy(), want)
             seen.append(rows)
         np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(80))
+
+
+# in memory, CSR sources: one compiled call writes every source's rows into the batch
+
+# rows of the 80 aligned cells: few (a serial call) and many (a parallel one), repeats, reversed
+MANY = np.concatenate([np.arange(80)[::-1], [79, 0, 35, 31, 31, 40, 39, 30, 2]])
+
+
+def memory_path(dataset) -> bool:
+    return dataset.fields["X"].reader._memory is not None
+
+
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64])
+def test_csr_in_memory_read_in_one_pass(aligned, engine, sparse, dtype):
+    from torch_adata import _kernels
+
+    if engine == "numba" and not _kernels.HAVE_NUMBA:
+        pytest.skip("needs numba")
+    ref = concat(aligned)
+    adatas = [ad.read_h5ad(p) for p in aligned]
+    for data in (aligned, adatas):  # paths loaded into memory, or AnnData objects
+        dataset = AnnDataset(data, backed=False, engine=engine, sparse=sparse, dtype=dtype)
+        assert memory_path(dataset) == (engine == "numba")
+        for rows in (np.array([79, 0, 35, 31, 31, 40, 39, 30, 2]), MANY):
+            x = dataset[rows]
+            x = x.to_dense() if sparse else x
+            assert x.dtype == dtype
+            want = expected(ref, rows, dataset.var_names).astype(x.numpy().dtype)
+            np.testing.assert_array_equal(x.numpy(), want)
+    if engine == "numba":  # read in place: the sources' arrays are the AnnData objects' own
+        pieces = dataset.fields["X"].reader._memory.parts
+        for p, a in zip(pieces, adatas, strict=True):
+            assert p[2] is a.X.data and p[1] is a.X.indices
+
+
+@pytest.fixture(scope="module")
+def csr_parts(parts):
+    """The three parts (genes in other orders, one with a gene of its own), all CSR."""
+    out = []
+    for a in parts:
+        a = a.copy()
+        a.X = sp.csr_matrix(a.X)
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("join", ["inner", "outer", ["z", "b", "a", "h"]])
+def test_csr_in_memory_with_gene_maps(csr_parts, sparse, join):
+    """Each source's columns mapped to the joined genes (a column map, filled genes, both)."""
+    ref = concat(csr_parts, "outer")
+    dataset = AnnDataset(csr_parts, join=join, sparse=sparse)
+    assert memory_path(dataset)
+    rows = np.concatenate([ROWS, np.arange(69)[::-1]])
+    for batch in (ROWS, rows):
+        x = dataset[batch]
+        x = x.to_dense() if sparse else x
+        want = np.nan_to_num(expected(ref, batch, dataset.var_names))
+        np.testing.assert_array_equal(x.numpy(), want)
+
+
+def test_mixed_storage_and_dtypes_fall_back(csr_parts, parts, files):
+    ref = concat(csr_parts)
+    wider = csr_parts[1].copy()
+    wider.X = wider.X.astype(np.float64)  # another value dtype
+    long_index = csr_parts[2].copy()
+    long_index.X.indices = long_index.X.indices.astype(np.int64)  # another index dtype
+    for data in (
+        [csr_parts[0], wider, csr_parts[2]],
+        [csr_parts[0], csr_parts[1], long_index],
+        [csr_parts[0], parts[1], csr_parts[2]],  # a dense source
+        [csr_parts[0], csr_parts[1][2:], csr_parts[2]],  # a view
+    ):
+        dataset = AnnDataset(data)
+        assert not memory_path(dataset)
+        for sparse in (False, True):
+            dataset = AnnDataset(data, sparse=sparse, return_index=True)
+            batch = dataset[ROWS[ROWS < dataset.source.n_obs]]
+            x = batch["X"].to_dense() if sparse else batch["X"]
+            want = concat(data)[batch["index"].numpy()][:, list(dataset.var_names)]
+            np.testing.assert_array_equal(x.numpy(), to_numpy(want.X).astype(np.float32))
+    assert memory_path(AnnDataset(csr_parts))  # and all CSR alike takes the one call
+    np.testing.assert_array_equal(
+        AnnDataset(csr_parts)[ROWS].numpy(), expected(ref, ROWS, ref.var_names)
+    )

@@ -31,6 +31,7 @@ import numpy as np
 
 try:  # numba is optional: ``pip install torch-adata[fast]``
     import numba
+    from numba.extending import intrinsic
 
     HAVE_NUMBA = os.environ.get("TORCH_ADATA_DISABLE_NUMBA", "0") in ("", "0")
     # GNU OpenMP, numba's usual pick, aborts a forked DataLoader worker once the parent has
@@ -325,8 +326,129 @@ if numba is not None:
             out[o : o + lengths[k]] = src[s : s + lengths[k]]  # a block copy (see above)
         return out
 
+    # Several in-memory CSR matrices gathered as one, without stacking them: a table holds each
+    # source's arrays by address (see ``source_table``), and a kernel views source ``s``'s
+    # arrays in place. ``like_*`` are arrays of the sources' dtypes (their values are unused):
+    # the compiled kernels are typed by them.
+    @intrinsic
+    def _pointer(typingctx, address, like):
+        """The integer ``address`` as a pointer to elements of ``like``'s dtype."""
+        if not isinstance(address, numba.types.Integer) or not isinstance(like, numba.types.Array):
+            return None
+        signature = numba.types.CPointer(like.dtype)(address, like)
+
+        def codegen(context, builder, sig, args):  # pragma: no cover - compiled
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+        return signature, codegen
+
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _nb_source(table, s, like_indptr, like_indices, like_data):  # pragma: no cover
+        """Source ``s``'s ``indptr, indices, data, col_map`` (views of its own memory)."""
+        indptr = numba.carray(_pointer(table[s, 0], like_indptr), table[s, 4])
+        indices = numba.carray(_pointer(table[s, 1], like_indices), table[s, 5])
+        data = numba.carray(_pointer(table[s, 2], like_data), table[s, 5])
+        col_map = numba.carray(_pointer(table[s, 3], table), table[s, 6])  # int64
+        return indptr, indices, data, col_map
+
+    @numba.njit(nogil=True, cache=True, fastmath=True, inline="always")
+    def _nb_sources_dense_row(
+        table, like_indptr, like_indices, like_data, s, r, row
+    ):  # pragma: no cover
+        indptr, indices, data, col_map = _nb_source(table, s, like_indptr, like_indices, like_data)
+        _nb_dense_row(indptr, indices, data, r, col_map, row)
+
+    @_jit_fast
+    def _nb_sources_to_dense(
+        table, like_indptr, like_indices, like_data, source, rows, out
+    ):  # pragma: no cover
+        for i in numba.prange(rows.shape[0]):
+            _nb_sources_dense_row(
+                table, like_indptr, like_indices, like_data, source[i], rows[i], out[i]
+            )
+        return out
+
+    @numba.njit(nogil=True, cache=True, fastmath=True)
+    def _nb_sources_to_dense_serial(
+        table, like_indptr, like_indices, like_data, source, rows, out
+    ):  # pragma: no cover
+        for i in range(rows.shape[0]):
+            _nb_sources_dense_row(
+                table, like_indptr, like_indices, like_data, source[i], rows[i], out[i]
+            )
+        return out
+
+    @numba.njit(nogil=True, cache=True)
+    def _nb_sources_row_lengths(
+        table, like_indptr, like_indices, like_data, source, rows
+    ):  # pragma: no cover
+        lengths = np.empty(rows.shape[0], dtype=np.int64)
+        for i in range(rows.shape[0]):
+            indptr, indices, _, col_map = _nb_source(
+                table, source[i], like_indptr, like_indices, like_data
+            )
+            r = rows[i]
+            if col_map.shape[0] == 0:
+                lengths[i] = indptr[r + 1] - indptr[r]
+            else:
+                n = 0
+                for p in range(indptr[r], indptr[r + 1]):
+                    if col_map[indices[p]] >= 0:
+                        n += 1
+                lengths[i] = n
+        return lengths
+
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _nb_sources_fill_row(
+        table, like_indptr, like_indices, like_data, s, r, q, out_cols, out_vals
+    ):  # pragma: no cover
+        indptr, indices, data, col_map = _nb_source(table, s, like_indptr, like_indices, like_data)
+        if col_map.shape[0] == 0:  # block copies (see _nb_csr_fill_all)
+            start, stop = indptr[r], indptr[r + 1]
+            out_cols[q : q + stop - start] = indices[start:stop]
+            out_vals[q : q + stop - start] = data[start:stop]
+        else:
+            _nb_fill_row(indptr, indices, data, r, col_map, q, out_cols, out_vals)
+
+    @_jit
+    def _nb_sources_fill(
+        table, like_indptr, like_indices, like_data, source, rows, out_indptr, out_cols, out_vals
+    ):  # pragma: no cover
+        for i in numba.prange(rows.shape[0]):
+            _nb_sources_fill_row(
+                table,
+                like_indptr,
+                like_indices,
+                like_data,
+                source[i],
+                rows[i],
+                out_indptr[i],
+                out_cols,
+                out_vals,
+            )
+
+    @numba.njit(nogil=True, cache=True)
+    def _nb_sources_fill_serial(
+        table, like_indptr, like_indices, like_data, source, rows, out_indptr, out_cols, out_vals
+    ):  # pragma: no cover
+        for i in range(rows.shape[0]):
+            _nb_sources_fill_row(
+                table,
+                like_indptr,
+                like_indices,
+                like_data,
+                source[i],
+                rows[i],
+                out_indptr[i],
+                out_cols,
+                out_vals,
+            )
+
 
 _EMPTY_MAP = np.empty(0, dtype=np.int64)
+
+#: whether :func:`sources_to_dense` and :func:`sources_to_csr` are available (numba)
+MEMORY_SOURCES = numba is not None
 
 #: whether :func:`read_ranges_multi` is available (numba and a C ``pread``)
 MULTI_FILE_READS = numba is not None and globals().get("_libc_pread") is not None
@@ -468,6 +590,93 @@ def read_ranges_threadsafe(engine_name: str):
 def _nb_copy_ranges_entry(src, starts, lengths, out):
     with _LOCK:
         return _nb_copy_ranges(src, starts, _offsets(lengths), lengths, out)
+
+
+def source_table(parts: list[tuple]) -> np.ndarray:
+    """The table by which :func:`sources_to_dense` and :func:`sources_to_csr` reach several
+    in-memory CSR matrices: one row per source, of the addresses of its ``indptr, indices,
+    data, col_map`` and of their lengths.
+
+    ``parts``: each source's ``(indptr, indices, data, col_map or None)``, 1-D C-contiguous
+    arrays, every source's of the same dtypes (``col_map`` int64, as for ``csr_to_dense``).
+    The arrays must outlive every use of the table (the caller holds them), and a table is
+    only valid in the process that made it (a pickled copy would point nowhere).
+    """
+    table = np.zeros((len(parts), 7), dtype=np.int64)
+    for s, (indptr, indices, data, col_map) in enumerate(parts):
+        for a in (indptr, indices, data) + (() if col_map is None else (col_map,)):
+            if a.ndim != 1 or not a.flags.c_contiguous:
+                raise ValueError("source_table needs 1-D C-contiguous arrays.")
+        cm = _EMPTY_MAP if col_map is None else col_map
+        if cm.dtype != np.int64:
+            raise ValueError(f"col_map must be int64, got {cm.dtype}.")
+        table[s] = (
+            indptr.ctypes.data,
+            indices.ctypes.data,
+            data.ctypes.data,
+            cm.ctypes.data,
+            len(indptr),
+            len(indices),
+            len(cm),
+        )
+    return table
+
+
+def sources_to_dense(table, likes, source, rows, out):
+    """Row ``rows[i]`` of source ``source[i]`` (see :func:`source_table`) into ``out[i]``,
+    every element of ``out`` written (numba only). ``likes``: arrays of the sources'
+    ``indptr, indices, data`` dtypes."""
+    target = out
+    if out.dtype == _HALF:
+        out = np.empty(out.shape, dtype=np.float32)
+    if rows.shape[0] < _SERIAL_BELOW:
+        _nb_sources_to_dense_serial(table, *likes, source, rows, out)
+    else:
+        with _LOCK:
+            _nb_sources_to_dense(table, *likes, source, rows, out)
+    if target is not out:
+        target[...] = out
+    return target
+
+
+def sources_to_csr(table, likes, source, rows, out_dtype, n_cols, alloc=np.empty):
+    """CSR pieces ``(indptr, indices, values)`` of row ``rows[i]`` of source ``source[i]``
+    (see :func:`sources_to_dense`), as ``csr_to_csr`` makes them (numba only)."""
+    out_indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(_nb_sources_row_lengths(table, *likes, source, rows), out=out_indptr[1:])
+    nnz = int(out_indptr[-1])
+    index = index_dtype(n_cols, nnz)
+    out_cols = alloc(nnz, index)
+    half = np.dtype(out_dtype) == _HALF  # computed in float32, then cast
+    out_vals = np.empty(nnz, dtype=np.float32) if half else alloc(nnz, np.dtype(out_dtype))
+    if len(rows) < _SERIAL_BELOW:
+        _nb_sources_fill_serial(table, *likes, source, rows, out_indptr, out_cols, out_vals)
+    else:
+        with _LOCK:
+            _nb_sources_fill(table, *likes, source, rows, out_indptr, out_cols, out_vals)
+    if half:
+        values = alloc(nnz, _HALF)
+        values[...] = out_vals
+        out_vals = values
+    return out_indptr.astype(index, copy=False), out_cols, out_vals
+
+
+def warm_sources(table, likes) -> None:
+    """Load :func:`sources_to_dense` and :func:`sources_to_csr`'s kernels for float32 batches
+    of these sources' dtypes into this process (10-70 ms from numba's cache), as
+    :func:`warm_up` does for one source's, so that forked workers inherit them."""
+    rows = np.empty(0, dtype=np.int64)
+    out = np.empty((0, 1), dtype=np.float32)
+    out_indptr = np.zeros(1, dtype=np.int64)
+    vals = np.empty(0, np.float32)
+    for index in (np.int32, np.int64):
+        cols = np.empty(0, index)
+        with _LOCK:
+            _nb_sources_to_dense(table, *likes, rows, rows, out)
+            _nb_sources_fill(table, *likes, rows, rows, out_indptr, cols, vals)
+        _nb_sources_to_dense_serial(table, *likes, rows, rows, out)
+        _nb_sources_fill_serial(table, *likes, rows, rows, out_indptr, cols, vals)
+    _nb_sources_row_lengths(table, *likes, rows, rows)
 
 
 _WARM_IN: int | None = None  # pid of the process whose numba kernels are loaded

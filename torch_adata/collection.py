@@ -809,16 +809,94 @@ class _DirectFiles:
         return indptr, indices, data, inverse.reshape(-1).astype(np.int64)
 
 
+class _MemoryCSR:
+    """In-memory CSR sources gathered as one: a batch's rows of every source are written by
+    one compiled call straight into the dense batch (or its CSR pieces), in the batch's order;
+    nothing is stacked or copied per source.
+
+    The sources' arrays are reached by address (``_kernels.source_table``), kept alive here; the table is made again in each process (a forked or spawned worker's
+    arrays may lie elsewhere). A source whose genes are mapped (an inner join over different
+    genes, or genes a source lacks) has a column map: its reader's own, or one composed once
+    from it and the filled columns (a few bytes per gene of that source).
+    """
+
+    def __init__(self, parts: list[tuple]):
+        self.parts = parts  # (indptr, indices, data, col_map or None) per source
+        first = parts[0]
+        self.likes = tuple(a[:0] for a in first[:3])
+        self.pid = -1
+        self.table = None
+
+    @staticmethod
+    def build(readers: list[RowReader]) -> _MemoryCSR | None:
+        """The set for ``readers``, or ``None`` unless every one is an in-memory
+        ``CSRReader`` (alone, or under a ``FilledReader`` for missing genes) and their
+        ``indptr``, ``indices`` and ``data`` have the same dtypes in every source."""
+        if not _kernels.MEMORY_SOURCES:
+            return None
+        parts = []
+        for r in readers:
+            base, targets = r, None
+            if type(r) is FilledReader:
+                base, targets = r.base, r.targets
+            if type(base) is not CSRReader:
+                return None
+            col_map = base.col_map
+            if targets is not None:
+                targets = np.asarray(targets, dtype=np.int64)
+                if col_map is None:
+                    col_map = targets
+                else:
+                    col_map = np.where(col_map >= 0, targets[np.maximum(col_map, 0)], -1)
+            arrays = (base.indptr, base.indices, base.data)
+            if any(a.ndim != 1 or not a.flags.c_contiguous for a in arrays):
+                return None
+            cm = None if col_map is None else np.ascontiguousarray(col_map, dtype=np.int64)
+            parts.append((*arrays, cm))
+        if len({tuple(a.dtype for a in p[:3]) for p in parts}) != 1:
+            return None
+        memory = _MemoryCSR(parts)
+        _kernels.warm_sources(memory._table(), memory.likes)  # before workers fork
+        return memory
+
+    def _table(self) -> np.ndarray:
+        if self.pid != os.getpid():
+            self.table = _kernels.source_table(self.parts)
+            self.pid = os.getpid()
+        return self.table
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["pid"], state["table"] = -1, None
+        return state
+
+    def dense(self, source: np.ndarray, local: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return _kernels.sources_to_dense(self._table(), self.likes, source, local, out)
+
+    def csr(self, source, local, dtype, n_cols: int, alloc: Callable) -> CSRPieces:
+        p, i, v = _kernels.sources_to_csr(
+            self._table(), self.likes, source, local, np.dtype(dtype), n_cols, alloc
+        )
+        return CSRPieces(p, i, v, n_cols)
+
+
 class ConcatReader(RowReader):
     """Rows of several readers stacked one after the other (a collection's matrix).
 
-    Global row ``p`` is row ``p - offsets[s]`` of reader ``s``. A batch is split by source;
-    each source's rows are read by its own reader (a backed file with its coalesced reads) and
-    put back in the requested order: dense rows straight into ``out`` where a source's rows
-    are contiguous in the batch, CSR pieces reassembled into arrays made with ``alloc``. A
-    batch whose rows all lie in one source passes through to its reader without a copy.
+    Global row ``p`` is row ``p - offsets[s]`` of reader ``s``. A batch whose rows all lie in
+    one source passes through to its reader without a copy. A batch over several sources is
+    read in one pass where the sources allow it (numba): backed CSR files with the same genes
+    and dtypes by two compiled reads over all of them (:class:`_DirectFiles`), in-memory CSR
+    matrices of the same dtypes by one compiled gather into the batch (:class:`_MemoryCSR`).
+    Otherwise it is split by source; each source's rows are read by its own reader (a backed
+    file with its coalesced reads) and put back in the requested order: dense rows straight
+    into ``out`` where a source's rows are contiguous in the batch, CSR pieces reassembled
+    into arrays made with ``alloc``.
+
     Before reading from a file, its size and modification time are checked against those
-    recorded when the collection was built.
+    recorded when the collection was built: one ``stat`` of its path per file a batch
+    touches. Only the path shows a file replaced or removed (the open descriptors keep the
+    old one), so the check stays per batch and per path.
     """
 
     def __init__(
@@ -839,6 +917,7 @@ class ConcatReader(RowReader):
         # stored sparse everywhere: batches are gathered from every source's CSR pieces
         self.sparse = all(_stores_csr(r) for r in readers)
         self._direct: _DirectFiles | None = None  # set by prepare() where it applies
+        self._memory: _MemoryCSR | None = None  # likewise
         # a file is checked only where rows are read from it at every batch
         self.checks = [
             (p, st) if st is not None and _file_reader(r) else None
@@ -872,14 +951,13 @@ class ConcatReader(RowReader):
         return order, groups, local
 
     def _one_source(self, rows: np.ndarray):
-        """``(source, local rows)`` when every row lies in one source, else ``None``."""
+        """``(s, local rows, sources)``: ``s`` the one source every row lies in, or -1; each
+        row's row in its source, and its source (``None`` where there is one source)."""
         if len(self.readers) == 1 or len(rows) == 0:
-            return 0, rows
+            return 0, rows, None
         source, local = self._split(rows)
         first = int(source[0])
-        if (source == first).all():
-            return first, local
-        return None
+        return (first if (source == first).all() else -1), local, source
 
     def _stacked(self, rows: np.ndarray, dtype):
         """The rows as CSR pieces stacked source after source (each source's rows read in one
@@ -897,14 +975,16 @@ class ConcatReader(RowReader):
 
     def dense(self, rows, dtype, out=None):
         rows = np.asarray(rows, dtype=np.int64)
-        one = self._one_source(rows)
-        if one is not None:
-            self._check(one[0])
-            return self.readers[one[0]].dense(one[1], dtype, out)
+        one, local, source = self._one_source(rows)
+        if one >= 0:
+            self._check(one)
+            return self.readers[one].dense(local, dtype, out)
         if out is None:
             out = np.empty((len(rows), self.shape[1]), dtype=dtype)
+        if self._memory is not None:  # every source's rows in one compiled call, into out
+            return self._memory.dense(source, local, out)
         if self._direct is not None:  # every file's rows in two compiled reads
-            self._check_sources(self._split(rows)[0])
+            self._check_sources(source)
             indptr, indices, values, inverse = self._direct.read(rows)
             return self.kernels.csr_to_dense(indptr, indices, values, inverse, None, out)
         if self.sparse:
@@ -923,12 +1003,14 @@ class ConcatReader(RowReader):
 
     def csr(self, rows, dtype, alloc: Callable = np.empty) -> CSRPieces:
         rows = np.asarray(rows, dtype=np.int64)
-        one = self._one_source(rows)
-        if one is not None:
-            self._check(one[0])
-            return self.readers[one[0]].csr(one[1], dtype, alloc)
+        one, local, source = self._one_source(rows)
+        if one >= 0:
+            self._check(one)
+            return self.readers[one].csr(local, dtype, alloc)
+        if self._memory is not None:
+            return self._memory.csr(source, local, dtype, self.shape[1], alloc)
         if self._direct is not None:
-            self._check_sources(self._split(rows)[0])
+            self._check_sources(source)
             indptr, indices, values, inverse = self._direct.read(rows)
         else:
             indptr, indices, values, inverse = self._stacked(rows, _work_dtype(dtype))
@@ -962,6 +1044,8 @@ class ConcatReader(RowReader):
             r.prepare()
         if len(self.readers) > 1 and self.kernels.name == "numba":
             self._direct = _DirectFiles.build(self.readers, self.offsets)
+            if self._direct is None:
+                self._memory = _MemoryCSR.build(self.readers)
 
     def describe(self) -> str:
         if len(self.readers) == 1:

@@ -775,6 +775,11 @@ class BackedCSRReader(RowReader):
         announced is then found in the page cache and read as such. The page cache is shared,
         so rows announced from the main process serve DataLoader workers too. Nothing happens
         for files read through h5py (compressed) or without ``posix_fadvise`` (macOS, Windows).
+
+        The rows are also remembered as a pool: a batch this process reads whose rows all lie
+        in an announced pool is gathered from the pool read whole into memory, and the next
+        pool's reading is started in the background (see :func:`_from_pools`). A process that
+        only announces (the main process of DataLoader workers) reads no pool.
         """
         if not hasattr(os, "posix_fadvise") or len(rows) == 0:
             return

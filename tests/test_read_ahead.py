@@ -290,6 +290,7 @@ def test_data_module_reads_block_pools_ahead_of_training(rows_file, tmp_path):
     for batch in loader:
         np.testing.assert_array_equal(batch["X"].numpy(), expected[batch["index"].numpy()])
     assert reader._open().hinted is not None  # the pools were announced
+    assert reader._open().staged_batches == len(loader)  # and each batch read from its pool
     trainer = pl.Trainer(
         max_epochs=1,
         limit_train_batches=5,

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -583,28 +583,39 @@ class _Pool:
 
 
 def _pool_buffers(st: _OpenCSR, nnz: int) -> tuple[np.ndarray, np.ndarray]:
-    """``data`` and ``indices`` arrays of ``nnz`` elements for a pool: those of a dropped pool
-    that nothing reads any more where one is large enough, else fresh ones (kept for reuse).
+    """``data`` and ``indices`` arrays of ``nnz`` elements for a pool: views of the buffers of a
+    dropped pool that nothing reads any more where one is large enough, else of fresh ones
+    (kept for reuse).
 
     Fresh memory costs a page fault per 4 KiB page on first write (a 66 MB pool took longer
-    to fault in than to read from the page cache)."""
+    to fault in than to read from the page cache). A buffer is free once the views it last
+    handed out are gone (weak references): no pool holds them and no batch gathers from them.
+    """
     with st.pools_lock:
-        for pair in st.spare:
-            # held by st.spare's tuple, ``pair`` and getrefcount's argument only: no batch
-            # still gathers from it
-            if pair[0].shape[0] >= nnz and all(sys.getrefcount(a) <= 3 for a in pair):
-                return pair[0][:nnz], pair[1][:nnz]
-        if len(st.spare) >= _POOLS_KEPT:
-            st.spare.pop(0)
-        size = nnz + nnz // 4  # headroom: pools' sizes in non-zeros vary
-        pair = (np.empty(size, dtype=st.data.dtype), np.empty(size, dtype=st.indices.dtype))
-        st.spare.append(pair)
-        return pair[0][:nnz], pair[1][:nnz]
+        spare = st.spare
+        pick = next(
+            (
+                entry
+                for entry in spare
+                if entry[0].shape[0] >= nnz and all(ref() is None for ref in entry[2])
+            ),
+            None,
+        )
+        if pick is None:
+            if len(spare) >= _POOLS_KEPT:
+                spare.pop(0)  # one still in use elsewhere: left to its holders
+            size = nnz + nnz // 4  # headroom: pools' sizes in non-zeros vary
+            pick = [np.empty(size, dtype=st.data.dtype), np.empty(size, st.indices.dtype), []]
+            spare.append(pick)
+        views = pick[0][:nnz], pick[1][:nnz]
+        pick[2] = [weakref.ref(v) for v in views]
+        return views
 
 
 def _stage(st: _OpenCSR, rows: np.ndarray):
-    """Read the stored rows ``rows`` (sorted, unique) into fresh arrays: one ``pread`` per run of
-    consecutive rows and array, on the calling thread (the GIL is released while it waits)."""
+    """Read the stored rows ``rows`` (sorted, unique) into a pool's arrays (see
+    :func:`_pool_buffers`): one ``pread`` per run of consecutive rows and array, on the calling
+    thread (the GIL is released while it waits)."""
     layout = st.layout
     starts = layout.indptr[rows]
     lengths = layout.indptr[rows + 1] - starts
@@ -713,7 +724,8 @@ class _OpenCSR:
     pools_lock: threading.Lock = field(default_factory=threading.Lock)
     #: the kernels' engine (``"numba"`` or ``"numpy"``), for the staging thread's reads
     kernels_name: str = "numpy"
-    #: buffers pools are read into, reused (see :func:`_pool_buffers`)
+    #: buffers pools are read into, reused: ``[data, indices, weak references to the views
+    #: last handed out]`` (see :func:`_pool_buffers`)
     spare: list = field(default_factory=list)
     #: batches gathered from a staged pool, for tests and benchmarks
     staged_batches: int = 0

@@ -15,7 +15,9 @@ also as fractions of the disk's random-read limits (two reads per cell: values a
 indices), block figures as fractions of its sequential limit (``--seq`` MiB/s over the stored
 bytes per cell). Uniform passes read ``--batches`` batches; block passes read one epoch of
 ``BlockShuffleSampler`` (defaults: blocks of 64, pools of 16 batches) over the first
-``--block-batches`` x ``--batch-size`` cells, with and without ``read_ahead=dataset``.
+``--block-batches`` x ``--batch-size`` cells, with and without ``read_ahead=dataset``; each
+cold block case with read-ahead is also run on the warm file and printed as cold / warm (how
+much of the gap the disk still causes).
 ``--sparse`` asks for sparse batches (no densifying: the reads' own speed).
 """
 
@@ -53,6 +55,13 @@ CASES = [
     Case("cold block, 0 workers, read_ahead=dataset", sampler="block+read_ahead"),
     Case("cold block, 2 workers, read_ahead=dataset", workers=2, sampler="block+read_ahead"),
     Case("warm block, 0 workers (the same, file in memory)", sampler="block", cold=False),
+    Case("warm block, 0 workers, read_ahead=dataset", sampler="block+read_ahead", cold=False),
+    Case(
+        "warm block, 2 workers, read_ahead=dataset",
+        workers=2,
+        sampler="block+read_ahead",
+        cold=False,
+    ),
     Case("warm uniform, 0 workers, concurrent (default)", cold=False),
 ]
 
@@ -172,9 +181,15 @@ def main() -> None:
         line = f"{case.name:52s} {v:>9,.0f} cells/s"
         if case.cold and case.sampler == "uniform" and args.qd1 and args.qd32:
             line += f"  ({2 * v / args.qd1:.2f} of depth-1, {2 * v / args.qd32:.2f} of depth-32)"
-        if case.sampler.startswith("block") and args.seq:
+        if case.cold and case.sampler.startswith("block") and args.seq:
             line += f"  ({v * per_cell / (args.seq * 2**20):.2f} of sequential)"
         print(line + "   rounds: " + ", ".join(f"{x:,.0f}" for x in results[case.name]))
+    for case in cases:  # each cold block case against the same case on a warm file
+        if not (case.cold and case.sampler.startswith("block")):
+            continue
+        warm = case.name.replace("cold", "warm", 1)
+        if warm in median:
+            print(f"cold / warm, {case.name[5:]}: {median[case.name] / median[warm]:.2f}")
     names = [c.name for c in cases]
     if names[:3] == [c.name for c in CASES[:3]]:
         print(

@@ -7,6 +7,7 @@ bytes are cached is asked with ``preadv(RWF_NOWAIT)``, which fails rather than w
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import anndata as ad
@@ -18,7 +19,7 @@ import torch
 from conftest import backed_csr_readers, evict, make_adata, write_h5ad
 
 import torch_adata as ta
-from torch_adata import AnnDataModule, AnnDataset, Fields, Loader
+from torch_adata import AnnDataModule, AnnDataset, Fields, Loader, _gather
 from torch_adata._gather import _byte_ranges
 from torch_adata.samplers import BlockShuffleSampler
 
@@ -169,7 +170,8 @@ def test_read_ahead_must_be_a_dataset():
 
 
 @linux_only
-def test_read_ahead_in_forked_workers_gives_the_rows(rows_file):
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_read_ahead_in_workers_gives_the_rows(rows_file, context):
     path, expected = rows_file
     dataset = AnnDataset(path)
     sampler = BlockShuffleSampler(600, 32, block_size=16, pool_batches=3, read_ahead=dataset)
@@ -179,7 +181,7 @@ def test_read_ahead_in_forked_workers_gives_the_rows(rows_file):
         batch_size=None,
         collate_fn=ta.collate,
         num_workers=2,
-        multiprocessing_context="fork",
+        multiprocessing_context=context,
     )
     evict(path)
     batches = list(sampler)
@@ -187,6 +189,75 @@ def test_read_ahead_in_forked_workers_gives_the_rows(rows_file):
     assert len(got) == len(batches) == len(sampler)
     for rows, batch in zip(batches, got, strict=True):
         np.testing.assert_array_equal(batch.numpy(), expected[rows])
+    # the main process only announced the pools (for the workers' page cache): it read none
+    # into memory
+    (reader,) = backed_csr_readers(dataset)
+    st = reader._open()
+    assert st.staged_batches == 0 and st.spare == []
+
+
+def _anndata_rows(path: str, rows) -> np.ndarray:
+    backed = ad.read_h5ad(path, backed="r")
+    try:
+        return backed.X[np.sort(rows)].toarray()[np.argsort(np.argsort(rows))]
+    finally:
+        backed.file.close()
+
+
+@linux_only
+@pytest.mark.parametrize("sparse", [False, True])
+def test_block_read_ahead_gathers_from_staged_pools(rows_file, sparse):
+    """With no workers, each announced pool is read whole into memory (the next one by a
+    background thread) and its batches gathered from there: anndata's rows, dense or sparse,
+    every batch staged, nothing left held or running after the epoch."""
+    path, _ = rows_file
+    dataset = AnnDataset(path, sparse=sparse)
+    sampler = BlockShuffleSampler(600, 32, block_size=16, pool_batches=3, read_ahead=dataset)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=None, collate_fn=ta.collate
+    )
+    (reader,) = backed_csr_readers(dataset)
+    buffers = None
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        evict(path)
+        batches = list(sampler)
+        got = list(loader)
+        assert len(got) == len(batches)
+        for rows, batch in zip(batches, got, strict=True):
+            values = batch.to_dense() if sparse else batch
+            np.testing.assert_array_equal(values.numpy(), _anndata_rows(path, rows))
+        st = reader._open()
+        assert st.staged_batches == (epoch + 1) * len(batches)  # every batch from a pool
+        assert len(st.pools) == 0  # each pool dropped once all its rows were read
+        held = [pair[0].ctypes.data for pair in st.spare]
+        assert 1 <= len(held) <= 2  # the current pool's buffers and the next one's
+        if buffers is not None:
+            assert held == buffers  # the second epoch reused the first one's memory
+        buffers = held
+    stagers = [t for t in threading.enumerate() if t.name.startswith("torch_adata-stage")]
+    assert len(stagers) <= 1  # one staging thread, idle: every pool's read has finished
+
+
+@linux_only
+def test_rows_outside_the_announced_pools_are_read_from_the_file(rows_file, monkeypatch):
+    path, expected = rows_file
+    dataset = AnnDataset(path)
+    (reader,) = backed_csr_readers(dataset)
+    dataset.prefetch(np.arange(100, 164))
+    st = reader._open()
+    rows = [163, 100, 100, 120]  # any order, duplicates: from the pool
+    np.testing.assert_array_equal(dataset[rows].numpy(), expected[rows])
+    assert st.staged_batches == 1
+    rows = [99, 120]  # one row outside the pool: read from the file, the pool kept
+    np.testing.assert_array_equal(dataset[rows].numpy(), expected[rows])
+    assert st.staged_batches == 1 and len(st.pools) == 1
+    # a pool larger than the staging limit is only announced to the kernel
+    monkeypatch.setattr(_gather, "_STAGE_MAX_BYTES", 1000)
+    dataset.prefetch(np.arange(200, 264))
+    rows = [201, 263]
+    np.testing.assert_array_equal(dataset[rows].numpy(), expected[rows])
+    assert st.staged_batches == 1
 
 
 class _Tiny(pl.LightningModule):
@@ -219,6 +290,7 @@ def test_data_module_reads_block_pools_ahead_of_training(rows_file, tmp_path):
     for batch in loader:
         np.testing.assert_array_equal(batch["X"].numpy(), expected[batch["index"].numpy()])
     assert reader._open().hinted is not None  # the pools were announced
+    assert reader._open().staged_batches == len(loader)  # and each batch read from its pool
     trainer = pl.Trainer(
         max_epochs=1,
         limit_train_batches=5,

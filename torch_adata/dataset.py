@@ -284,7 +284,11 @@ class AnnDataset(Dataset):
 
         Returns at once; the disk reads them while earlier batches are gathered, and the batch
         that asks for them later finds them in memory. Only backed files read directly
-        (uncompressed) on Linux do anything; in memory it does nothing.
+        (uncompressed) on Linux do anything; in memory it does nothing. Rows announced together
+        form a pool: once this process reads a batch from a pool, the pool is read whole into
+        memory (one read per run of consecutive rows) and the next pool announced after it by
+        a background thread, so its batches are gathered from memory while the next pool is
+        read (at most two pools held, a pool over 256 MB left to the page cache).
         :class:`~torch_adata.samplers.BlockShuffleSampler` given ``read_ahead=dataset`` calls
         it with its pools of batches, two pools ahead of the one being read (the data module
         passes its split for ``Loader(sampler="block")``).

@@ -441,7 +441,10 @@ class BlockShuffleSampler(UniformBatchSampler):
         an :class:`~torch_adata.AnnDataset` over a backed file), or ``None``. When given, this
         rank's pools are passed to ``read_ahead.prefetch`` two pools ahead of the one being
         read (the first pool as iteration starts), so a backed file's reads of the pools to
-        come overlap the current pool's batches instead of stalling their first batch.
+        come overlap the current pool's batches instead of stalling their first batch. Read
+        without workers, each pool is also read whole into memory (the next one in the
+        background) and its batches gathered from there (see
+        :meth:`AnnDataset.prefetch <torch_adata.AnnDataset.prefetch>`).
     drop_last, seed, num_replicas, rank
         As in :class:`UniformBatchSampler`.
     """

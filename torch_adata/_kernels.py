@@ -200,19 +200,22 @@ if numba is not None:
         for i in range(rows.shape[0]):
             _nb_fill_row(indptr, indices, data, rows[i], col_map, out_indptr[i], out_cols, out_vals)
 
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _nb_row_length(indptr, indices, r, col_map):  # pragma: no cover
+        """Stored values of row ``r`` kept by ``col_map`` (all of them for an empty map)."""
+        if col_map.shape[0] == 0:
+            return indptr[r + 1] - indptr[r]
+        n = 0
+        for p in range(indptr[r], indptr[r + 1]):
+            if col_map[indices[p]] >= 0:
+                n += 1
+        return n
+
     @numba.njit(nogil=True, cache=True)
     def _nb_row_lengths(indptr, indices, rows, col_map):  # pragma: no cover
         lengths = np.empty(rows.shape[0], dtype=np.int64)
         for i in range(rows.shape[0]):
-            r = rows[i]
-            if col_map.shape[0] == 0:
-                lengths[i] = indptr[r + 1] - indptr[r]
-            else:
-                n = 0
-                for p in range(indptr[r], indptr[r + 1]):
-                    if col_map[indices[p]] >= 0:
-                        n += 1
-                lengths[i] = n
+            lengths[i] = _nb_row_length(indptr, indices, rows[i], col_map)
         return lengths
 
     @_jit
@@ -387,15 +390,7 @@ if numba is not None:
             indptr, indices, _, col_map = _nb_source(
                 table, source[i], like_indptr, like_indices, like_data
             )
-            r = rows[i]
-            if col_map.shape[0] == 0:
-                lengths[i] = indptr[r + 1] - indptr[r]
-            else:
-                n = 0
-                for p in range(indptr[r], indptr[r + 1]):
-                    if col_map[indices[p]] >= 0:
-                        n += 1
-                lengths[i] = n
+            lengths[i] = _nb_row_length(indptr, indices, rows[i], col_map)
         return lengths
 
     @numba.njit(nogil=True, cache=True, inline="always")

@@ -240,8 +240,9 @@ def test_cli_options_choose_the_model(trajectory):
 @pytest.mark.slow
 def test_quality_beats_the_ot_baselines(trajectory, tmp_path):
     """2,000 simulated cells, 300 steps of 64 cells per day, width 128, latent space, the ODE
-    (``--no-sde``), CPU (about 30 s). Measured with exactly these arguments on seeds 0-2 (Sinkhorn divergence to
-    the held-out day 4; fate bias against the oracle over the 440 day-2 cells):
+    (``--no-sde``), CPU (about 30 s). Measured with exactly these arguments on seeds 0-2
+    (Sinkhorn divergence to the held-out day 4; fate bias against the oracle over the 440
+    day-2 cells):
 
     - model 0.037-0.039, McCann interpolation (exact OT) 0.059-0.060, earlier population
       0.27-0.30, later 0.35-0.37 (model / McCann 0.62-0.67);

@@ -1,4 +1,4 @@
-"""Trajectory example: flow matching on optimal-transport pairs of cells between days.
+"""Trajectory example: flow and score matching on optimal-transport pairs of cells between days.
 
 Cells are only observed as snapshots (days 2, 4, 6). A velocity field ``v(x, t)`` moves cells
 forward in a low-dimensional space: by default PCA 50 of the counts (log1p, 2,000 variable
@@ -6,8 +6,11 @@ genes, scaling: :func:`torch_adata.datasets.preprocess`, run by the data module)
 representation a user computes and the only one on LARRY; or the simulator's latent space
 (``--embedding latent``). Each training step pairs the cells of consecutive training days in the
 batch by an exact optimal-transport plan (POT) and regresses ``v`` onto the velocity of the
-straight path between each pair, at a random point of it (conditional flow matching with
-minibatch OT couplings); cells are carried by fixed-step RK4. Batches come from
+path between each pair, at a random point of it (conditional flow matching with minibatch OT
+couplings). By default the path is a Brownian bridge that diffuses in the leading dimensions
+only (PCA: the first 3 components; latent: clock and fate axis), a second network learns its
+score, and cells are carried by the SDE ``dx = (v + sigma**2 / 2 * score) dt + sigma dW``
+(Euler-Maruyama; ``--no-sde``: the ODE ``dx = v dt``, RK4). Batches come from
 ``torch_adata.AnnDataModule(time=TimeSampling("Time point", mode="populations"))``: rows
 ``[k*n:(k+1)*n]`` of a batch are cells of time point ``k``.
 
@@ -18,8 +21,9 @@ a. interpolation: day-2 cells pushed to day 4 against the held-out day-4 cells, 
    McCann (displacement) interpolation of the exact OT plan between days 2 and 6 and the
    "earlier population" and "later population" guesses, all scored with the same Sinkhorn
    divergence (geomloss); the divergence between two halves of day 4 is the sampling floor;
-b. fate prediction: every day-2 cell pushed to day 6, fate bias = Neutrophil / (Neutrophil +
-   Monocyte) among the nearest annotated day-6 cells of its end point, scored (Pearson r,
+b. fate prediction: every day-2 cell pushed to day 6 (16 paths of the SDE each,
+   ``--fate-samples``), fate bias = Neutrophil / (Neutrophil + Monocyte) among the nearest
+   annotated day-6 cells of its end points (averaged over the paths), scored (Pearson r,
    AUROC of truth > 0.5) against the simulator's oracle (``obs["fate_bias_oracle"]``) or, on
    LARRY, the clonal fate of the Weinreb et al. benchmark; next to the fates the exact and the
    entropic (Waddington-OT) OT plans from day 2 to day 6 carry, and a kNN on the day-2
@@ -30,10 +34,12 @@ c. branches: the share of pushed day-2 cells on each day-6 branch (kNN label) ag
 
 Figures (10,000 cells, defaults; seeds 0-2 in both spaces): ``docs/_static/
 trajectory_seeds.json``, written by ``benchmarks/trajectory_seeds.py`` and tabulated in the
-docs (examples). In short: in the latent space the model beats McCann interpolation on day 4
-and every OT and kNN baseline on fates; in PCA 50 it is level with McCann on day 4 and beats
-the exact plan and kNN on fates, not the entropic plan, with the counting noise setting a floor
-under both figures, and its day-6 cells form broad clouds rather than the thin branches.
+docs (examples), with every variant tried. In short: in the latent space the model beats
+McCann interpolation on day 4 and every OT and kNN baseline on fates; in PCA 50 it is level
+with McCann on day 4 and beats the exact plan and kNN on fates, not the entropic plan, with the
+counting noise setting a floor under both figures. The SDE resolves the two day-6 branches in
+PCA (an ODE gives one broad cloud between them) but keeps too few cells undifferentiated
+there, and too many in the latent space.
 
 Run::
 
@@ -42,7 +48,8 @@ Run::
 Outputs in ``--out``: ``metrics.json`` and ``metrics.csv`` (the evaluations, model and
 baselines), ``model.ckpt``, ``logs/`` (Lightning's per-epoch loss), ``losses.png``,
 ``populations.png``, ``fate_bias.png`` and ``predictions.h5ad`` (``obs["fate_bias_pred"]`` and
-``obsm["X_pred_day<t>"]``, each cell pushed to every later time point; NaN where undefined).
+``obsm["X_pred_day<t>"]``, each cell pushed to every later time point, one path of the SDE;
+NaN where undefined).
 """
 
 from __future__ import annotations

@@ -48,6 +48,8 @@ def test_fast_dev_run_on_pca_writes_every_output_and_baseline(trajectory, tmp_pa
     metrics = trajectory.main(small_run(tmp_path, "--fast-dev-run"))
 
     assert metrics["embedding"] == "X_pca"  # the default: PCA 50 of the counts
+    # the default model: the SDE, diffusing in the three leading components
+    assert metrics["model"] == {"sde": True, "sigma": 0.1, "noise_dims": 3, "fate_samples": 16}
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     interpolation = metrics["interpolation"]
     names = ("model", "mccann_interpolation", "earlier_population", "later_population")
@@ -188,11 +190,59 @@ def test_bad_arguments_are_named(trajectory):
         trajectory.evaluate_interpolation(model, np.zeros((15, 2), np.float32), times, 2.0)
 
 
+def test_sde_diffuses_in_the_leading_dimensions_only(trajectory):
+    with pytest.raises(ValueError, match=r"sde=True needs sigma > 0"):
+        trajectory.DriftModel(sde=True, sigma=0.0)
+    model = trajectory.DriftModel(
+        dim=4,
+        center=[0.0] * 4,
+        scale=[1.0] * 4,
+        time_points=[2, 4, 6],
+        train_time_points=[2, 6],
+        sigma=0.1,
+        sde=True,
+        noise_dims=2,
+    )
+    assert model.score is not None and model.step == 0.05
+    # the bridges between days 2 and 6 are widest on day 4: sigma * sqrt(4 days * 1/2 * 1/2)
+    assert model.bridge_spread(4.0) == pytest.approx(0.1)
+    assert model.bridge_spread(2.0) == pytest.approx(0.1 * np.sqrt(4 * 0.01 * 0.99))
+    start = torch.zeros(2000, 4)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = model.integrate(start, 2.0, 4.0)
+        torch.manual_seed(0)
+        again = model.integrate(start, 2.0, 4.0)
+        torch.manual_seed(1)
+        other = model.integrate(start, 2.0, 4.0)
+        assert torch.equal(first, again) and not torch.equal(first, other)
+        assert (first[:, :2].std(0) > 0.01).all()  # one start, many ends in the diffusing dims
+        for net in (model.velocity, model.score):  # no drift: the SDE is sigma dW alone
+            net[-1].weight.zero_()
+            net[-1].bias.zero_()
+        ends = model.integrate(start, 2.0, 4.0)
+    assert (ends[:, 2:] == 0).all()  # no diffusion beyond noise_dims
+    # Brownian motion over 2 days: sd sigma * sqrt(2) in each diffusing dimension
+    np.testing.assert_allclose(ends[:, :2].std(0).numpy(), 0.1 * np.sqrt(2), rtol=0.1)
+
+
+def test_cli_options_choose_the_model(trajectory):
+    pca = trajectory.parse_args([])
+    assert (pca.sde, pca.sigma, pca.noise_dims) == (True, 0.1, 3)
+    latent = trajectory.parse_args(["--embedding", "latent"])
+    assert (latent.sde, latent.sigma, latent.noise_dims) == (True, 0.05, 2)
+    ode = trajectory.parse_args(["--no-sde"])
+    assert (ode.sde, ode.sigma, ode.noise_dims) == (False, 0.0, None)
+    own = trajectory.parse_args(["--sigma", "0.2", "--noise-dims", "5"])
+    assert (own.sde, own.sigma, own.noise_dims) == (True, 0.2, 5)
+
+
 @pytest.mark.slow
 def test_quality_beats_the_ot_baselines(trajectory, tmp_path):
-    """2,000 simulated cells, 300 steps of 64 cells per day, width 128, latent space, CPU
-    (about 30 s). Measured with exactly these arguments on seeds 0-2 (Sinkhorn divergence to
-    the held-out day 4; fate bias against the oracle over the 440 day-2 cells):
+    """2,000 simulated cells, 300 steps of 64 cells per day, width 128, latent space, the ODE
+    (``--no-sde``), CPU (about 30 s). Measured with exactly these arguments on seeds 0-2
+    (Sinkhorn divergence to the held-out day 4; fate bias against the oracle over the 440
+    day-2 cells):
 
     - model 0.037-0.039, McCann interpolation (exact OT) 0.059-0.060, earlier population
       0.27-0.30, later 0.35-0.37 (model / McCann 0.62-0.67);
@@ -206,7 +256,7 @@ def test_quality_beats_the_ot_baselines(trajectory, tmp_path):
         [
             *small_run(tmp_path),
             *("--n-cells", "2000", "--cells-per-time", "64", "--max-steps", "300"),
-            *("--hidden", "128", "--embedding", "latent"),
+            *("--hidden", "128", "--embedding", "latent", "--no-sde"),
         ]
     )
     interpolation, fate, baselines = (

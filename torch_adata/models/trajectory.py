@@ -1,4 +1,4 @@
-"""Trajectory example: flow matching on optimal-transport pairs of cells between days.
+"""Trajectory example: flow and score matching on optimal-transport pairs of cells between days.
 
 Cells are only observed as snapshots (days 2, 4, 6). A velocity field ``v(x, t)`` moves cells
 forward in a low-dimensional space: by default PCA 50 of the counts (log1p, 2,000 variable
@@ -6,8 +6,11 @@ genes, scaling: :func:`torch_adata.datasets.preprocess`, run by the data module)
 representation a user computes and the only one on LARRY; or the simulator's latent space
 (``--embedding latent``). Each training step pairs the cells of consecutive training days in the
 batch by an exact optimal-transport plan (POT) and regresses ``v`` onto the velocity of the
-straight path between each pair, at a random point of it (conditional flow matching with
-minibatch OT couplings); cells are carried by fixed-step RK4. Batches come from
+path between each pair, at a random point of it (conditional flow matching with minibatch OT
+couplings). By default the path is a Brownian bridge that diffuses in the leading dimensions
+only (PCA: the first 3 components; latent: clock and fate axis), a second network learns its
+score, and cells are carried by the SDE ``dx = (v + sigma**2 / 2 * score) dt + sigma dW``
+(Euler-Maruyama; ``--no-sde``: the ODE ``dx = v dt``, RK4). Batches come from
 ``torch_adata.AnnDataModule(time=TimeSampling("Time point", mode="populations"))``: rows
 ``[k*n:(k+1)*n]`` of a batch are cells of time point ``k``.
 
@@ -18,8 +21,9 @@ a. interpolation: day-2 cells pushed to day 4 against the held-out day-4 cells, 
    McCann (displacement) interpolation of the exact OT plan between days 2 and 6 and the
    "earlier population" and "later population" guesses, all scored with the same Sinkhorn
    divergence (geomloss); the divergence between two halves of day 4 is the sampling floor;
-b. fate prediction: every day-2 cell pushed to day 6, fate bias = Neutrophil / (Neutrophil +
-   Monocyte) among the nearest annotated day-6 cells of its end point, scored (Pearson r,
+b. fate prediction: every day-2 cell pushed to day 6 (16 paths of the SDE each,
+   ``--fate-samples``), fate bias = Neutrophil / (Neutrophil + Monocyte) among the nearest
+   annotated day-6 cells of its end points (averaged over the paths), scored (Pearson r,
    AUROC of truth > 0.5) against the simulator's oracle (``obs["fate_bias_oracle"]``) or, on
    LARRY, the clonal fate of the Weinreb et al. benchmark; next to the fates the exact and the
    entropic (Waddington-OT) OT plans from day 2 to day 6 carry, and a kNN on the day-2
@@ -30,10 +34,12 @@ c. branches: the share of pushed day-2 cells on each day-6 branch (kNN label) ag
 
 Figures (10,000 cells, defaults; seeds 0-2 in both spaces): ``docs/_static/
 trajectory_seeds.json``, written by ``benchmarks/trajectory_seeds.py`` and tabulated in the
-docs (examples). In short: in the latent space the model beats McCann interpolation on day 4
-and every OT and kNN baseline on fates; in PCA 50 it is level with McCann on day 4 and beats
-the exact plan and kNN on fates, not the entropic plan, with the counting noise setting a floor
-under both figures, and its day-6 cells form broad clouds rather than the thin branches.
+docs (examples), with every variant tried. In short: in the latent space the model beats
+McCann interpolation on day 4 and every OT and kNN baseline on fates; in PCA 50 it is level
+with McCann on day 4 and beats the exact plan and kNN on fates, not the entropic plan, with the
+counting noise setting a floor under both figures. The SDE resolves the two day-6 branches in
+PCA (an ODE gives one broad cloud between them) but keeps too few cells undifferentiated
+there, and too many in the latent space.
 
 Run::
 
@@ -42,7 +48,8 @@ Run::
 Outputs in ``--out``: ``metrics.json`` and ``metrics.csv`` (the evaluations, model and
 baselines), ``model.ckpt``, ``logs/`` (Lightning's per-epoch loss), ``losses.png``,
 ``populations.png``, ``fate_bias.png`` and ``predictions.h5ad`` (``obs["fate_bias_pred"]`` and
-``obsm["X_pred_day<t>"]``, each cell pushed to every later time point; NaN where undefined).
+``obsm["X_pred_day<t>"]``, each cell pushed to every later time point, one path of the SDE;
+NaN where undefined).
 """
 
 from __future__ import annotations
@@ -71,7 +78,9 @@ LABEL_KEY = "Cell type annotation"
 FATES = ("Neutrophil", "Monocyte")  # fate bias = P(first) / (P(first) + P(second))
 HELD_OUT_DAY = 4
 BLUR = 0.05  # Sinkhorn blur of the evaluations, in normalised units
-SIGMA = 0.0  # Brownian-bridge scale of the model, in normalised units
+# the script's stochastic model per space: diffusion per sqrt(day) (normalised units) in the
+# leading dimensions only (PCA: the three components of the branching; latent: clock and fate)
+SDE_DEFAULTS = {"pca": {"sigma": 0.1, "noise_dims": 3}, "latent": {"sigma": 0.05, "noise_dims": 2}}
 OT_EPSILON = 0.05  # entropic OT baseline: regularisation relative to the mean cost (WOT)
 
 
@@ -79,15 +88,21 @@ OT_EPSILON = 0.05  # entropic OT baseline: regularisation relative to the mean c
 
 
 class DriftModel(pl.LightningModule):
-    """Cells move by ``dx = v(x, t) dt`` in a normalised embedding; ``v`` is fitted by
-    conditional flow matching on minibatch optimal-transport pairs.
+    """Cells move by ``dx = v(x, t) dt`` (an ODE), or by the SDE
+    ``dx = (v + sigma**2 / 2 * score) dt + sigma dW`` (``sde=True``), in a normalised
+    embedding; ``v`` (and ``score``) are fitted by conditional flow (and score) matching on
+    minibatch optimal-transport pairs.
 
     Each training step pairs the cells of consecutive training days in the batch by an exact
     optimal-transport plan (POT's ``ot.emd``, squared Euclidean cost), draws a time between the
     two days for every pair, and regresses ``v`` at a point of the path between the pair onto
-    the path's velocity. With ``sigma > 0`` the path is a Brownian bridge of that scale (its
-    probability-flow velocity is the target), which keeps the spread of noise-dominated
-    dimensions (in PCA of counts) that straight lines between independent cells would halve.
+    the path's velocity. With ``sigma > 0`` the path is a Brownian bridge of diffusion ``sigma``
+    (in the first ``noise_dims`` dimensions) and ``v`` its probability-flow velocity; with
+    ``sde=True`` a second network learns the bridges' score by denoising score matching, and
+    cells are carried by Euler-Maruyama (simulation-free score and flow matching, Tong et al.
+    2024). The SDE lets two cells at one place reach different branches: an ODE must send a
+    cell whose fate its coordinates do not tell (counting noise, in PCA) to one place, and a
+    smooth ``v`` sends it between the branches.
     The sizes and the normalisation are read from the data module in :meth:`setup` unless given
     (so a CLI config need not know them); they are saved in checkpoints.
 
@@ -102,13 +117,23 @@ class DriftModel(pl.LightningModule):
         :func:`normalisation`), so the loss and ``sigma`` do not depend on its units.
     time_points
         Every time point of the data (held-out ones included), for :meth:`predict_step`.
+    train_time_points
+        The training days (the bridges' ends, for :meth:`bridge_spread`); ``time_points`` if
+        not given.
     hidden
-        Width of the three hidden layers of the velocity MLP.
+        Width of the three hidden layers of the velocity (and score) MLP.
     sigma
-        Scale of the Brownian bridge between paired cells, in normalised units per sqrt(day
-        interval); 0 gives straight lines (displacement interpolation).
+        Diffusion of the Brownian bridge between paired cells, in normalised units per
+        sqrt(day); 0 gives straight lines (displacement interpolation).
+    sde
+        Learn the score too and carry cells by the SDE (needs ``sigma > 0``); otherwise by the
+        probability-flow ODE.
+    noise_dims
+        The bridges (and the SDE) diffuse in the first ``noise_dims`` dimensions only (the
+        leading principal components); all when ``None``.
     dt
-        Step of the fixed-step RK4 integration, in days.
+        Integration step in days: fixed-step RK4 (the ODE, default 0.25) or Euler-Maruyama
+        (the SDE, default 0.05).
     lr
         Adam learning rate at the first step, decayed to 0 (cosine) by the last.
     """
@@ -120,14 +145,19 @@ class DriftModel(pl.LightningModule):
         center: list[float] | None = None,
         scale: list[float] | None = None,
         time_points: list[float] | None = None,
+        train_time_points: list[float] | None = None,
         hidden: int = 256,
         sigma: float = 0.0,
-        dt: float = 0.25,
+        sde: bool = False,
+        noise_dims: int | None = None,
+        dt: float | None = None,
         lr: float = 1e-3,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.velocity = None
+        self.velocity = self.score = None
+        if sde and sigma <= 0:
+            raise ValueError("sde=True needs sigma > 0 (the diffusion); pass e.g. sigma=0.2.")
         if None not in (dim, center, scale, time_points):
             self._build()
 
@@ -135,26 +165,33 @@ class DriftModel(pl.LightningModule):
         dim, hidden = self.hparams.dim, self.hparams.hidden
         self.register_buffer("center", torch.as_tensor(self.hparams.center).float())
         self.register_buffer("scale", torch.as_tensor(self.hparams.scale).float())
-        self.velocity = torch.nn.Sequential(
-            torch.nn.Linear(dim + 1, hidden),
-            torch.nn.SiLU(),
-            torch.nn.Linear(hidden, hidden),
-            torch.nn.SiLU(),
-            torch.nn.Linear(hidden, hidden),
-            torch.nn.SiLU(),
-            torch.nn.Linear(hidden, dim),
-        )
+
+        def mlp() -> torch.nn.Sequential:
+            return torch.nn.Sequential(
+                torch.nn.Linear(dim + 1, hidden),
+                torch.nn.SiLU(),
+                torch.nn.Linear(hidden, hidden),
+                torch.nn.SiLU(),
+                torch.nn.Linear(hidden, hidden),
+                torch.nn.SiLU(),
+                torch.nn.Linear(hidden, dim),
+            )
+
+        self.velocity = mlp()
+        self.score = mlp() if self.hparams.sde else None
 
     def setup(self, stage: str) -> None:
         if self.velocity is None:  # sizes and normalisation from the training cells
             dm = self.trainer.datamodule
-            train = dm.dataset.gather(dm.splits["train"])[self.hparams.obsm_key].numpy()
+            gathered = dm.dataset.gather(dm.splits["train"])
+            train = gathered[self.hparams.obsm_key].numpy()
             center, scale = normalisation(train)
             self.hparams.update(
                 dim=train.shape[1],
                 center=center,
                 scale=scale,
                 time_points=dm.dataset.time_points.tolist(),
+                train_time_points=torch.unique(gathered["t"]).tolist(),
             )
             self._build()
 
@@ -170,10 +207,28 @@ class DriftModel(pl.LightningModule):
         t = t.expand(len(z), 1) if t.dim() < 2 else t
         return self.velocity(torch.cat([z, t], dim=1))
 
+    @property
+    def step(self) -> float:
+        """Integration step in days: ``dt``, or 0.25 (RK4) / 0.05 (Euler-Maruyama)."""
+        if self.hparams.dt is not None:
+            return self.hparams.dt
+        return 0.05 if self.hparams.sde else 0.25
+
     def integrate(self, z: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-        """Fixed-step RK4 from time ``t0`` to ``t1`` (days)."""
-        n_steps = max(1, math.ceil(abs(t1 - t0) / self.hparams.dt - 1e-9))
+        """From time ``t0`` to ``t1`` (days): fixed-step RK4 of ``v``, or with ``sde=True``
+        one Euler-Maruyama path per cell of ``dz = (v + sigma**2 / 2 * score) dt + sigma dW``
+        (draws from torch's global generator)."""
+        n_steps = max(1, math.ceil(abs(t1 - t0) / self.step - 1e-9))
         h = (t1 - t0) / n_steps
+        if self.hparams.sde:
+            sigma = self.hparams.sigma
+            for step in range(n_steps):
+                t = t0 + step * h
+                mask = self.noise_mask(z)
+                score = self.score_at(z, t) / self.bridge_spread(t)
+                drift = self(z, t) + sigma**2 / 2 * score * mask
+                z = z + h * drift + sigma * math.sqrt(abs(h)) * torch.randn_like(z) * mask
+            return z
         for step in range(n_steps):
             t = t0 + step * h
             k1 = self(z, t)
@@ -183,6 +238,29 @@ class DriftModel(pl.LightningModule):
             z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         return z
 
+    def noise_mask(self, z: torch.Tensor) -> torch.Tensor:
+        """1 on the dimensions that diffuse (the first ``noise_dims``; all by default), else 0."""
+        mask = torch.zeros(z.shape[1], dtype=z.dtype, device=z.device)
+        mask[: self.hparams.noise_dims] = 1
+        return mask
+
+    def bridge_spread(self, t: float) -> float:
+        """Standard deviation of the bridges at time ``t`` (days): ``sigma * sqrt(D s (1 - s))``
+        in the training interval ``[a, a + D]`` that holds ``t``, ``s = (t - a) / D`` kept in
+        ``[0.01, 0.99]`` as in training."""
+        days = self.hparams.train_time_points or self.hparams.time_points
+        start = max([d for d in days[:-1] if d <= t], default=days[0])
+        stop = min(d for d in days if d > start)
+        s = min(max((t - start) / (stop - start), 0.01), 0.99)
+        return self.hparams.sigma * math.sqrt((stop - start) * s * (1 - s))
+
+    def score_at(self, z: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """The score net's output: ``grad log p_t(z)`` of the bridges' marginal times their
+        standard deviation (:meth:`bridge_spread`; ``sde=True`` only)."""
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+        t = t.expand(len(z), 1) if t.dim() < 2 else t
+        return self.score(torch.cat([z, t], dim=1))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         z, t = self.normalise(batch[self.hparams.obsm_key]), batch["t"]
         times = torch.unique(t).tolist()  # the time points of this batch, in order
@@ -191,13 +269,19 @@ class DriftModel(pl.LightningModule):
             source, target = z[t == start], z[t == stop]
             target = target[ot_pairs(source, target)]  # exact OT pairing of the minibatch
             s = torch.rand(len(source), 1, device=z.device) * 0.98 + 0.01  # fraction of the way
-            mean = (1 - s) * source + s * target
-            noise = self.hparams.sigma * torch.sqrt(s * (1 - s)) * torch.randn_like(source)
-            # the Brownian bridge's probability-flow velocity, per day
-            flow = target - source + (1 - 2 * s) / (2 * s * (1 - s)) * noise
             duration = stop - start
-            predicted = self(mean + noise, start + s * duration)
+            mean = (1 - s) * source + s * target
+            # a Brownian bridge of diffusion sigma per sqrt(day) between the pair
+            spread = self.hparams.sigma * torch.sqrt(duration * s * (1 - s))
+            epsilon = torch.randn_like(source) * self.noise_mask(source)
+            noise = spread * epsilon
+            # the bridge's probability-flow velocity, per interval
+            flow = target - source + (1 - 2 * s) / (2 * s * (1 - s)) * noise
+            x, time_ = mean + noise, start + s * duration
+            predicted = self(x, time_)
             loss = loss + ((predicted - flow / duration) ** 2).sum(1).mean() * duration**2
+            if self.hparams.sde:  # denoising score matching, weighted by the bridge's variance
+                loss = loss + ((self.score_at(x, time_) + epsilon) ** 2).sum(1).mean()
         self.log(
             "train_loss",
             loss,
@@ -437,17 +521,24 @@ def bias_from_shares(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return np.where(committed > 0, first / np.where(committed > 0, committed, 1), 0.5)
 
 
-def knn_fate_bias(
+def knn_fate_shares(
     query: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray, n_neighbors: int = 30
-) -> np.ndarray:
-    """Fate bias of each query point: the fate shares among its nearest reference cells."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of ``FATES[0]`` and ``FATES[1]`` among each query point's nearest reference cells."""
     from sklearn.neighbors import KNeighborsClassifier
 
     knn = KNeighborsClassifier(n_neighbors=n_neighbors).fit(reference, reference_labels)
     proba = knn.predict_proba(query)
     share = {c: proba[:, i] for i, c in enumerate(knn.classes_)}
     first, second = (share.get(fate, np.zeros(len(query))) for fate in FATES)
-    return bias_from_shares(first, second)
+    return first, second
+
+
+def knn_fate_bias(
+    query: np.ndarray, reference: np.ndarray, reference_labels: np.ndarray, n_neighbors: int = 30
+) -> np.ndarray:
+    """Fate bias of each query point: the fate shares among its nearest reference cells."""
+    return bias_from_shares(*knn_fate_shares(query, reference, reference_labels, n_neighbors))
 
 
 @torch.no_grad()
@@ -466,11 +557,18 @@ def predict_fate_bias(
     reference: np.ndarray,
     reference_labels: np.ndarray,
     n_neighbors: int = 30,
+    n_samples: int = 1,
 ) -> np.ndarray:
     """Fate bias of each start cell: pushed from ``t0`` to ``t1``, then the fate shares among
-    the nearest annotated ``reference`` cells of its end point (:func:`knn_fate_bias`)."""
-    ends = push(model, start, t0, t1)
-    return knn_fate_bias(ends, reference, reference_labels, n_neighbors)
+    the nearest annotated ``reference`` cells of its end point (:func:`knn_fate_shares`).
+
+    With a stochastic model (``sde=True``) each cell is pushed ``n_samples`` times and its
+    fate shares are averaged over the end points (Monte Carlo over the model's paths)."""
+    n_samples = n_samples if model.hparams.sde else 1
+    ends = push(model, np.repeat(start, n_samples, axis=0), t0, t1)
+    shares = knn_fate_shares(ends, reference, reference_labels, n_neighbors)
+    first, second = (share.reshape(len(start), n_samples).mean(1) for share in shares)
+    return bias_from_shares(first, second)
 
 
 def ot_fate_bias(
@@ -674,7 +772,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=800, help="training steps")
     parser.add_argument("--hidden", type=int, default=256, help="width of the velocity MLP")
     parser.add_argument(
-        "--sigma", type=float, default=SIGMA, help="Brownian-bridge scale (0: straight paths)"
+        "--sigma",
+        type=float,
+        default=None,
+        help="diffusion per sqrt(day), normalised units (default: 0.1 in PCA, 0.05 in the "
+        "latent space with --sde; 0 with --no-sde)",
+    )
+    parser.add_argument(
+        "--sde",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="carry cells by the stochastic model (a score net too); --no-sde: the ODE",
+    )
+    parser.add_argument(
+        "--noise-dims",
+        type=int,
+        default=None,
+        help="diffusion in the first N dimensions only (default: 3 in PCA, 2 in the latent space)",
+    )
+    parser.add_argument(
+        "--fate-samples", type=int, default=16, help="paths per day-2 cell for fates (--sde)"
     )
     parser.add_argument("--n-neighbors", type=int, default=30, help="kNN for fates and branches")
     parser.add_argument("--seed", type=int, default=0)
@@ -683,13 +800,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="CPU threads (the model is small: 1 is fastest)"
     )
     parser.add_argument("--fast-dev-run", action="store_true", help="one batch, then evaluate")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.sigma is None:  # the defaults of each space (docs: examples, the seeds table)
+        args.sigma = SDE_DEFAULTS[args.embedding]["sigma"] if args.sde else 0.0
+    if args.noise_dims is None and args.sde:
+        args.noise_dims = SDE_DEFAULTS[args.embedding]["noise_dims"]
+    return args
 
 
 def train(args: argparse.Namespace, dm, key: str) -> tuple[DriftModel, pl.Trainer, float]:
     """Fit the model on ``dm`` and save its checkpoint; returns the model (on the training
     device, in eval mode), the trainer and the training time in seconds."""
-    model = DriftModel(obsm_key=key, hidden=args.hidden, sigma=args.sigma)  # sizes: from dm
+    model = DriftModel(
+        obsm_key=key,
+        hidden=args.hidden,
+        sigma=args.sigma,
+        sde=args.sde,
+        noise_dims=args.noise_dims,
+    )
     trainer = pl.Trainer(
         max_steps=args.max_steps,
         max_epochs=-1,
@@ -729,7 +857,14 @@ def evaluate_fates(
     entropic = day_plans(z[early], z[reference], entropic=OT_EPSILON, seed=args.seed)
     known = np.isin(early, scored)
     predicted = predict_fate_bias(
-        model, embedding[scored], first, last, embedding[reference], reference_labels, k
+        model,
+        embedding[scored],
+        first,
+        last,
+        embedding[reference],
+        reference_labels,
+        k,
+        n_samples=args.fate_samples,
     )
     baselines = {
         "ot_exact": ot_fate_bias(exact, len(early), reference_labels)[known],
@@ -835,9 +970,16 @@ def summary(metrics: dict[str, Any], out: Path) -> str:
         "observed_halves": "(two halves of day 4",
     }
     distances = ", ".join(f"{label} {interpolation[key]:.4f}" for key, label in names.items())
+    settings = metrics["model"]
+    kind = (
+        f"SDE, diffusion {settings['sigma']:g} in "
+        + (f"the first {n} dimensions" if (n := settings["noise_dims"]) else "every dimension")
+        if settings["sde"]
+        else f"ODE, sigma {settings['sigma']:g}"
+    )
     lines = [
-        f"{metrics['n_cells']} cells, {metrics['embedding']}; day {HELD_OUT_DAY} held out, "
-        f"Sinkhorn divergence: {distances}: sampling floor)"
+        f"{metrics['n_cells']} cells, {metrics['embedding']}, model: {kind}; "
+        f"day {HELD_OUT_DAY} held out, Sinkhorn divergence: {distances}: sampling floor)"
     ]
     fate_names = {
         "ot_exact": "OT plan (exact)",
@@ -929,6 +1071,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "embedding": key,
         "seed": args.seed,
         "steps": int(trainer.global_step),
+        "model": {
+            "sde": args.sde,
+            "sigma": args.sigma,
+            "noise_dims": args.noise_dims,
+            "fate_samples": args.fate_samples if args.sde else 1,
+        },
         "n_cells": int(adata.n_obs),
         "last_day": last,
         "interpolation": {"held_out_day": HELD_OUT_DAY, **interpolation},

@@ -96,6 +96,11 @@ def main():
     model = Recorder(len(dm.dataset.var_names), args.out)
     trainer.fit(model, datamodule=dm)
     assert os.environ["NODE_RANK"] == str(trainer.node_rank)
+    # leave together: node 0 hosts the rendezvous store, and a node whose gloo threads still
+    # talk to it when it has gone aborts at exit ("terminate called without an active
+    # exception"), seen once under load in CI
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -119,14 +119,20 @@ def _np_read_ranges(fd, chunk_base, chunk_len, starts, lengths, offsets, out):
     return out
 
 
-def _pread_exactly(fd: int, view: np.ndarray, position: int) -> None:
+_SHORTER_THAN_LAYOUT = (
+    "the file is shorter than its HDF5 layout says (truncated or changed while open)."
+)
+
+
+def _pread_exactly(fd: int, view: np.ndarray, position: int, why: str = _SHORTER_THAN_LAYOUT):
+    """Fill ``view`` (bytes, C-contiguous) from byte ``position`` of ``fd``; an ``OSError``
+    ending with ``why`` where the file ends first."""
     done, want = 0, view.nbytes
     while done < want:
         got = os.preadv(fd, [view[done:]], position + done)
         if got <= 0:
             raise OSError(
-                f"reading {want} bytes at byte {position} of the file returned {got}: the file "
-                "is shorter than its HDF5 layout says (truncated or changed while open)."
+                f"reading {want} bytes at byte {position} of the file returned {got}: {why}"
             )
         done += got
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._gather import _storage_layout, _verify_layout
-from ._kernels import get_kernels
+from ._kernels import _pread_exactly, get_kernels
 
 __all__ = ["write_shuffled"]
 
@@ -162,15 +162,13 @@ def _pwrite_all(fd: int, array: np.ndarray, position: int) -> None:
 
 def _pread_into(fd: int, array: np.ndarray, position: int) -> None:
     """Fill ``array`` (C-contiguous) with the bytes at ``position`` of ``fd``."""
-    view, done = _as_bytes(array), 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], position + done)
-        if got <= 0:
-            raise OSError(
-                f"write_shuffled: the temporary data ended at byte {position + done} (removed "
-                "or truncated while the copy was written?)."
-            )
-        done += got
+    _pread_exactly(
+        fd,
+        array.reshape(-1).view(np.uint8),
+        position,
+        why="write_shuffled's temporary data ended early (removed or truncated while the copy "
+        "was written?).",
+    )
 
 
 def _gather(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray, dense: bool) -> np.ndarray:

@@ -24,6 +24,7 @@ much of the gap the disk still causes).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -123,6 +124,52 @@ def _bytes_per_cell(path: str) -> float:
         return (x["data"].nbytes + x["indices"].nbytes) / (len(x["indptr"]) - 1)
 
 
+def measure(
+    path: str,
+    cases: list[Case],
+    batch_size: int = 256,
+    batches: int = 24,
+    block_batches: int = 192,
+    rounds: int = 3,
+    sparse: bool = False,
+) -> dict:
+    """Run ``cases`` on ``path``, passes alternating, ``rounds`` times.
+
+    Returns ``{"cells", "block_cells", "bytes_per_cell", "rounds": {case name: [cells/s per
+    round]}}``.
+    """
+    import anndata as ad
+
+    n = ad.read_h5ad(path, backed="r").n_obs
+    n_block = min(n, block_batches * batch_size)
+    loaders = [_loader(path, c, sparse, n_block, batch_size) for c in cases]
+    results: dict[str, list[float]] = {c.name: [] for c in cases}
+    for r in range(rounds):
+        for i, (case, epoch) in enumerate(zip(cases, loaders, strict=True)):
+            block = case.sampler.startswith("block")
+            count = batches if case.cold else 4 * batches
+            plan = 1 + r if block else _plan(n, batch_size, "uniform", 100 * r + i, count)
+            # workers (persistent), reader threads and kernels up before the timed pass
+            # (other cells: the reader announces each region to read ahead once, so a warm-up
+            # on the timed batches' blocks would leave their regions unannounced after eviction)
+            warm_up = _plan(n, batch_size, "uniform", 10_000 + 100 * r + i, 2)
+            if block:
+                list(zip(range(2), epoch(1000 + r), strict=False))
+            else:
+                _pass(path, epoch, warm_up, False)
+            if not case.cold:
+                with open(path, "rb") as f:  # the whole file into the page cache
+                    while f.read(64 << 20):
+                        pass
+            results[case.name].append(_pass(path, epoch, plan, case.cold))
+    return {
+        "cells": n,
+        "block_cells": n_block,
+        "bytes_per_cell": _bytes_per_cell(path),
+        "rounds": results,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path")
@@ -134,38 +181,32 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="comma-separated texts: run the cases whose name has one"
     )
+    parser.add_argument(
+        "--case", action="append", help="a case's exact name (repeatable; instead of --only)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON line (measure())")
     parser.add_argument("--seq", type=float, help="disk.py's sequential MiB/s")
     parser.add_argument("--qd1", type=float, help="disk.py's random reads/s at depth 1")
     parser.add_argument("--qd32", type=float, help="disk.py's random reads/s at depth 32")
     args = parser.parse_args()
     path = args.path
-    import anndata as ad
-
-    n = ad.read_h5ad(path, backed="r").n_obs
-    n_block = min(n, args.block_batches * args.batch_size)
-    wanted = [w.strip() for w in args.only.split(",")]
-    cases = [c for c in CASES if any(w in c.name for w in wanted)]
-    loaders = [_loader(path, c, args.sparse, n_block, args.batch_size) for c in cases]
-    results: dict[str, list[float]] = {c.name: [] for c in cases}
-    for r in range(args.rounds):
-        for i, (case, epoch) in enumerate(zip(cases, loaders, strict=True)):
-            block = case.sampler.startswith("block")
-            count = args.batches if case.cold else 4 * args.batches
-            plan = 1 + r if block else _plan(n, args.batch_size, "uniform", 100 * r + i, count)
-            # workers (persistent), reader threads and kernels up before the timed pass
-            # (other cells: the reader announces each region to read ahead once, so a warm-up
-            # on the timed batches' blocks would leave their regions unannounced after eviction)
-            warm_up = _plan(n, args.batch_size, "uniform", 10_000 + 100 * r + i, 2)
-            if block:
-                list(zip(range(2), epoch(1000 + r), strict=False))
-            else:
-                _pass(path, epoch, warm_up, False)
-            if not case.cold:
-                with open(path, "rb") as f:  # the whole file into the page cache
-                    while f.read(64 << 20):
-                        pass
-            results[case.name].append(_pass(path, epoch, plan, case.cold))
-    per_cell = _bytes_per_cell(path)
+    if args.case:
+        by_name = {c.name: c for c in CASES}
+        unknown = [c for c in args.case if c not in by_name]
+        if unknown:
+            sys.exit(f"cold_reads.py: no case named {unknown}; the cases: {list(by_name)}")
+        cases = [by_name[c] for c in args.case]
+    else:
+        wanted = [w.strip() for w in args.only.split(",")]
+        cases = [c for c in CASES if any(w in c.name for w in wanted)]
+    measured = measure(
+        path, cases, args.batch_size, args.batches, args.block_batches, args.rounds, args.sparse
+    )
+    if args.json:
+        print(json.dumps(measured))
+        return
+    n, n_block, per_cell = measured["cells"], measured["block_cells"], measured["bytes_per_cell"]
+    results = measured["rounds"]
     kind = "sparse" if args.sparse else "dense"
     print(
         f"{path}: {n:,} cells ({per_cell / 1e3:.1f} kB stored per cell), {kind} batches of "

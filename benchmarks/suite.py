@@ -20,9 +20,20 @@ synthetic files (``generate.py``) are written once into ``--data-dir`` and reuse
 4. time-resolved: TimeResolvedAnnDataset population batches, in memory and backed.
 5. batch size sweep: cells/s for batch sizes 64..2048.
 6. memory vs dataset size: peak RSS of backed (and in-memory) AnnDataset.
-7. the disk's limits on the benchmark file (``disk.py``: sequential MiB/s, random reads at depth
-   1 and 32), every cold figure of section 3 as a fraction of them, and a shuffled copy
-   (``shuffle_copy.py``: time, peak RSS, batch mix of block shuffle on it).
+7. issue 15's table, every row from this run: the disk's limits on the benchmark file and on
+   its shuffled copy (``disk.py``: sequential MiB/s, random reads at depth 1 and 32, fio with
+   ``O_DIRECT``), the shuffled copy written (``shuffle_copy.py``: time, peak RSS, batch mix of
+   block shuffle on it), cold reads (``cold_reads.py``, evicted before every pass): uniform vs
+   anndata's backed read and vs the depth-32 limit, block shuffle with ``read_ahead`` on the
+   copy vs the sequential limit, 2 workers vs 0 for both; with ``--million`` the same on the
+   1M-cell file (uniform vs the reference run's 2,908 cells/s and the file's random limit,
+   block on its copy vs sequential, the copy's time and peak RSS). Also every cold figure of
+   section 3 as a fraction of the limits. ``--disk-only`` runs this section alone (writing
+   the files it needs): ``--disk-only --million`` gives the whole table in one command,
+   DURATION on this 2-core machine, the 1M-cell file (15 GB) written in the run; with
+   ``--quick`` (20,000 cells; ``--large-cells 30000`` for a small second file) about 2
+   minutes. Its table goes to ``<out>/disk_<quick|full>.md``: the one README.md and
+   docs/performance.md show.
 8. collections: the main matrix split into 10 files against the one file (paired, in memory
    and backed, uniform and block shuffle), 100 files (peak memory over the one file's, time
    to the first batch), and an inner join over 10 files whose gene sets differ by 10 %
@@ -335,8 +346,8 @@ def run_suite(args) -> dict:
         sizes[cells] = _data(args, cells)
     million = None
     if args.million:
-        million = _data(args, 1_000_000)
-        sizes[1_000_000] = million
+        million = _data(args, args.large_cells)
+        sizes[args.large_cells] = million
     size_rows = {}
     for cells, path in sorted(sizes.items()):
         if cells == args.cells:
@@ -360,26 +371,11 @@ def run_suite(args) -> dict:
                 f"size|{cells}|memory", loader="AnnDataset", path=str(path), batches=n_batches
             )
         size_rows[cells] = row
-    if million is not None and not args.keep_data:
-        million.unlink()
-        print(f"  deleted {million.name}", flush=True)
-
-    print("7. disk limits and a shuffled copy", flush=True)
-    limits = measure_disk(plain)
+    print("7. the disk's limits, shuffled copies, cold reads (issue 15's figures)", flush=True)
+    disk = run_disk(args, plain, run.env)  # deletes the 1M-cell file unless --keep-data
+    limits = dict(disk["main"]["limits"])
     limits["file_bytes"] = {"plain": plain.stat().st_size, "gzip": gz.stat().st_size}
-    print(f"  {limits_text(limits)}", flush=True)
-    copy = subprocess.run(
-        [sys.executable, str(HERE / "shuffle_copy.py"), P],
-        capture_output=True,
-        text=True,
-        env=run.env,
-    )
-    shuffle_copy = (
-        json.loads(copy.stdout.strip().splitlines()[-1])
-        if copy.returncode == 0
-        else {"error": copy.stderr.strip().splitlines()[-1] if copy.stderr else "failed"}
-    )
-    print(f"  shuffled copy: {shuffle_copy}", flush=True)
+    shuffle_copy = disk["main"]["shuffle_copy"]
 
     collections = run_collections(args, plain, run)
 
@@ -389,6 +385,7 @@ def run_suite(args) -> dict:
         "collections": collections,
         "disk_limits": limits,
         "shuffle_copy": shuffle_copy,
+        "disk": disk,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "csr_mib": csr_mib,
         "nnz_per_cell": args.nnz,
@@ -581,6 +578,23 @@ def _context(suite: dict) -> str:
         f"passes of {a['batches']} batches; {suite['machine']}; load average "
         f"{suite['loadavg_start'][0]:.1f} at start, {suite['loadavg_end'][0]:.1f} at end; "
         f"commit {suite['commit']}; {suite['when']}; ran {suite['duration_s'] / 60:.1f} min."
+    )
+
+
+def _disk_context(suite: dict) -> str:
+    a = suite["args"]
+    return (
+        f"{a['cells']:,} cells x {a['genes']:,} genes, ~{a['nnz']:,} non-zeros per cell, CSR "
+        f"{suite['csr_mib']:,.0f} MiB"
+        + (f", and {a['large_cells']:,} cells" if a["million"] else "")
+        + f"; {suite['machine']}; load average {suite['loadavg_start'][0]:.1f} at start, "
+        f"{suite['loadavg_end'][0]:.1f} at end; commit {suite['commit']}"
+        + (
+            f" (at the end: {suite['commit_end']})"
+            if suite.get("commit_end", suite["commit"]) != suite["commit"]
+            else ""
+        )
+        + f"; {suite['when']}; ran {suite['duration_s'] / 60:.1f} min (files written included)."
     )
 
 
@@ -870,7 +884,8 @@ def report(suite: dict) -> str:
             rows,
         )
     )
-    return "\n".join(out + _limits_report(suite) + _collections_report(suite)) + "\n"
+    disk = disk_report(suite["disk"]) if "disk" in suite else []
+    return "\n".join(out + _limits_report(suite) + disk + _collections_report(suite)) + "\n"
 
 
 def _limits_report(suite: dict) -> list[str]:
@@ -939,6 +954,298 @@ def _limits_report(suite: dict) -> list[str]:
     return out
 
 
+# -- section 7: issue 15's disk figures in one run ----------------------------------------------
+
+# cold_reads.py's cases this section runs (the shorthand used in the JSON and the report)
+COLD_CASES = {
+    "anndata": "cold uniform, 0 workers, anndata X[sorted idx]",
+    "uniform": "cold uniform, 0 workers, concurrent (default)",
+    "uniform, 2 workers": "cold uniform, 2 workers, concurrent (default)",
+    "block": "cold block, 0 workers, read_ahead=dataset",
+    "block, 2 workers": "cold block, 2 workers, read_ahead=dataset",
+}
+REFERENCE_1M = 2_908  # cells/s: backed uniform at 1M cells in the reference run issue 15 cites
+
+
+def _subprocess_json(args: list[str], env: dict) -> dict:
+    """Run a benchmark script in a fresh process; its last stdout line is JSON."""
+    out = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, check=False
+    )
+    if out.returncode:
+        error = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
+        print(f"  FAILED: {' '.join(args)}\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return {"error": error}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cold_reads(path: Path, cases: list[str], args, env: dict) -> dict:
+    """``cold_reads.py``'s cases (shorthands of :data:`COLD_CASES`) on ``path``, in one process,
+    passes alternating; the rounds keyed by shorthand."""
+    cmd = [str(HERE / "cold_reads.py"), str(path), "--json", "--rounds", str(args.disk_rounds)]
+    cmd += ["--batches", str(args.cold_batches), "--batch-size", str(args.batch_size)]
+    for c in cases:
+        cmd += ["--case", COLD_CASES[c]]
+    start = time.perf_counter()
+    out = _subprocess_json(cmd, env)
+    if "rounds" in out:
+        out["rounds"] = {c: out["rounds"][COLD_CASES[c]] for c in cases}
+        medians = ", ".join(f"{c} {np.median(v):,.0f}" for c, v in out["rounds"].items())
+        print(f"  {path.name}: {medians} cells/s ({time.perf_counter() - start:.0f} s)", flush=True)
+    return out
+
+
+def run_disk(args, plain: Path, env: dict) -> dict:
+    """Every figure issue 15 lists, measured in this run, both sides of every ratio cold.
+
+    For the main file (and the 1M-cell file with ``--million``): the disk's limits on it
+    (``disk.py``), a shuffled copy written (``shuffle_copy.py``: time, peak RSS, batch mix) and
+    kept while it is read, and cold reads (``cold_reads.py``, the file evicted before every
+    pass): uniform on the file, block shuffle with ``read_ahead`` on the copy, with and without
+    workers and against anndata's backed read on the main file. The copies (and the 1M-cell
+    file, unless ``--keep-data``) are deleted afterwards.
+    """
+    files = {"main": plain}
+    if args.million:
+        files["large"] = _data(args, args.large_cells)
+    out = {}
+    for key, path in files.items():
+        main = key == "main"
+        entry: dict = {"cells": None, "file_mib": path.stat().st_size / 2**20}
+        entry["limits"] = measure_disk(path)
+        print(f"  {path.name}: {limits_text(entry['limits'])}", flush=True)
+        start = time.perf_counter()
+        entry["shuffle_copy"] = _subprocess_json(
+            [str(HERE / "shuffle_copy.py"), str(path), "--keep"], env
+        )
+        copy = path.with_name(path.stem + ".shuffled0.h5ad")
+        print(
+            f"  shuffled copy of {path.name}: {entry['shuffle_copy']} "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+        try:
+            if copy.exists():
+                entry["copy_limits"] = measure_disk(copy)
+                print(f"  {copy.name}: {limits_text(entry['copy_limits'])}", flush=True)
+            entry["source"] = _cold_reads(
+                path,
+                ["anndata", "uniform", "uniform, 2 workers"] if main else ["uniform"],
+                args,
+                env,
+            )
+            if copy.exists():
+                entry["copy"] = _cold_reads(
+                    copy, ["block", "block, 2 workers"] if main else ["block"], args, env
+                )
+        finally:
+            copy.unlink(missing_ok=True)
+        entry["cells"] = entry["source"].get("cells")
+        out[key] = entry
+    if args.million and not args.keep_data:
+        files["large"].unlink()
+        print(f"  deleted {files['large'].name}", flush=True)
+    return out
+
+
+def _median_range(values: list[float], spec: str, unit: str = "") -> str:
+    lo, hi = min(values), max(values)
+    return f"{np.median(values):{spec}}{unit} ({lo:{spec}}-{hi:{spec}})"
+
+
+def _row(label, measured, against, ratios, target, met) -> list[str]:
+    return [label, measured, against, ratios, target, met]
+
+
+def _disk_rows(entry: dict, main: bool) -> list[list[str]]:
+    """The issue-15 rows of one file (see :func:`run_disk`)."""
+    rows = []
+    cells = entry.get("cells") or 0
+    name = f"{cells:,}-cell file" if cells else "file"
+    limits, source, copy = entry["limits"], entry.get("source", {}), entry.get("copy", {})
+    rounds, copy_rounds = source.get("rounds", {}), copy.get("rounds", {})
+    qd32_cells = limits["rand_iops_qd32"] / 2  # two reads per cell: values and gene indices
+
+    def per_round(a: list[float], b: list[float]) -> list[float]:
+        return [x / y for x, y in zip(a, b, strict=True)]
+
+    def met(value: float, target: float) -> str:
+        return "yes" if value >= target else "no"
+
+    uni = rounds.get("uniform")
+    if uni and main and rounds.get("anndata"):
+        r = per_round(uni, rounds["anndata"])
+        rows.append(
+            _row(
+                f"cold uniform, {name}, 0 workers vs anndata's cold `adata[sorted idx].X`",
+                _fmt(float(np.median(uni))),
+                _fmt(float(np.median(rounds["anndata"]))),
+                _median_range(r, ".2f", "x"),
+                ">= 2.5x",
+                met(float(np.median(r)), 2.5),
+            )
+        )
+    if uni:
+        r = [u / qd32_cells for u in uni]
+        rows.append(
+            _row(
+                f"cold uniform, {name}, 0 workers vs the random-read limit at depth 32",
+                _fmt(float(np.median(uni))),
+                f"{_fmt(qd32_cells)} ({_fmt(limits['rand_iops_qd32'])} reads/s / 2)",
+                _median_range(r, ".2f"),
+                ">= 0.60" if main else "-",
+                met(float(np.median(r)), 0.6) if main else "-",
+            )
+        )
+    if uni and not main:
+        r = [u / REFERENCE_1M for u in uni]
+        rows.append(
+            _row(
+                f"cold uniform, {name}, 0 workers vs the reference run's {REFERENCE_1M:,}",
+                _fmt(float(np.median(uni))),
+                _fmt(REFERENCE_1M),
+                _median_range(r, ".2f", "x"),
+                ">= 5x",
+                met(float(np.median(r)), 5.0),
+            )
+        )
+    block = copy_rounds.get("block")
+    if block:
+        seq_limits = entry.get("copy_limits", limits)
+        seq = seq_limits["seq_mib_s"] * 2**20 / copy["bytes_per_cell"]  # cells/s
+        source_seq = limits["seq_mib_s"] * 2**20 / copy["bytes_per_cell"]
+        r = [b / seq for b in block]
+        rows.append(
+            _row(
+                f"cold block shuffle (`read_ahead`), 0 workers, on the {name}'s shuffled copy "
+                "vs the sequential limit (of the copy; of the source)",
+                _fmt(float(np.median(block))),
+                f"{_fmt(seq)} ({seq_limits['seq_mib_s']:,.0f} MiB/s); {_fmt(source_seq)}",
+                _median_range(r, ".2f") + f"; {np.median(block) / source_seq:.2f}",
+                ">= 0.60",
+                met(float(np.median(r)), 0.6),
+            )
+        )
+    tv = entry.get("shuffle_copy", {}).get("tv", {})
+    if tv:
+        ratio = tv["block, shuffled copy"] / tv["uniform"]
+        rows.append(
+            _row(
+                f"batch label TV, block shuffle on the {name}'s shuffled copy vs uniform "
+                f"(block on the source order: {tv['block, source order']:.3f})",
+                f"{tv['block, shuffled copy']:.3f}",
+                f"{tv['uniform']:.3f}",
+                f"{ratio:.2f}x",
+                "<= 1.1x",
+                "yes" if ratio <= 1.1 else "no",
+            )
+        )
+    for label, zero, two, rs in (
+        ("uniform", "uniform", "uniform, 2 workers", rounds),
+        (
+            "block shuffle (`read_ahead`) on the shuffled copy",
+            "block",
+            "block, 2 workers",
+            copy_rounds,
+        ),
+    ):
+        if rs.get(zero) and rs.get(two):
+            r = per_round(rs[two], rs[zero])
+            rows.append(
+                _row(
+                    f"cold {label}, {name}, 2 workers vs 0",
+                    _fmt(float(np.median(rs[two]))),
+                    _fmt(float(np.median(rs[zero]))),
+                    _median_range(r, ".2f", "x"),
+                    ">= 1.0x",
+                    met(float(np.median(r)), 1.0),
+                )
+            )
+    sc = entry.get("shuffle_copy", {})
+    if "seconds" in sc:
+        rows.append(
+            _row(
+                f"writing a shuffled copy of the {name} ({sc['file_mib']:,.0f} MiB, source "
+                "cold): time; peak RSS",
+                f"{sc['seconds']:.1f} s ({sc['mib_per_s']:,.0f} MiB/s); "
+                f"{sc['peak_rss_mib']:,.0f} MiB",
+                f"{sc['rss_before_mib']:,.0f} MiB RSS before writing",
+                "-",
+                "peak RSS <= 1,024 MiB",
+                "yes" if sc["peak_rss_mib"] <= 1024 else "no",
+            )
+        )
+    return rows
+
+
+def disk_report(disk: dict) -> list[str]:
+    """Section 7's markdown: issue 15's table, each row from this run."""
+    rows = []
+    for key in ("main", "large"):
+        if key in disk:
+            rows += _disk_rows(disk[key], key == "main")
+    block_cells = disk["main"].get("copy", {}).get("block_cells") or 0
+    out = [
+        "",
+        "### Issue 15: cold reads as fractions of the disk's limits, measured in this run",
+        "",
+        _table(["benchmark", "measured", "against", "ratio (rounds)", "target", "met"], rows),
+        "",
+    ]
+    for key in ("main", "large"):
+        if key not in disk:
+            continue
+        e = disk[key]
+        out.append(
+            f"- disk limits on the {e.get('cells') or 0:,}-cell file: {limits_text(e['limits'])}"
+        )
+        if "copy_limits" in e:
+            out.append(f"  - on its shuffled copy: {limits_text(e['copy_limits'])}")
+    out += [
+        "",
+        "Cells/s: median of the rounds (range in brackets); each cold pass follows an eviction "
+        "of the file from the page cache (`posix_fadvise(DONTNEED)`, checked with `fincore`), "
+        "passes of a file's cases alternate in one process (`cold_reads.py`) and ratios of two "
+        "loaders are taken per round. The limits are read around the page cache (`O_DIRECT`), so "
+        "both sides of every ratio are cold. Random-read limit in cells/s: reads/s / 2 (a cell's "
+        "values and gene indices); sequential: MiB/s over the stored bytes per cell. Dense "
+        "batches of 256; uniform passes read random batches, block passes one epoch of "
+        "`BlockShuffleSampler` (blocks of 64, pools of 16 batches) over the first "
+        f"{block_cells:,} cells of the copy. "
+        "annbatch is not in the table: it needs Python 3.12.",
+    ]
+    return out
+
+
+def run_disk_only(args) -> dict:
+    """Section 7 alone (``--disk-only``): the main file (and with ``--million`` the 1M-cell
+    file) written if missing, then :func:`run_disk`."""
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    commit_start = _commit()
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("data", flush=True)
+    plain = _data(args, args.cells)
+    print("7. the disk's limits, shuffled copies, cold reads", flush=True)
+    disk = run_disk(args, plain, Runner({}).env)
+    import torch_adata
+
+    return {
+        "disk": disk,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "csr_mib": _csr_mib(plain),
+        "duration_s": time.perf_counter() - t_start,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "torch_adata": torch_adata.__file__,
+        "commit": commit_start,
+        "commit_end": _commit(),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -967,6 +1274,18 @@ def main() -> None:
         action="store_true",
         help="run only section 8 (collections of files); with --quick --cells 2000: a smoke run",
     )
+    parser.add_argument(
+        "--disk-only",
+        action="store_true",
+        help="run only section 7 (issue 15's cold figures against the disk's limits; with "
+        "--million also on the 1M-cell file)",
+    )
+    parser.add_argument(
+        "--large-cells",
+        type=int,
+        default=1_000_000,
+        help="cells of the --million file (smaller for a smoke run)",
+    )
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -978,6 +1297,17 @@ def main() -> None:
     args.sweep_cells = 8_192 if quick else 32_768
     args.sweep_repeats = 1 if quick else 3
     args.size_cells = [5_000] if quick else [10_000]
+    args.disk_rounds = 2 if quick else 3
+    args.cold_batches = 16 if quick else 40
+    if args.disk_only:
+        suite = run_disk_only(args)
+        text = "\n".join([_disk_context(suite), *disk_report(suite["disk"])]) + "\n"
+        print("\n" + text)
+        stem = args.out / f"disk_{'quick' if quick else 'full'}"
+        stem.with_suffix(".json").write_text(json.dumps(suite, indent=1))
+        stem.with_suffix(".md").write_text(text)
+        print(f"wrote {stem}.json and .md ({suite['duration_s'] / 60:.1f} min)")
+        return
     if args.collections_only:
         suite = run_collections_only(args)
         text = "\n".join([_context(suite), *_collections_report(suite)]) + "\n"

@@ -34,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._kernels import Kernels, get_kernels, index_dtype, read_ranges_threadsafe
+from ._page_cache import resident
 
 # Row runs closer than this many stored elements are read as one h5py call (reading the gap).
 _RUN_GAP = 4096
@@ -425,11 +426,13 @@ os.register_at_fork(after_in_child=_new_pool_lock)
 
 
 def _cached(fd: int, layout: tuple, itemsize: int, run_starts, run_lengths) -> bool | None:
-    """Whether a few of the runs (spread over the batch) are in the page cache: read without
-    waiting for the disk (``RWF_NOWAIT``); ``None`` where that cannot be asked."""
-    flag = getattr(os, "RWF_NOWAIT", None)
-    if flag is None:
-        return None
+    """Whether a few of the runs (spread over the batch) are in the page cache; ``None`` where
+    that cannot be asked.
+
+    Asked without reading (:func:`._page_cache.resident`: ``cachestat``, else ``mincore``);
+    where neither works, by a read that does not wait for the disk (``RWF_NOWAIT``), which
+    starts the kernel's read-ahead after a page that is not cached.
+    """
     base, chunk_len = layout
     picks = np.linspace(0, len(run_starts) - 1, _PROBES).astype(np.int64)
     for k in np.unique(picks).tolist():
@@ -438,15 +441,26 @@ def _cached(fd: int, layout: tuple, itemsize: int, run_starts, run_lengths) -> b
         # the run's first page at most: enough to tell, and cheap for long (block) runs
         n = min(int(run_lengths[k]) * itemsize, ((c + 1) * chunk_len - start) * itemsize, 4096)
         position = int(base[c]) + (start - c * chunk_len) * itemsize
-        try:
-            got = os.preadv(fd, [bytearray(n)], position, flag)
-        except BlockingIOError:
-            return False
-        except OSError:  # RWF_NOWAIT unsupported here (old kernel, some file systems)
-            return None
-        if got < n:
-            return False
+        answer = resident(fd, position, n)
+        if answer is None:
+            answer = _cached_by_reading(fd, position, n)
+        if not answer:
+            return answer
     return True
+
+
+def _cached_by_reading(fd: int, position: int, n: int) -> bool | None:
+    """Whether bytes ``[position, position + n)`` are cached, by reading them with
+    ``RWF_NOWAIT``; ``None`` where that cannot be asked."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return None
+    try:
+        return os.preadv(fd, [bytearray(n)], position, flag) >= n
+    except BlockingIOError:
+        return False
+    except OSError:  # RWF_NOWAIT unsupported here (old kernel, some file systems)
+        return None
 
 
 def _read_concurrently(

@@ -1,0 +1,119 @@
+"""Asking whether a file's bytes are in the page cache, without reading them.
+
+Real ``.h5ad`` files written by anndata, evicted with ``posix_fadvise(DONTNEED)`` and partly
+read; the page cache's own answer comes from ``mincore`` over a mapping of the whole file
+(``_resident_pages``), which starts no read.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import backed_csr_readers, evict, make_adata, write_h5ad
+from test_read_ahead import _resident_pages
+
+from torch_adata import AnnDataset, _gather, _page_cache
+from torch_adata._page_cache import resident
+
+pytestmark = pytest.mark.skipif(
+    _page_cache.method() is None or not hasattr(os, "posix_fadvise"),
+    reason="needs Linux (cachestat or mincore, posix_fadvise)",
+)
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def big_file(h5ad_dir):
+    """1,200 cells of ~1,100 stored values: about 10 MiB of values and indices."""
+    adata = make_adata("csr", n_obs=1200, n_vars=2000, seed=3)
+    adata.X = sp.random(1200, 2000, density=0.55, format="csr", random_state=3, dtype=np.float32)
+    path = h5ad_dir / "page_cache.h5ad"
+    write_h5ad(adata, path)
+    return str(path), adata.X.toarray()
+
+
+@pytest.fixture(params=["cachestat", "mincore"])
+def way(request, monkeypatch):
+    """Each way of asking, where this system has it."""
+    if request.param == "cachestat" and _page_cache._CACHESTAT_NR is None:
+        pytest.skip("no cachestat on this architecture")
+    monkeypatch.setattr(_page_cache, "_method", request.param)
+    return request.param
+
+
+def test_answers_for_an_evicted_then_partly_read_file(big_file, way):
+    path, _ = big_file
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.fstat(fd).st_size > 4 * MiB
+        assert not resident(fd, 2 * MiB, 4096)
+        assert not resident(fd, 3 * MiB + 100, 10)
+        assert len(os.pread(fd, 256 << 10, 2 * MiB)) == 256 << 10  # [2 MiB, 2.25 MiB)
+        if way == "cachestat" and _page_cache.method() != "cachestat":
+            pytest.skip("the kernel has no cachestat (Linux < 6.5)")
+        assert resident(fd, 2 * MiB, 4096)
+        assert resident(fd, 2 * MiB + 5000, 200_000)  # unaligned, many pages
+        assert resident(fd, 2 * MiB, 256 << 10)
+        assert not resident(fd, 2 * MiB - 4096, 8192)  # the page before the read is not cached
+        assert not resident(fd, MiB, 4096)  # read-ahead goes forward only
+        assert _page_cache.method() == way
+    finally:
+        os.close(fd)
+
+
+def test_asking_makes_nothing_resident(big_file, way):
+    path, _ = big_file
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = _resident_pages(fd)
+        answers = [resident(fd, offset, 4096) for offset in range(0, 8 * MiB, 64 << 10)]
+        assert not any(answers)
+        after = _resident_pages(fd)
+        assert before.sum() == 0  # nothing cached: the eviction took
+        np.testing.assert_array_equal(after, before)
+    finally:
+        os.close(fd)
+
+
+def test_the_engine_probe_reads_nothing_and_sees_a_read_batch(big_file, way):
+    """``_gather._cached`` (asked before each concurrent batch read) on a cold batch: ``False``
+    and no page of the file made resident; after the batch is read: ``True``, and the rows
+    equal anndata's."""
+    path, dense = big_file
+    dataset = AnnDataset(path, backed=True)
+    rows = np.array([3, 200, 480, 777, 1001, 1150])
+    np.testing.assert_array_equal(dataset[rows[:1]].numpy(), dense[rows[:1]])  # opened
+    (reader,) = backed_csr_readers(dataset)
+    st = reader._open()
+    fd, layout = st.descriptor.fd, st.layout
+    starts = layout.indptr[rows]
+    lengths = layout.indptr[rows + 1] - starts
+    evict(path)
+    before = _resident_pages(fd)
+    assert _gather._cached(fd, layout.layouts[0], 4, starts, lengths) is False
+    np.testing.assert_array_equal(_resident_pages(fd), before)
+    np.testing.assert_array_equal(dataset[rows].numpy(), dense[rows])
+    assert _gather._cached(fd, layout.layouts[0], 4, starts, lengths) is True
+
+
+def test_without_a_way_to_ask_the_engine_reads_without_waiting(big_file, monkeypatch):
+    """Where neither cachestat nor mincore answers, ``_cached`` falls back to a read that does
+    not wait for the disk (``RWF_NOWAIT``)."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT")
+    monkeypatch.setattr(_page_cache, "_method", None)
+    path, dense = big_file
+    dataset = AnnDataset(path, backed=True)
+    rows = np.array([10, 500, 900])
+    np.testing.assert_array_equal(dataset[rows].numpy(), dense[rows])
+    (reader,) = backed_csr_readers(dataset)
+    st = reader._open()
+    starts = st.layout.indptr[rows]
+    lengths = st.layout.indptr[rows + 1] - starts
+    assert resident(st.descriptor.fd, 0, 4096) is None
+    assert _gather._cached(st.descriptor.fd, st.layout.layouts[0], 4, starts, lengths) is True

@@ -231,14 +231,37 @@ def _csr_mib(path: Path) -> float:
         return sum(f["X"][k].size * f["X"][k].dtype.itemsize for k in f["X"]) / 2**20
 
 
-def run_suite(args) -> dict:
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()
-    commit_start = _commit()  # the engine may change while a long run goes on
+def _begin(args) -> tuple[tuple, Path]:
+    """Start a run: the clock, load average and commit at its start (for :func:`_run_facts`),
+    the folders, and the main file (written if missing)."""
+    start = (time.perf_counter(), os.getloadavg(), _commit())
     args.data_dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     print("data", flush=True)
-    plain = _data(args, args.cells)
+    return start, _data(args, args.cells)
+
+
+def _run_facts(args, start: tuple) -> dict:
+    """What a result needs to be read later: arguments, duration, load, machine, commit."""
+    import torch_adata
+
+    t_start, load_start, commit_start = start
+
+    return {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "duration_s": time.perf_counter() - t_start,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "torch_adata": torch_adata.__file__,
+        "commit": commit_start,
+        "commit_end": _commit(),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def run_suite(args) -> dict:
+    start, plain = _begin(args)  # the commit at the start: the engine may change in a long run
     gz = _data(args, args.cells, "gzip")
     csr_mib = _csr_mib(plain)
     bs, batches, repeats = args.batch_size, args.batches, args.repeats
@@ -379,27 +402,17 @@ def run_suite(args) -> dict:
 
     collections = run_collections(args, plain, run)
 
-    import torch_adata
-
     return {
         "collections": collections,
         "disk_limits": limits,
         "shuffle_copy": shuffle_copy,
         "disk": disk,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "csr_mib": csr_mib,
         "nnz_per_cell": args.nnz,
         "results": run.results,
         "diversity": diversity,
         "sizes": {str(k): v for k, v in size_rows.items()},
-        "duration_s": time.perf_counter() - t_start,
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "torch_adata": torch_adata.__file__,
-        "commit": commit_start,
-        "commit_end": _commit(),
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **_run_facts(args, start),
     }
 
 
@@ -545,28 +558,14 @@ def _collections_report(suite: dict) -> list[str]:
 
 def run_collections_only(args) -> dict:
     """Section 8 alone (``--collections-only``), with the run's context."""
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    print("data", flush=True)
-    plain = _data(args, args.cells)
+    start, plain = _begin(args)
     run = Runner({"batch_size": args.batch_size, "batches": args.batches, "repeats": args.repeats})
     collections = run_collections(args, plain, run)
-    import torch_adata
-
     return {
         "collections": collections,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "csr_mib": _csr_mib(plain),
         "results": run.results,
-        "duration_s": time.perf_counter() - t_start,
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "torch_adata": torch_adata.__file__,
-        "commit": _commit(),
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **_run_facts(args, start),
     }
 
 
@@ -1220,29 +1219,13 @@ def disk_report(disk: dict) -> list[str]:
 def run_disk_only(args) -> dict:
     """Section 7 alone (``--disk-only``): the main file (and with ``--million`` the 1M-cell
     file) written if missing, then :func:`run_disk`."""
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()
-    commit_start = _commit()
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    print("data", flush=True)
-    plain = _data(args, args.cells)
+    start, plain = _begin(args)
     print("7. the disk's limits, shuffled copies, cold reads", flush=True)
     disk = run_disk(args, plain, Runner({}).env)
-    import torch_adata
-
     return {
         "disk": disk,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "csr_mib": _csr_mib(plain),
-        "duration_s": time.perf_counter() - t_start,
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "torch_adata": torch_adata.__file__,
-        "commit": commit_start,
-        "commit_end": _commit(),
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **_run_facts(args, start),
     }
 
 
@@ -1299,20 +1282,15 @@ def main() -> None:
     args.size_cells = [5_000] if quick else [10_000]
     args.disk_rounds = 2 if quick else 3
     args.cold_batches = 16 if quick else 40
-    if args.disk_only:
-        suite = run_disk_only(args)
-        text = "\n".join([_disk_context(suite), *disk_report(suite["disk"])]) + "\n"
+    if args.disk_only or args.collections_only:
+        if args.disk_only:
+            suite, name = run_disk_only(args), "disk"
+            text = "\n".join([_disk_context(suite), *disk_report(suite["disk"])]) + "\n"
+        else:
+            suite, name = run_collections_only(args), "collections"
+            text = "\n".join([_context(suite), *_collections_report(suite)]) + "\n"
         print("\n" + text)
-        stem = args.out / f"disk_{'quick' if quick else 'full'}"
-        stem.with_suffix(".json").write_text(json.dumps(suite, indent=1))
-        stem.with_suffix(".md").write_text(text)
-        print(f"wrote {stem}.json and .md ({suite['duration_s'] / 60:.1f} min)")
-        return
-    if args.collections_only:
-        suite = run_collections_only(args)
-        text = "\n".join([_context(suite), *_collections_report(suite)]) + "\n"
-        print("\n" + text)
-        stem = args.out / f"collections_{'quick' if quick else 'full'}"
+        stem = args.out / f"{name}_{'quick' if quick else 'full'}"
         stem.with_suffix(".json").write_text(json.dumps(suite, indent=1))
         stem.with_suffix(".md").write_text(text)
         print(f"wrote {stem}.json and .md ({suite['duration_s'] / 60:.1f} min)")

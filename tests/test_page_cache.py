@@ -1,6 +1,6 @@
 """Asking whether a file's bytes are in the page cache, without reading them.
 
-Real ``.h5ad`` files written by anndata, evicted with ``posix_fadvise(DONTNEED)`` and partly
+A real ``.h5ad`` file written by anndata (``test_read_ahead``'s, ~5 MiB), evicted with ``posix_fadvise(DONTNEED)`` and partly
 read; the page cache's own answer comes from ``mincore`` over a mapping of the whole file
 (``_resident_pages``), which starts no read.
 """
@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
-from conftest import backed_csr_readers, evict, make_adata, write_h5ad
+import test_read_ahead
+from conftest import backed_csr_readers, evict
 from test_read_ahead import _resident_pages
 
 from torch_adata import AnnDataset, _gather, _page_cache
@@ -23,16 +23,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs Linux (cachestat or mincore, posix_fadvise)",
 )
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def big_file(h5ad_dir):
-    """1,200 cells of ~1,100 stored values: about 10 MiB of values and indices."""
-    adata = make_adata("csr", n_obs=1200, n_vars=2000, seed=3)
-    adata.X = sp.random(1200, 2000, density=0.55, format="csr", random_state=3, dtype=np.float32)
-    path = h5ad_dir / "page_cache.h5ad"
-    write_h5ad(adata, path)
-    return str(path), adata.X.toarray()
+rows_file = test_read_ahead.rows_file  # its module-scoped fixture: the same file
 
 
 @pytest.fixture(params=["cachestat", "mincore"])
@@ -44,8 +35,8 @@ def way(request, monkeypatch):
     return request.param
 
 
-def test_answers_for_an_evicted_then_partly_read_file(big_file, way):
-    path, _ = big_file
+def test_answers_for_an_evicted_then_partly_read_file(rows_file, way):
+    path, _ = rows_file
     evict(path)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -65,8 +56,8 @@ def test_answers_for_an_evicted_then_partly_read_file(big_file, way):
         os.close(fd)
 
 
-def test_asking_makes_nothing_resident(big_file, way):
-    path, _ = big_file
+def test_asking_makes_nothing_resident(rows_file, way):
+    path, _ = rows_file
     evict(path)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -80,13 +71,13 @@ def test_asking_makes_nothing_resident(big_file, way):
         os.close(fd)
 
 
-def test_the_engine_probe_reads_nothing_and_sees_a_read_batch(big_file, way):
+def test_the_engine_probe_reads_nothing_and_sees_a_read_batch(rows_file, way):
     """``_gather._cached`` (asked before each concurrent batch read) on a cold batch: ``False``
     and no page of the file made resident; after the batch is read: ``True``, and the rows
     equal anndata's."""
-    path, dense = big_file
+    path, dense = rows_file
     dataset = AnnDataset(path, backed=True)
-    rows = np.array([3, 200, 480, 777, 1001, 1150])
+    rows = np.array([3, 100, 240, 377, 501, 590])
     np.testing.assert_array_equal(dataset[rows[:1]].numpy(), dense[rows[:1]])  # opened
     (reader,) = backed_csr_readers(dataset)
     st = reader._open()
@@ -101,15 +92,15 @@ def test_the_engine_probe_reads_nothing_and_sees_a_read_batch(big_file, way):
     assert _gather._cached(fd, layout.layouts[0], 4, starts, lengths) is True
 
 
-def test_without_a_way_to_ask_the_engine_reads_without_waiting(big_file, monkeypatch):
+def test_without_a_way_to_ask_the_engine_reads_without_waiting(rows_file, monkeypatch):
     """Where neither cachestat nor mincore answers, ``_cached`` falls back to a read that does
     not wait for the disk (``RWF_NOWAIT``)."""
     if not hasattr(os, "RWF_NOWAIT"):
         pytest.skip("no RWF_NOWAIT")
     monkeypatch.setattr(_page_cache, "_method", None)
-    path, dense = big_file
+    path, dense = rows_file
     dataset = AnnDataset(path, backed=True)
-    rows = np.array([10, 500, 900])
+    rows = np.array([10, 300, 550])
     np.testing.assert_array_equal(dataset[rows].numpy(), dense[rows])
     (reader,) = backed_csr_readers(dataset)
     st = reader._open()

@@ -8,16 +8,17 @@ Usage::
 
 Three figures, each measured around the page cache (``O_DIRECT``), reading ``FILE`` itself:
 
-``seq_mib_s``
-    sequential read, 1 MiB requests, MiB/s;
+``seq_mib_s`` / ``seq_mib_s_qd32``
+    sequential read, 1 MiB requests, one in flight / 32 in flight, MiB/s (a reader that
+    announces many ranges ahead, as block shuffle's read-ahead does, can pass the first);
 ``rand_iops_qd1`` / ``rand_iops_qd32``
     random reads of ``--block-size`` bytes (default 16 KiB, about one cell of the benchmark
     file) at aligned offsets, one request in flight / 32 in flight, reads/s.
 
 With `fio <https://fio.readthedocs.io>`_ (``apt-get install fio``) the figures are fio's
-(``--direct=1``, ``psync`` for sequential and depth 1, ``libaio`` at depth 32). Without it a
-small built-in measures the same: ``O_DIRECT`` ``preadv`` into page-aligned buffers, 32 threads
-for depth 32. Where ``O_DIRECT`` is refused (tmpfs, some overlay file systems), both evict the
+(``--direct=1``, ``psync`` at depth 1, ``libaio`` at depth 32). Without it a small built-in
+measures the same: ``O_DIRECT`` ``preadv`` into page-aligned buffers, 32 threads for depth 32
+(sequential: each thread reads every 32nd request of one pass through the file). Where ``O_DIRECT`` is refused (tmpfs, some overlay file systems), both evict the
 file's pages first (``posix_fadvise(DONTNEED)``) and read through the page cache; the result
 says so (``"direct": false``), and random figures then grow as the cache fills.
 
@@ -70,21 +71,40 @@ def _open(path: str | Path) -> tuple[int, bool]:
 # -- built-in -----------------------------------------------------------------------------------
 
 
-def _builtin_sequential(path: Path, seconds: float) -> tuple[float, bool]:
+def _builtin_sequential(path: Path, seconds: float, depth: int = 1) -> tuple[float, bool]:
+    """One pass through the file in ``SEQ_BLOCK`` requests (wrapping round), thread ``i`` of
+    ``depth`` reading requests ``i, i + depth, ...``: ``depth`` requests in flight."""
     fd, direct = _open(path)
-    buffer = mmap.mmap(-1, SEQ_BLOCK)
-    size, done, offset = path.stat().st_size, 0, 0
-    try:
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            n = os.preadv(fd, [buffer], offset)
-            done += n
-            offset = offset + n if offset + SEQ_BLOCK < size else 0
-        elapsed = time.perf_counter() - start
-    finally:
-        buffer.close()
-        os.close(fd)
-    return done / elapsed / 2**20, direct
+    requests = max(1, path.stat().st_size // SEQ_BLOCK)
+    done = [0] * depth
+    stop = threading.Event()
+
+    def reader(i: int) -> None:
+        buffer = mmap.mmap(-1, SEQ_BLOCK)
+        try:
+            k = i
+            while not stop.is_set():
+                done[i] += os.preadv(fd, [buffer], (k % requests) * SEQ_BLOCK)
+                k += depth
+        finally:
+            buffer.close()
+
+    elapsed = _run_threads(reader, depth, seconds, stop)
+    os.close(fd)
+    return sum(done) / elapsed / 2**20, direct
+
+
+def _run_threads(reader, depth: int, seconds: float, stop: threading.Event) -> float:
+    """Run ``reader(i)`` on ``depth`` threads for ``seconds``; the seconds they ran."""
+    threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(depth)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
 
 
 def _builtin_random(path: Path, block: int, depth: int, seconds: float) -> tuple[float, bool]:
@@ -106,15 +126,7 @@ def _builtin_random(path: Path, block: int, depth: int, seconds: float) -> tuple
         finally:
             buffer.close()
 
-    threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(depth)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    elapsed = _run_threads(reader, depth, seconds, stop)
     os.close(fd)
     return sum(counts) / elapsed, direct
 
@@ -123,6 +135,7 @@ def builtin(path: str | Path, block_size: int = 16384, seconds: float = 5.0) -> 
     """The three figures with the built-in reader (no fio)."""
     path = Path(path)
     seq, direct = _builtin_sequential(path, seconds)
+    seq32, _ = _builtin_sequential(path, seconds, 32)
     qd1, _ = _builtin_random(path, block_size, 1, seconds)
     qd32, _ = _builtin_random(path, block_size, 32, seconds)
     return {
@@ -130,6 +143,7 @@ def builtin(path: str | Path, block_size: int = 16384, seconds: float = 5.0) -> 
         "direct": direct,
         "block_size": block_size,
         "seq_mib_s": seq,
+        "seq_mib_s_qd32": seq32,
         "rand_iops_qd1": qd1,
         "rand_iops_qd32": qd32,
     }
@@ -165,26 +179,32 @@ def fio(path: str | Path, block_size: int = 16384, seconds: float = 5.0) -> dict
     seq = _fio_job(path, seconds, direct, rw="read", bs=SEQ_BLOCK, ioengine="psync")
     qd1 = _fio_job(path, seconds, direct, rw="randread", bs=block_size, ioengine="psync")
     try:
+        seq32 = _fio_job(
+            path, seconds, direct, rw="read", bs=SEQ_BLOCK, ioengine="libaio", iodepth=32
+        )
         qd32 = _fio_job(
             path, seconds, direct, rw="randread", bs=block_size, ioengine="libaio", iodepth=32
         )
     except subprocess.CalledProcessError:  # fio built without libaio: 32 threads instead
-        qd32 = _fio_job(
+        threads = {"ioengine": "psync", "numjobs": 32, "thread": 1, "group_reporting": 1}
+        size = path.stat().st_size // 32 // SEQ_BLOCK * SEQ_BLOCK  # a 32nd of the file each
+        seq32 = _fio_job(
             path,
             seconds,
             direct,
-            rw="randread",
-            bs=block_size,
-            ioengine="psync",
-            numjobs=32,
-            thread=1,
-            group_reporting=1,
+            rw="read",
+            bs=SEQ_BLOCK,
+            size=size,
+            offset_increment=size,
+            **threads,
         )
+        qd32 = _fio_job(path, seconds, direct, rw="randread", bs=block_size, **threads)
     return {
         "tool": "fio",
         "direct": direct,
         "block_size": block_size,
         "seq_mib_s": seq["mib_s"],
+        "seq_mib_s_qd32": seq32["mib_s"],
         "rand_iops_qd1": qd1["iops"],
         "rand_iops_qd32": qd32["iops"],
     }
@@ -204,7 +224,9 @@ def measure_disk(
 
 def limits_text(limits: dict) -> str:
     return (
-        f"{limits['seq_mib_s']:,.0f} MiB/s sequential; random {limits['block_size'] // 1024} KiB "
+        f"{limits['seq_mib_s']:,.0f} MiB/s sequential"
+        + (f" ({limits['seq_mib_s_qd32']:,.0f} at depth 32)" if "seq_mib_s_qd32" in limits else "")
+        + f"; random {limits['block_size'] // 1024} KiB "
         f"reads {limits['rand_iops_qd1']:,.0f}/s at depth 1 and {limits['rand_iops_qd32']:,.0f}/s "
         f"at depth 32 ({limits['tool']}, {'O_DIRECT' if limits['direct'] else 'evicted, cached'})"
     )

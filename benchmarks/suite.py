@@ -30,7 +30,8 @@ synthetic files (``generate.py``) are written once into ``--data-dir`` and reuse
    block on its copy vs sequential, the copy's time and peak RSS). Also every cold figure of
    section 3 as a fraction of the limits. ``--disk-only`` runs this section alone (writing
    the files it needs): ``--disk-only --million`` gives the whole table in one command,
-   DURATION on this 2-core machine, the 1M-cell file (15 GB) written in the run; with
+   7.5-8.2 min in two runs on this 2-core machine (load 0.8-5.6), the 1M-cell file
+   (15 GB) written in the run in about 160 s of it (the 100k-cell file was there: +15 s); with
    ``--quick`` (20,000 cells; ``--large-cells 30000`` for a small second file) about 2
    minutes. Its table goes to ``<out>/disk_<quick|full>.md``: the one README.md and
    docs/performance.md show.

@@ -291,7 +291,9 @@ class AnnDataset(Dataset):
         form a pool: once this process reads a batch from a pool, the pool is read whole into
         memory (one read per run of consecutive rows) and the next pool announced after it by
         a background thread, so its batches are gathered from memory while the next pool is
-        read (at most two pools held, a pool over 256 MB left to the page cache).
+        read (at most two pools held, a pool over 256 MB left to the page cache). In
+        DataLoader workers the sampler's batches bring their pools along, and each worker
+        reads its share of them.
         :class:`~torch_adata.samplers.BlockShuffleSampler` given ``read_ahead=dataset`` calls
         it with its pools of batches, two pools ahead of the one being read (the data module
         passes its split for ``Loader(sampler="block")``).

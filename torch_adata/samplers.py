@@ -407,7 +407,7 @@ class PoolBatch(np.ndarray):
     DataLoader runs it; the batches are sent to the workers as they are (pickled). A worker
     handed a ``PoolBatch`` reads the pool's batches that come to it whole into memory (and
     those of the next pool in the background) instead of reading each batch's rows one run
-    at a time: see :func:`torch_adata.dataset.stage_pools`. Slices and other derived arrays
+    at a time (see ``torch_adata.dataset.stage_pools``). Slices and other derived arrays
     carry nothing.
     """
 
@@ -476,10 +476,12 @@ class BlockShuffleSampler(UniformBatchSampler):
         an :class:`~torch_adata.AnnDataset` over a backed file), or ``None``. When given, this
         rank's pools are passed to ``read_ahead.prefetch`` two pools ahead of the one being
         read (the first pool as iteration starts), so a backed file's reads of the pools to
-        come overlap the current pool's batches instead of stalling their first batch. Read
-        without workers, each pool is also read whole into memory (the next one in the
-        background) and its batches gathered from there (see
-        :meth:`AnnDataset.prefetch <torch_adata.AnnDataset.prefetch>`).
+        come overlap the current pool's batches instead of stalling their first batch. Each
+        pool is also read whole into memory (the next one in the background) and its batches
+        gathered from there (see :meth:`AnnDataset.prefetch
+        <torch_adata.AnnDataset.prefetch>`): by the main process without workers; with
+        DataLoader workers, the batches carry their pools (``PoolBatch``) and each
+        worker reads its share of every pool, the batches the DataLoader hands it in turn.
     drop_last, seed, num_replicas, rank
         As in :class:`UniformBatchSampler`.
     """

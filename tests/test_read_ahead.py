@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import pickle
 import threading
 import time
 
@@ -212,6 +213,59 @@ def test_read_ahead_in_workers_gives_the_rows(rows_file, context):
     (reader,) = backed_csr_readers(dataset)
     st = reader._open()
     assert st.staged_batches == 0 and st.spare == []
+
+
+class _Reporting(AnnDataset):
+    """Batches that also say which process read them, and how many batches and pools that
+    process had gathered from staged pools and started staging by then."""
+
+    def __getitem__(self, index):
+        batch = super().__getitem__(index)
+        st = self.fields["X"].reader._open()
+        return batch, os.getpid(), st.staged_batches, st.staged_pools
+
+
+def _as_is(batch):
+    return batch
+
+
+@linux_only
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_stage_their_share_of_each_pool(rows_file, workers):
+    """With workers, the sampler's batches carry their pools: each worker reads its share of
+    a pool (the batches the DataLoader hands it in turn) whole into memory, and its share of
+    the next pool in the background, and gathers every one of its batches from there:
+    anndata's rows, no share read in vain, none missed."""
+    path, _ = rows_file
+    dataset = _Reporting(path)
+    # pools of 3 batches, 19 batches (the last pool has one): shares shift from pool to pool
+    sampler = BlockShuffleSampler(600, 32, block_size=16, pool_batches=3, read_ahead=dataset)
+    plain = BlockShuffleSampler(600, 32, block_size=16, pool_batches=3)
+    batches = list(sampler)
+    assert [b.tolist() for b in batches] == [b.tolist() for b in plain]
+    back = pickle.loads(pickle.dumps(batches[4]))  # how a batch reaches a worker
+    assert back.pool[0] == batches[4].pool[0] and back.pool[2] == 1  # batch 1 of pool 1
+    assert [b.tolist() for b in back.pool[1]] == [b.tolist() for b in batches[3:6]]
+    assert [b.tolist() for b in back.next_pool[1]] == [b.tolist() for b in batches[6:9]]
+    assert batches[-1].next_pool is None and type(np.asarray(back)) is np.ndarray
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=workers,
+        multiprocessing_context="fork",
+    )
+    evict(path)
+    served: dict[int, list] = {}
+    for j, (rows, (batch, pid, staged, pools)) in enumerate(zip(batches, loader, strict=True)):
+        np.testing.assert_array_equal(batch.numpy(), _anndata_rows(path, rows))
+        served.setdefault(pid, []).append((j // 3, staged, pools))
+    assert len(served) == workers
+    for got in served.values():
+        assert [staged for _, staged, _ in got] == list(range(1, len(got) + 1))
+        # a share is staged once, for the pools whose batches came to this worker
+        assert got[-1][2] == len({pool for pool, _, _ in got})
 
 
 def _anndata_rows(path: str, rows) -> np.ndarray:

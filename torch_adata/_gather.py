@@ -689,8 +689,10 @@ def _from_pools(st: _OpenCSR, rows: np.ndarray):
         stager = _thread_pool("torch_adata-stage", 1)
         if pool.pieces is None:
             pool.pieces = stager.submit(_stage, st, pool.rows)
+            st.staged_pools += 1
         if len(pools) > 1 and pools[1].fits and pools[1].pieces is None:
             pools[1].pieces = stager.submit(_stage, st, pools[1].rows)
+            st.staged_pools += 1
         pool.served += len(rows)
         if pool.served >= len(pool.rows):
             pools.popleft()
@@ -743,6 +745,8 @@ class _OpenCSR:
     spare: list = field(default_factory=list)
     #: batches gathered from a staged pool, for tests and benchmarks
     staged_batches: int = 0
+    #: pools whose reading was started (see :func:`_from_pools`), for tests and benchmarks
+    staged_pools: int = 0
 
 
 class BackedCSRReader(RowReader):

@@ -21,7 +21,7 @@ from ._batch import collate, densify, for_fetcher
 from ._fields import CategoryEncoder, UnknownCategoryError
 from ._source import FieldKeyError
 from .collection import SourceCollection, is_collection
-from .dataset import AnnDataset, fetched_positions, positions
+from .dataset import AnnDataset, fetched_positions, positions, stage_pools
 from .options import Fields, Loader, Split, TimeSampling, as_options
 from .splits import fingerprint, make_splits
 from .time_resolved import TimeResolvedAnnDataset
@@ -77,6 +77,7 @@ class SplitDataset(Subset):
         self.name = name
 
     def __getitem__(self, index):
+        stage_pools(self, index)
         if isinstance(index, (int, np.integer)) and not isinstance(index, bool):
             return self.dataset[int(self.indices[positions(index, len(self.indices))[0]])]
         return self.dataset.gather(self.indices[positions(index, len(self.indices))])
@@ -95,6 +96,7 @@ class SplitDataset(Subset):
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """The cells at ``indices`` as per-cell samples of one vectorised read (see
         :meth:`AnnDataset.__getitems__ <torch_adata.AnnDataset.__getitems__>`)."""
+        stage_pools(self, indices)
         batch = self.dataset.gather(self.indices[fetched_positions(indices, len(self.indices))])
         return for_fetcher(batch, self.dataset._batch_keys)
 

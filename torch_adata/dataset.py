@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -240,6 +241,7 @@ class AnnDataset(Dataset):
         return self.source.n_obs
 
     def __getitem__(self, index) -> Batch:
+        stage_pools(self, index)
         if (isinstance(index, (int, np.integer)) and not isinstance(index, bool)) or (
             isinstance(index, torch.Tensor)
             and index.ndim == 0
@@ -257,6 +259,7 @@ class AnnDataset(Dataset):
         into that batch without re-stacking it. A ``DataLoader`` with
         ``collate_fn=torch_adata.collate`` gets the batch itself, without samples.
         """
+        stage_pools(self, indices)
         return for_fetcher(self._gather(fetched_positions(indices, len(self))), self._batch_keys)
 
     def gather(self, rows) -> Batch:
@@ -288,7 +291,9 @@ class AnnDataset(Dataset):
         form a pool: once this process reads a batch from a pool, the pool is read whole into
         memory (one read per run of consecutive rows) and the next pool announced after it by
         a background thread, so its batches are gathered from memory while the next pool is
-        read (at most two pools held, a pool over 256 MB left to the page cache).
+        read (at most two pools held, a pool over 256 MB left to the page cache). In
+        DataLoader workers the sampler's batches bring their pools along, and each worker
+        reads its share of them.
         :class:`~torch_adata.samplers.BlockShuffleSampler` given ``read_ahead=dataset`` calls
         it with its pools of batches, two pools ahead of the one being read (the data module
         passes its split for ``Loader(sampler="block")``).
@@ -420,6 +425,41 @@ class AnnDataset(Dataset):
         lines = [f"{type(self).__name__} of {len(self)} cells"]
         lines += [f"    {name!r}: {f.describe()}" for name, f in self.fields.items()]
         return "\n".join(lines)
+
+
+_POOLS_SEEN: list = [None]  # [pid, the pool shares last staged in that process...]
+
+
+def stage_pools(dataset: Any, index: Any) -> None:
+    """In a DataLoader worker, hand ``dataset.prefetch`` this worker's share of the pool an
+    index carries (a :class:`~torch_adata.samplers.PoolBatch`), and of the next pool, unless
+    it was handed before. Elsewhere, and for plain indices, nothing happens.
+
+    The sampler announces its pools in the main process, which a worker's reads never see.
+    The DataLoader hands batches to its ``W`` workers in turn, so batches ``j`` and ``j + W``
+    of a pool go to the same worker: a worker handed batch ``j`` stages the pool's batches
+    ``j mod W, j mod W + W, ...`` (read whole into memory, its batches then gathered from
+    there) and those of the next pool that will come to it, in the background. Each worker
+    thus reads its own share of every pool once, in large reads. A batch handed otherwise
+    (another loader's order) stages its own share as well; only speed depends on the order.
+    """
+    pool = getattr(index, "pool", None)
+    worker = get_worker_info()
+    if pool is None or worker is None:
+        return
+    seen = _POOLS_SEEN
+    if seen[0] != os.getpid():
+        seen[:] = [os.getpid()]
+    w = worker.num_workers
+    key, batches, place = pool
+    shares = [(key, batches, place % w)]
+    if index.next_pool is not None:  # the next pool's batches that come to this worker
+        shares.append((*index.next_pool, (place - len(batches)) % w))
+    for key, batches, first in shares:
+        if (key, first) not in seen and first < len(batches):
+            seen.append((key, first))
+            del seen[1:-8]
+            dataset.prefetch(np.concatenate(batches[first::w]))
 
 
 def positions(index, n: int) -> np.ndarray:

@@ -35,6 +35,7 @@ every epoch.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -393,6 +394,40 @@ class SequentialBatchSampler(UniformBatchSampler):
 # Block shuffling with read_ahead: pools announced ahead of the one being read.
 _POOLS_AHEAD = 2
 
+# Keys of the pools announced in this process (one per pool per iteration, never reused): a
+# DataLoader worker stages each pool it is handed once (see PoolBatch).
+_POOL_KEYS = itertools.count()
+
+
+class PoolBatch(np.ndarray):
+    """A batch of positions (an ``int64`` array, as every sampler yields) that also carries
+    the batches of its block-shuffle pool and of the next pool, for DataLoader workers.
+
+    The sampler announces its pools (``read_ahead.prefetch``) in the main process, where the
+    DataLoader runs it; the batches are sent to the workers as they are (pickled). A worker
+    handed a ``PoolBatch`` reads the pool's batches that come to it whole into memory (and
+    those of the next pool in the background) instead of reading each batch's rows one run
+    at a time (see ``torch_adata.dataset.stage_pools``). Slices and other derived arrays
+    carry nothing.
+    """
+
+    #: ``(key, batches, place)``: this batch's pool (a key unique in the main process, its
+    #: batches in order, this batch's place among them), or ``None``
+    pool: tuple | None = None
+    #: ``(key, batches)`` of the next pool, or ``None`` (the last pool)
+    next_pool: tuple | None = None
+
+    def __reduce_ex__(self, protocol):
+        return (_pool_batch, (np.asarray(self), self.pool, self.next_pool))
+
+
+def _pool_batch(positions: np.ndarray, pool: tuple | None, next_pool: tuple | None) -> PoolBatch:
+    """A :class:`PoolBatch` over ``positions`` (also how one unpickles: a module-level name)."""
+    batch = positions.view(PoolBatch)
+    batch.pool, batch.next_pool = pool, next_pool
+    return batch
+
+
 # -- block shuffle ------------------------------------------------------------------------------
 
 
@@ -441,10 +476,12 @@ class BlockShuffleSampler(UniformBatchSampler):
         an :class:`~torch_adata.AnnDataset` over a backed file), or ``None``. When given, this
         rank's pools are passed to ``read_ahead.prefetch`` two pools ahead of the one being
         read (the first pool as iteration starts), so a backed file's reads of the pools to
-        come overlap the current pool's batches instead of stalling their first batch. Read
-        without workers, each pool is also read whole into memory (the next one in the
-        background) and its batches gathered from there (see
-        :meth:`AnnDataset.prefetch <torch_adata.AnnDataset.prefetch>`).
+        come overlap the current pool's batches instead of stalling their first batch. Each
+        pool is also read whole into memory (the next one in the background) and its batches
+        gathered from there (see :meth:`AnnDataset.prefetch
+        <torch_adata.AnnDataset.prefetch>`): by the main process without workers; with
+        DataLoader workers, the batches carry their pools (``PoolBatch``) and each
+        worker reads its share of every pool, the batches the DataLoader hands it in turn.
     drop_last, seed, num_replicas, rank
         As in :class:`UniformBatchSampler`.
     """
@@ -522,13 +559,18 @@ class BlockShuffleSampler(UniformBatchSampler):
         for j in range(self.rank, len(batches), self.num_replicas):
             pools.setdefault(j // self.pool_batches, []).append(batches[j])
         in_order = list(pools.values())
+        keyed = [(next(_POOL_KEYS), tuple(pool)) for pool in in_order]
+        keyed.append(None)
         announced = 0
         for i, pool in enumerate(in_order):
-            for stop, batch in ((i + 1, pool[:1]), (i + 1 + _POOLS_AHEAD, pool[1:])):
+            place = 0
+            for stop, part in ((i + 1, pool[:1]), (i + 1 + _POOLS_AHEAD, pool[1:])):
                 while announced < min(stop, len(in_order)):
                     self.read_ahead.prefetch(np.concatenate(in_order[announced]))
                     announced += 1
-                yield from batch
+                for batch in part:
+                    yield _pool_batch(batch, (*keyed[i], place), keyed[i + 1])
+                    place += 1
 
     def _order(self, rng: np.random.Generator) -> np.ndarray:
         n = len(self.positions)

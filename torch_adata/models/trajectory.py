@@ -772,6 +772,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=800, help="training steps")
     parser.add_argument("--hidden", type=int, default=256, help="width of the velocity MLP")
     parser.add_argument(
+        "--lr",
+        type=float,
+        default=3e-3,
+        help="Adam learning rate at the first step, cosine-decayed to 0 by the last",
+    )
+    parser.add_argument(
         "--sigma",
         type=float,
         default=None,
@@ -814,6 +820,7 @@ def train(args: argparse.Namespace, dm, key: str) -> tuple[DriftModel, pl.Traine
     model = DriftModel(
         obsm_key=key,
         hidden=args.hidden,
+        lr=args.lr,
         sigma=args.sigma,
         sde=args.sde,
         noise_dims=args.noise_dims,
@@ -1076,6 +1083,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sigma": args.sigma,
             "noise_dims": args.noise_dims,
             "fate_samples": args.fate_samples if args.sde else 1,
+            "lr": args.lr,
         },
         "n_cells": int(adata.n_obs),
         "last_day": last,

@@ -34,12 +34,13 @@ c. branches: the share of pushed day-2 cells on each day-6 branch (kNN label) ag
 
 Figures (10,000 cells, defaults; seeds 0-2 in both spaces): ``docs/_static/
 trajectory_seeds.json``, written by ``benchmarks/trajectory_seeds.py`` and tabulated in the
-docs (examples), with every variant tried. In short: in the latent space the model beats
-McCann interpolation on day 4 and every OT and kNN baseline on fates; in PCA 50 it is level
-with McCann on day 4 and beats the exact plan and kNN on fates, not the entropic plan, with the
-counting noise setting a floor under both figures. The SDE resolves the two day-6 branches in
-PCA (an ODE gives one broad cloud between them) but keeps too few cells undifferentiated
-there, and too many in the latent space.
+docs (examples), with every variant tried. In short: in both spaces the model's day 4 is
+below McCann interpolation's and its day-6 share of every branch within 0.05 of the observed;
+on fates it beats every OT and kNN baseline in the latent space, and in PCA 50 the exact plan
+and kNN, not the entropic plan, with the counting noise setting a floor under both figures.
+The SDE resolves the two day-6 branches in PCA (an ODE gives one broad cloud between them).
+The learning rate matters: at 1e-3 the field was under-fitted and smoothed the small
+undifferentiated day-6 cluster into the branches (``--lr``, default 3e-3).
 
 Run::
 

@@ -49,7 +49,13 @@ def test_fast_dev_run_on_pca_writes_every_output_and_baseline(trajectory, tmp_pa
 
     assert metrics["embedding"] == "X_pca"  # the default: PCA 50 of the counts
     # the default model: the SDE, diffusing in the three leading components
-    assert metrics["model"] == {"sde": True, "sigma": 0.1, "noise_dims": 3, "fate_samples": 16}
+    assert metrics["model"] == {
+        "sde": True,
+        "sigma": 0.1,
+        "noise_dims": 3,
+        "fate_samples": 16,
+        "lr": 3e-3,
+    }
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     interpolation = metrics["interpolation"]
     names = ("model", "mccann_interpolation", "earlier_population", "later_population")
@@ -233,8 +239,9 @@ def test_cli_options_choose_the_model(trajectory):
     assert (latent.sde, latent.sigma, latent.noise_dims) == (True, 0.05, 2)
     ode = trajectory.parse_args(["--no-sde"])
     assert (ode.sde, ode.sigma, ode.noise_dims) == (False, 0.0, None)
-    own = trajectory.parse_args(["--sigma", "0.2", "--noise-dims", "5"])
-    assert (own.sde, own.sigma, own.noise_dims) == (True, 0.2, 5)
+    own = trajectory.parse_args(["--sigma", "0.2", "--noise-dims", "5", "--lr", "0.001"])
+    assert (own.sde, own.sigma, own.noise_dims, own.lr) == (True, 0.2, 5, 0.001)
+    assert pca.lr == latent.lr == 3e-3
 
 
 @pytest.mark.slow
@@ -256,7 +263,7 @@ def test_quality_beats_the_ot_baselines(trajectory, tmp_path):
         [
             *small_run(tmp_path),
             *("--n-cells", "2000", "--cells-per-time", "64", "--max-steps", "300"),
-            *("--hidden", "128", "--embedding", "latent", "--no-sde"),
+            *("--hidden", "128", "--embedding", "latent", "--no-sde", "--lr", "0.001"),
         ]
     )
     interpolation, fate, baselines = (
